@@ -1,0 +1,22 @@
+"""backprop: train neural networks by backpropagation on the CPU.
+
+A typed Cython + OpenMP core (``backprop._core``) behind a small NumPy API::
+
+    import backprop as bp
+    net = bp.Network([bp.Dense(64, 32, "relu"), bp.Dense(32, 10, "softmax")],
+                     loss="cross_entropy", optimizer=bp.Adam(lr=1e-3), seed=0)
+    loss = net.train_step(x, y)
+"""
+from backprop._core import (ACTIVATIONS, LOSSES, get_num_threads, openmp_enabled,
+                            set_num_threads)
+from backprop import ops
+from backprop.gradcheck import gradcheck
+from backprop.layers import Dense
+from backprop.network import Network
+from backprop.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+
+__version__ = "0.1.0"
+
+__all__ = ["ACTIVATIONS", "LOSSES", "Adagrad", "Adam", "AdamW", "Dense", "Network",
+           "Optimizer", "RMSprop", "SGD", "get_num_threads", "gradcheck", "openmp_enabled",
+           "ops", "set_num_threads"]

@@ -1,0 +1,777 @@
+# The compiled core: validating wrappers around the nogil kernels.
+#
+# Three tiers, as in scikit-learn's _loss.pyx.tp:
+#   1. kernels  - `cdef inline ... noexcept nogil` loops on raw typed memory, one family
+#                 per .pxd file: _gemm (matrix multiply), _activations, _losses, _optim;
+#   2. here     - every input is checked (type, dtype, shape, finiteness, ranges) and copied
+#                 into buffers this module owns, and only then is the GIL released;
+#   3. Python   - network.py, optim.py, ops.py compose these into the public API.
+#
+# The Engine owns a network's workspace: one input buffer, the activations of every
+# layer, two ping-pong delta buffers and the GEMM's packing scratch, all allocated for
+# the largest batch seen and reused by every later step.  Parameters and gradients
+# live in two flat buffers owned by the Network; the Engine only holds pointers.
+cimport cython
+cimport numpy as cnp
+from cython cimport floating
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free
+from libc.string cimport memcpy, memset
+from libc.math cimport sqrt
+
+import numpy as np
+
+from backprop._gemm cimport gemm, gemm_workspace_bytes
+from backprop._activations cimport (
+    Activation, IDENTITY, SOFTMAX, activate_tile, softmax_rows, activation_backward,
+    needs_preactivation)
+from backprop._losses cimport (
+    Loss, MSE, BINARY_CROSS_ENTROPY, CROSS_ENTROPY,
+    mse, binary_cross_entropy, cross_entropy_labels, cross_entropy_probs)
+from backprop._optim cimport OptimConfig, optimizer_update
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int bp_omp_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int bp_omp_max_threads(void) { return 1; }
+    #endif
+    #ifndef BACKPROP_OPENMP
+    #define BACKPROP_OPENMP 0
+    #endif
+    #include <stdlib.h>
+    /* 64-byte aligned so packed GEMM panels start on a cache line. */
+    static void *bp_aligned_alloc(size_t nbytes) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, nbytes ? nbytes : 64) != 0) return NULL;
+        return p;
+    }
+    """
+    int bp_omp_max_threads() nogil
+    int BACKPROP_OPENMP
+    void* bp_aligned_alloc(size_t nbytes) nogil
+
+ACTIVATIONS = {
+    "identity": IDENTITY, "sigmoid": Activation.SIGMOID, "tanh": Activation.TANH,
+    "relu": Activation.RELU, "leaky_relu": Activation.LEAKY_RELU, "elu": Activation.ELU,
+    "gelu": Activation.GELU, "softplus": Activation.SOFTPLUS, "softmax": SOFTMAX,
+}
+LOSSES = {"mse": MSE, "binary_cross_entropy": BINARY_CROSS_ENTROPY,
+          "cross_entropy": CROSS_ENTROPY}
+
+
+# --------------------------------------------------------------------------- threads
+
+def openmp_enabled():
+    """True if the extension was built with OpenMP (False only for BACKPROP_SERIAL=1 builds)."""
+    return bool(BACKPROP_OPENMP)
+
+
+cdef int _requested_threads = 0   # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
+
+
+def set_num_threads(int n):
+    """Use at most `n` threads in every kernel; `n=0` goes back to OpenMP's own setting."""
+    global _requested_threads
+    if n < 0:
+        raise ValueError(f"set_num_threads: n must be >= 0 (0 = OpenMP default), got {n}")
+    _requested_threads = n
+
+
+def get_num_threads():
+    """The number of threads the kernels may use, always >= 1."""
+    return _num_threads()
+
+
+cdef inline int _num_threads() noexcept:
+    # omp_get_max_threads() follows OMP_NUM_THREADS and threadpoolctl's limits.
+    cdef int available = bp_omp_max_threads()
+    if _requested_threads > 0 and _requested_threads < available:
+        return _requested_threads
+    return available if available > 0 else 1
+
+
+# --------------------------------------------------------------------------- validation
+
+cdef str _describe(object a):
+    return f"array of shape {a.shape} and dtype {a.dtype}"
+
+
+cdef cnp.ndarray _as_float_array(object a, str name, int ndim):
+    """Return `a` as an ndarray of float32/float64, or raise a TypeError/ValueError
+    naming the argument.  No copy is made; strided and read-only arrays are fine."""
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be a float array, got {type(a).__name__}") from e
+    if a.dtype != np.float32 and a.dtype != np.float64:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}"
+                        " (convert it with .astype(np.float32))")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got {_describe(a)}")
+    return a
+
+
+cdef int _copy_rows(cnp.ndarray src, str name, char* dst, Py_ssize_t ld, bint dst64) except -1:
+    """Copy a 2-D float32/float64 array with any strides into a row-major buffer with
+    row stride `ld`, converting to the buffer's dtype and rejecting NaN and Inf."""
+    cdef Py_ssize_t rows = src.shape[0], cols = src.shape[1]
+    cdef Py_ssize_t s0 = src.strides[0], s1 = src.strides[1]
+    cdef char* base = <char*>cnp.PyArray_DATA(src)
+    cdef bint src64 = src.dtype == np.float64
+    cdef Py_ssize_t bad
+    with nogil:
+        if src64:
+            bad = _strided_copy(<double*>NULL, base, s0, s1, dst, ld, rows, cols, dst64)
+        else:
+            bad = _strided_copy(<float*>NULL, base, s0, s1, dst, ld, rows, cols, dst64)
+    if bad >= 0:
+        raise ValueError(f"{name} contains NaN or Inf (first at row {bad}); "
+                         "clean or impute the data first")
+    return 0
+
+
+cdef Py_ssize_t _strided_copy(floating* kind, const char* src, Py_ssize_t s0, Py_ssize_t s1,
+                              char* dst, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t cols,
+                              bint dst64) noexcept nogil:
+    # Returns the first row holding a non-finite value, or -1.  v - v is 0 for finite v
+    # and NaN for NaN and +-Inf, so one comparison covers both.
+    cdef Py_ssize_t i, j
+    cdef double v, check = 0.0
+    cdef Py_ssize_t bad = -1
+    for i in range(rows):
+        check = 0.0
+        for j in range(cols):
+            v = (<const floating*>(src + i * s0 + j * s1))[0]
+            check += v - v
+            if dst64:
+                (<double*>dst)[i * ld + j] = v
+            else:
+                (<float*>dst)[i * ld + j] = <float>v
+        if check != 0.0 or check != check:
+            return i
+    return bad
+
+
+cdef cnp.ndarray _labels(object y, Py_ssize_t rows, Py_ssize_t n_classes):
+    """Integer class labels as a contiguous int64 vector, each in [0, n_classes)."""
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != rows:
+        raise ValueError(f"y: class labels must have shape ({rows},), got shape {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"y: class labels must be integers, got dtype {y.dtype}")
+    if rows and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"y: class labels must lie in [0, {n_classes}), "
+                         f"got values from {y.min()} to {y.max()}")
+    return np.ascontiguousarray(y, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- matmul
+
+def matmul(a, b, out=None, *, bint trans_a=False, bint trans_b=False, bint accumulate=False):
+    """op(a) @ op(b) with the core's GEMM, where op transposes when asked.
+
+    a : ndarray of shape (m, k), or (k, m) if trans_a
+    b : ndarray of shape (k, n), or (n, k) if trans_b
+    out : ndarray of shape (m, n), optional.  Must be C-contiguous, writeable and of the
+        operands' dtype; it is written in place (added to when `accumulate`).
+    Both operands must share one dtype, float32 or float64; any strides are accepted
+    (non-unit inner strides are copied first).
+    """
+    a = _as_float_array(a, "a", 2)
+    b = _as_float_array(b, "b", 2)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    cdef Py_ssize_t m = a.shape[1] if trans_a else a.shape[0]
+    cdef Py_ssize_t k = a.shape[0] if trans_a else a.shape[1]
+    cdef Py_ssize_t kb = b.shape[1] if trans_b else b.shape[0]
+    cdef Py_ssize_t n = b.shape[0] if trans_b else b.shape[1]
+    if k != kb:
+        raise ValueError(f"matmul: inner dimensions differ: op(a) is ({m}, {k}), "
+                         f"op(b) is ({kb}, {n})")
+    if out is None:
+        if accumulate:
+            raise ValueError("matmul: accumulate=True needs an out array to add to")
+        out = np.empty((m, n), dtype=a.dtype)
+    elif not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be an ndarray, got {type(out).__name__}")
+    elif out.dtype != a.dtype or out.shape != (m, n):
+        raise ValueError(f"out must be an array of shape {(m, n)} and dtype {a.dtype}, "
+                         f"got {_describe(out)}")
+    elif not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    if np.may_share_memory(out, a) or np.may_share_memory(out, b):
+        raise ValueError("out must not overlap a or b")
+    cdef cnp.ndarray A = _unit_inner_stride(a), B = _unit_inner_stride(b), C = out
+    if A.dtype == np.float64:
+        _matmul(<double*>NULL, A, B, C, m, n, k, trans_a, trans_b, accumulate)
+    else:
+        _matmul(<float*>NULL, A, B, C, m, n, k, trans_a, trans_b, accumulate)
+    return out
+
+
+cdef cnp.ndarray _unit_inner_stride(cnp.ndarray a):
+    # The GEMM reads rows with a leading dimension; columns must be adjacent.
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        return np.ascontiguousarray(a)
+    if a.strides[1] != a.itemsize or a.strides[0] % a.itemsize or a.strides[0] < a.shape[1] * a.itemsize:
+        return np.ascontiguousarray(a)
+    return a
+
+
+cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
+                  Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                  bint trans_a, bint trans_b, bint accumulate):
+    cdef Py_ssize_t lda = max(1, a.strides[0] // a.itemsize)
+    cdef Py_ssize_t ldb = max(1, b.strides[0] // b.itemsize)
+    cdef const floating* pa = <const floating*>cnp.PyArray_DATA(a)
+    cdef const floating* pb = <const floating*>cnp.PyArray_DATA(b)
+    cdef floating* pc = <floating*>cnp.PyArray_DATA(out)
+    cdef int nt = _num_threads()
+    with nogil:
+        gemm(m, n, k, pa, lda, trans_a, pb, ldb, trans_b, pc, n, accumulate,
+             NULL, IDENTITY, nt, NULL)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+cdef class OptimizerBase:
+    """The compiled half of every optimizer: its hyperparameters as a C struct (read by
+    the nogil update) and its state buffers, each shaped like the flat parameter buffer.
+    The public classes in `backprop.optim` validate arguments and document the rules."""
+    cdef OptimConfig config
+    cdef readonly dict state
+    cdef object _dtype
+    cdef bint _is64
+    cdef Py_ssize_t _size
+
+    def __cinit__(self, *args, **kwargs):
+        self.state = {}
+        self._size = -1
+
+    def __init__(self, **config):
+        """Set the hyperparameters (the step count restarts at 0; state is untouched)."""
+        cdef dict merged = {"kind": 0, "step": 0, "lr": 0.0, "weight_decay": 0.0,
+                            "decoupled": False, "momentum": 0.0, "dampening": 0.0,
+                            "nesterov": False, "beta1": 0.0, "beta2": 0.0, "amsgrad": False,
+                            "eps": 0.0, "alpha": 0.0, "centered": False, "lr_decay": 0.0}
+        merged.update(config)
+        self.config = merged
+
+    @property
+    def lr(self):
+        """The learning rate; schedules change it between steps."""
+        return self.config.lr
+
+    @lr.setter
+    def lr(self, value):
+        value = float(value)
+        if not value >= 0:
+            raise ValueError(f"lr must be a non-negative number, got {value}")
+        self.config.lr = value
+
+    @property
+    def steps(self):
+        """How many updates this optimizer has made."""
+        return self.config.step
+
+    def _config(self):
+        return self.config
+
+    def _bind(self, Py_ssize_t size, dtype, dict initial):
+        """Create zeroed (or `initial`-valued) state buffers for `size` parameters."""
+        self._dtype = np.dtype(dtype)
+        self._is64 = self._dtype == np.float64
+        self._size = size
+        self.state = {name: np.full(size, value, dtype=self._dtype)
+                      for name, value in initial.items()}
+        self.config.step = 0
+
+    def _set_state(self, long step, dict state):
+        if set(state) != set(self.state):
+            raise ValueError(f"optimizer state must have the buffers {sorted(self.state)}, "
+                             f"got {sorted(state)}")
+        for name, value in state.items():
+            value = np.asarray(value)
+            if value.shape != (self._size,) or value.dtype != self._dtype:
+                raise ValueError(f"optimizer state {name!r} must have shape ({self._size},) "
+                                 f"and dtype {self._dtype}, got {_describe(value)}")
+        if step < 0:
+            raise ValueError(f"optimizer step must be >= 0, got {step}")
+        for name, value in state.items():
+            self.state[name][...] = value
+        self.config.step = step
+
+    def _update(self, cnp.ndarray params, cnp.ndarray grads, bint clear_grads=False):
+        """One update of `params` from `grads` (both the flat buffers it was bound to)."""
+        if self._size < 0:
+            raise RuntimeError("this optimizer is not attached to a network")
+        if params.shape[0] != self._size or grads.shape[0] != self._size \
+                or params.dtype != self._dtype or grads.dtype != self._dtype:
+            raise ValueError("params and grads must be the flat buffers the optimizer was "
+                             f"bound to ({self._size} values of {self._dtype})")
+        self._run(params, grads, _num_threads(), clear_grads)
+
+    cdef void _run(self, cnp.ndarray params, cnp.ndarray grads, int n_threads,
+                   bint clear_grads) noexcept:
+        cdef list bufs = list(self.state.values()) + [params] * (3 - len(self.state))
+        cdef char* p = <char*>cnp.PyArray_DATA(params)
+        cdef char* g = <char*>cnp.PyArray_DATA(grads)
+        cdef char* s0 = <char*>cnp.PyArray_DATA(bufs[0])
+        cdef char* s1 = <char*>cnp.PyArray_DATA(bufs[1])
+        cdef char* s2 = <char*>cnp.PyArray_DATA(bufs[2])
+        cdef Py_ssize_t n = self._size
+        with nogil:
+            self._run_nogil(p, g, s0, s1, s2, n, n_threads, clear_grads)
+
+    cdef void _run_nogil(self, char* p, char* g, char* s0, char* s1, char* s2,
+                         Py_ssize_t n, int n_threads, bint clear_grads) noexcept nogil:
+        # Unused state slots point at the parameters; the rules never touch them.
+        if self._is64:
+            optimizer_update(&self.config, <double*>p, <double*>g, <double*>s0,
+                             <double*>s1, <double*>s2, n, n_threads, clear_grads)
+        else:
+            optimizer_update(&self.config, <float*>p, <float*>g, <float*>s0,
+                             <float*>s1, <float*>s2, n, n_threads, clear_grads)
+
+
+# --------------------------------------------------------------------------- the engine
+
+cdef struct LayerBuffers:
+    Py_ssize_t n_in, n_out
+    int activation
+    Py_ssize_t w_off, b_off    # offsets into the flat parameter/gradient buffers; b_off < 0: no bias
+    char* a                    # outputs, batch x n_out, row stride lda
+    char* z                    # pre-activations (same stride), or NULL where not needed
+    Py_ssize_t lda
+
+
+cdef struct Net:
+    int n_layers
+    LayerBuffers* layers
+    char* params
+    char* grads
+    Py_ssize_t batch           # rows of the last forward
+    char* x                    # the input batch, copied in (row stride ldx)
+    Py_ssize_t ldx
+    char* d0                   # two ping-pong delta buffers, row stride ldd
+    char* d1
+    Py_ssize_t ldd
+    char* dx                   # dL/dx, batch x n_in, contiguous
+    char* target               # float targets (row stride ldt) or
+    Py_ssize_t ldt
+    int64_t* labels            # integer class labels
+    void* gemm_scratch
+    int scratch_threads        # how many threads the scratch was sized for
+
+
+cdef Py_ssize_t _padded(Py_ssize_t n, Py_ssize_t itemsize):
+    # Rows whose stride is a multiple of 256 bytes put the rows of a GEMM tile into the
+    # same L1 sets; one extra cache line per row avoids it (see GEMM-NOTES.md).
+    if n >= 64 and (n * itemsize) % 256 == 0:
+        return n + 64 // itemsize
+    return n
+
+
+cdef void forward_pass(floating* kind, Net* net, int nt) noexcept nogil:
+    """Every layer's output from net.x: one GEMM each, bias and activation fused into its
+    write-back; softmax (row-wise) right after."""
+    cdef const floating* P = <const floating*>net.params
+    cdef const floating* inp = <const floating*>net.x
+    cdef Py_ssize_t ld_in = net.ldx, B = net.batch, i
+    cdef LayerBuffers* L
+    cdef floating* a
+    cdef floating* z
+    cdef int l
+    for l in range(net.n_layers):
+        L = &net.layers[l]
+        a = <floating*>L.a
+        z = <floating*>L.z
+        if z == NULL:
+            gemm(B, L.n_out, L.n_in, inp, ld_in, False, P + L.w_off, L.n_in, True,
+                 a, L.lda, False, P + L.b_off if L.b_off >= 0 else NULL, L.activation,
+                 nt, net.gemm_scratch)
+            if L.activation == SOFTMAX:
+                softmax_rows(a, L.lda, a, L.lda, B, L.n_out)
+        else:
+            gemm(B, L.n_out, L.n_in, inp, ld_in, False, P + L.w_off, L.n_in, True,
+                 z, L.lda, False, P + L.b_off if L.b_off >= 0 else NULL, IDENTITY,
+                 nt, net.gemm_scratch)
+            if L.activation == SOFTMAX:
+                softmax_rows(z, L.lda, a, L.lda, B, L.n_out)
+            else:
+                for i in range(B):
+                    memcpy(a + i * L.lda, z + i * L.lda, L.n_out * sizeof(floating))
+                activate_tile(a, L.lda, B, L.n_out, L.activation)
+        inp = a
+        ld_in = L.lda
+
+
+cdef double loss_delta(floating* kind, Net* net, int loss, bint labels) noexcept nogil:
+    """The loss of the last forward against net.target/net.labels; leaves dL/dz of the
+    output layer in net.d0."""
+    cdef LayerBuffers* L = &net.layers[net.n_layers - 1]
+    cdef const floating* a = <const floating*>L.a
+    cdef const floating* z = <const floating*>L.z
+    cdef const floating* y = <const floating*>net.target
+    cdef floating* d = <floating*>net.d0
+    cdef double value
+    if loss == MSE:
+        value = mse(a, L.lda, y, net.ldt, net.batch, L.n_out, d, net.ldd)
+        activation_backward(d, net.ldd, a, L.lda, z, L.lda, net.batch, L.n_out, L.activation)
+    elif loss == BINARY_CROSS_ENTROPY:
+        value = binary_cross_entropy(z, L.lda, y, net.ldt, net.batch, L.n_out, d, net.ldd)
+    elif labels:
+        value = cross_entropy_labels(z, L.lda, a, L.lda, net.labels, net.batch, L.n_out,
+                                     d, net.ldd)
+    else:
+        value = cross_entropy_probs(z, L.lda, a, L.lda, y, net.ldt, net.batch, L.n_out,
+                                    d, net.ldd)
+    return value
+
+
+cdef void column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t rows, Py_ssize_t cols,
+                      floating* out) noexcept nogil:
+    # out += sum over rows, always in row order, so the result never depends on threads.
+    cdef Py_ssize_t i, j
+    for i in range(rows):
+        for j in range(cols):
+            out[j] += d[i * ldd + j]
+
+
+cdef void backward_pass(floating* kind, Net* net, int nt, bint input_grad) noexcept nogil:
+    """Accumulate every layer's gradients from dL/dz of the output layer (in net.d0):
+    dW += dZ^T X, db += column sums of dZ, dX = dZ W, then dZ_prev = dX * f'(a_prev)."""
+    cdef const floating* P = <const floating*>net.params
+    cdef floating* G = <floating*>net.grads
+    cdef floating* cur = <floating*>net.d0
+    cdef floating* nxt = <floating*>net.d1
+    cdef floating* swap
+    cdef const floating* inp
+    cdef Py_ssize_t ld_in, B = net.batch
+    cdef LayerBuffers* L
+    cdef LayerBuffers* prev
+    cdef int l
+    for l in range(net.n_layers - 1, -1, -1):
+        L = &net.layers[l]
+        if l > 0:
+            prev = &net.layers[l - 1]
+            inp, ld_in = <const floating*>prev.a, prev.lda
+        else:
+            inp, ld_in = <const floating*>net.x, net.ldx
+        gemm(L.n_out, L.n_in, B, cur, net.ldd, True, inp, ld_in, False,
+             G + L.w_off, L.n_in, True, NULL, IDENTITY, nt, net.gemm_scratch)
+        if L.b_off >= 0:
+            column_sums(cur, net.ldd, B, L.n_out, G + L.b_off)
+        if l > 0:
+            gemm(B, L.n_in, L.n_out, cur, net.ldd, False, P + L.w_off, L.n_in, False,
+                 nxt, net.ldd, False, NULL, IDENTITY, nt, net.gemm_scratch)
+            activation_backward(nxt, net.ldd, <const floating*>prev.a, prev.lda,
+                                <const floating*>prev.z, prev.lda, B, prev.n_out,
+                                prev.activation)
+            swap = cur
+            cur = nxt
+            nxt = swap
+        elif input_grad:
+            gemm(B, L.n_in, L.n_out, cur, net.ldd, False, P + L.w_off, L.n_in, False,
+                 <floating*>net.dx, L.n_in, False, NULL, IDENTITY, nt, net.gemm_scratch)
+
+
+cdef double sum_of_squares(const floating* v, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double total = 0.0
+    for i in range(n):
+        total += <double>v[i] * v[i]
+    return total
+
+
+cdef class Engine:
+    """The compiled side of a Network: its layer table and reusable workspace.
+
+    Built by `Network`, which owns the flat `params` and `grads` buffers; the Engine
+    holds pointers into them, so both must stay alive and never be reallocated.
+    """
+    cdef Net net
+    cdef readonly object dtype
+    cdef bint is64
+    cdef int loss                  # a Loss code, or -1 for none
+    cdef Py_ssize_t capacity       # rows the workspace can hold
+    cdef cnp.ndarray params, grads
+    cdef dict workspace            # name -> the ndarray behind each workspace pointer
+    cdef readonly bint has_forward, has_grads, has_input_grad
+
+    def __cinit__(self):
+        self.net.layers = NULL
+        self.net.gemm_scratch = NULL
+
+    def __init__(self, list shapes, list activations, list offsets, str loss,
+                 cnp.ndarray params, cnp.ndarray grads):
+        """shapes: [(n_in, n_out)], activations: names, offsets: [(w_off, b_off or -1)]."""
+        cdef int l, n = len(shapes)
+        if params.dtype != grads.dtype or params.dtype not in (np.float32, np.float64) \
+                or params.ndim != 1 or params.shape[0] != grads.shape[0] \
+                or not params.flags.c_contiguous or not grads.flags.c_contiguous:
+            raise ValueError("params and grads must be contiguous flat float buffers of one size")
+        self.params, self.grads, self.dtype = params, grads, params.dtype
+        self.is64 = params.dtype == np.float64
+        self.loss = LOSSES[loss] if loss is not None else -1
+        self.net.n_layers = n
+        self.net.params = <char*>cnp.PyArray_DATA(params)
+        self.net.grads = <char*>cnp.PyArray_DATA(grads)
+        self.net.layers = <LayerBuffers*>bp_aligned_alloc(n * sizeof(LayerBuffers))
+        if self.net.layers == NULL:
+            raise MemoryError()
+        for l in range(n):
+            self.net.layers[l].n_in, self.net.layers[l].n_out = shapes[l]
+            self.net.layers[l].activation = ACTIVATIONS[activations[l]]
+            self.net.layers[l].w_off, self.net.layers[l].b_off = offsets[l]
+            self.net.layers[l].a = self.net.layers[l].z = NULL
+        self.capacity = 0
+        self.net.batch = 0
+        self.workspace = {}
+
+    def __dealloc__(self):
+        free(self.net.layers)
+        free(self.net.gemm_scratch)
+
+    # ---- workspace
+
+    cdef int _reserve(self, Py_ssize_t rows) except -1:
+        """Make the workspace hold `rows` rows; it only ever grows, so steps after the
+        first (and any smaller last batch of an epoch) allocate nothing."""
+        cdef int l, n = self.net.n_layers, threads
+        cdef Py_ssize_t item = self.dtype.itemsize, widest = 1
+        cdef LayerBuffers* L
+        if rows <= self.capacity:
+            return 0
+        self.workspace = {}
+        n_in = self.net.layers[0].n_in
+        self.net.ldx = _padded(n_in, item)
+        self.net.x = self._buffer("x", rows, self.net.ldx)
+        self.net.dx = self._buffer("dx", rows, n_in)
+        for l in range(n):
+            L = &self.net.layers[l]
+            L.lda = _padded(L.n_out, item)
+            L.a = self._buffer(f"a{l}", rows, L.lda)
+            L.z = NULL
+            if l == n - 1 or needs_preactivation(L.activation):
+                L.z = self._buffer(f"z{l}", rows, L.lda)
+            widest = max(widest, L.n_out)
+        self.net.ldd = _padded(widest, item)
+        self.net.d0 = self._buffer("d0", rows, self.net.ldd)
+        self.net.d1 = self._buffer("d1", rows, self.net.ldd)
+        self.net.ldt = L.n_out
+        self.net.target = self._buffer("target", rows, L.n_out)
+        self.net.labels = <int64_t*>self._buffer("labels", rows, 1, np.int64)
+        threads = max(1, bp_omp_max_threads(), _requested_threads)
+        if self.net.gemm_scratch == NULL or threads > self.net.scratch_threads:
+            free(self.net.gemm_scratch)
+            self.net.gemm_scratch = bp_aligned_alloc(gemm_workspace_bytes(threads))
+            if self.net.gemm_scratch == NULL:
+                raise MemoryError("cannot allocate the GEMM packing buffers")
+            self.net.scratch_threads = threads
+        self.capacity = rows
+        return 0
+
+    cdef char* _buffer(self, str name, Py_ssize_t rows, Py_ssize_t ld, dtype=None):
+        array = np.zeros((rows, ld), dtype=self.dtype if dtype is None else dtype)
+        self.workspace[name] = array
+        return <char*>cnp.PyArray_DATA(array)
+
+    cdef object _view(self, str name, Py_ssize_t cols):
+        # The valid part of a workspace buffer, read-only: it is overwritten by the next pass.
+        view = self.workspace[name][:self.net.batch, :cols]
+        view.flags.writeable = False
+        return view
+
+    cdef inline int _threads(self) noexcept:
+        return min(_num_threads(), self.net.scratch_threads)
+
+    # ---- loading inputs and targets (all validation happens here)
+
+    cdef int _load_input(self, object x) except -1:
+        cdef cnp.ndarray arr = _as_float_array(x, "x", 2)
+        cdef Py_ssize_t n_in = self.net.layers[0].n_in
+        if arr.shape[1] != n_in:
+            raise ValueError(f"x must have {n_in} features (columns), got {_describe(arr)}")
+        if arr.shape[0] == 0:
+            raise ValueError("x is an empty batch (0 rows)")
+        self.has_forward = self.has_input_grad = False   # the saved activations are replaced
+        self._reserve(arr.shape[0])
+        _copy_rows(arr, "x", self.net.x, self.net.ldx, self.is64)
+        self.net.batch = arr.shape[0]
+        return 0
+
+    cdef bint _load_target(self, object y) except -1:
+        """Copy y into the target buffer; returns True for integer class labels."""
+        cdef LayerBuffers* L = &self.net.layers[self.net.n_layers - 1]
+        cdef Py_ssize_t rows = self.net.batch, n_out = L.n_out
+        cdef cnp.ndarray arr
+        if self.loss < 0:
+            raise RuntimeError("this network has no loss: pass grad_output=, or give "
+                               "Network(..., loss=...)")
+        if self.loss == CROSS_ENTROPY and np.ndim(y) == 1:
+            arr = _labels(y, rows, n_out)
+            memcpy(self.net.labels, cnp.PyArray_DATA(arr), rows * sizeof(int64_t))
+            return True
+        arr = _as_float_array(y, "y", np.ndim(y) if np.ndim(y) in (1, 2) else 2)
+        if arr.ndim == 1 and n_out == 1:
+            arr = arr.reshape(-1, 1)
+        if arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] != n_out:
+            raise ValueError(f"y must have shape ({rows}, {n_out}) to match the last forward "
+                             f"batch and the output layer, got {_describe(arr)}")
+        _copy_rows(arr, "y", self.net.target, self.net.ldt, self.is64)
+        if self.loss != MSE:
+            self._check_probabilities(arr)
+        return False
+
+    cdef int _check_probabilities(self, cnp.ndarray y) except -1:
+        if y.min() < 0 or y.max() > 1:
+            raise ValueError(f"y: targets of {self._loss_name()} must lie in [0, 1], got "
+                             f"values from {y.min()} to {y.max()}")
+        if self.loss == CROSS_ENTROPY:
+            sums = y.sum(axis=1)
+            worst = np.abs(sums - 1).max()
+            if worst > 1e-3:
+                raise ValueError("y: probability rows for cross_entropy must sum to 1, "
+                                 f"found a row summing to {sums[np.abs(sums - 1).argmax()]}")
+        return 0
+
+    def _loss_name(self):
+        return {v: k for k, v in LOSSES.items()}.get(self.loss)
+
+    # ---- the passes
+
+    def forward(self, x):
+        """Run the network on x; returns a read-only view of the output (valid until the
+        next forward)."""
+        self._load_input(x)
+        cdef int nt = self._threads()
+        with nogil:
+            if self.is64:
+                forward_pass(<double*>NULL, &self.net, nt)
+            else:
+                forward_pass(<float*>NULL, &self.net, nt)
+        self.has_forward = True
+        self.has_input_grad = False
+        return self.output()
+
+    def output(self):
+        return self._view(f"a{self.net.n_layers - 1}", self.net.layers[self.net.n_layers - 1].n_out)
+
+    cdef int _check_forward(self, str what) except -1:
+        if not self.has_forward:
+            raise RuntimeError(f"{what} needs a forward pass first: call forward(x)")
+        return 0
+
+    def loss_value(self, y):
+        """The loss of the last forward's output against y (gradients untouched)."""
+        self._check_forward("loss")
+        cdef bint labels = self._load_target(y)
+        cdef double value
+        with nogil:
+            if self.is64:
+                value = loss_delta(<double*>NULL, &self.net, self.loss, labels)
+            else:
+                value = loss_delta(<float*>NULL, &self.net, self.loss, labels)
+        return value
+
+    def backward(self, y=None, grad_output=None, bint input_grad=True):
+        """Accumulate gradients from the built-in loss against y, or from an external
+        dL/d(output) `grad_output`; returns the loss (None with grad_output)."""
+        self._check_forward("backward")
+        cdef LayerBuffers* L = &self.net.layers[self.net.n_layers - 1]
+        cdef bint labels = False
+        cdef double value = 0.0
+        cdef int nt = self._threads()
+        cdef cnp.ndarray g
+        if (y is None) == (grad_output is None):
+            raise TypeError("backward takes either targets y or grad_output, not both or neither")
+        if grad_output is not None:
+            g = _as_float_array(grad_output, "grad_output", 2)
+            if g.shape[0] != self.net.batch or g.shape[1] != L.n_out:
+                raise ValueError(f"grad_output must have shape ({self.net.batch}, {L.n_out}) "
+                                 f"like the last forward's output, got {_describe(g)}")
+            _copy_rows(g, "grad_output", self.net.d0, self.net.ldd, self.is64)
+        else:
+            labels = self._load_target(y)
+        with nogil:
+            if self.is64:
+                if grad_output is None:
+                    value = loss_delta(<double*>NULL, &self.net, self.loss, labels)
+                else:
+                    activation_backward(<double*>self.net.d0, self.net.ldd,
+                                        <double*>L.a, L.lda, <double*>L.z, L.lda,
+                                        self.net.batch, L.n_out, L.activation)
+                backward_pass(<double*>NULL, &self.net, nt, input_grad)
+            else:
+                if grad_output is None:
+                    value = loss_delta(<float*>NULL, &self.net, self.loss, labels)
+                else:
+                    activation_backward(<float*>self.net.d0, self.net.ldd,
+                                        <float*>L.a, L.lda, <float*>L.z, L.lda,
+                                        self.net.batch, L.n_out, L.activation)
+                backward_pass(<float*>NULL, &self.net, nt, input_grad)
+        self.has_grads = True
+        self.has_input_grad = input_grad
+        return value if grad_output is None else None
+
+    def input_grad(self):
+        if not self.has_input_grad:
+            raise RuntimeError("no input gradient: call backward() after forward() first")
+        return self._view("dx", self.net.layers[0].n_in)
+
+    def step(self, OptimizerBase optimizer, bint clear_grads=False):
+        """One optimizer update from the accumulated gradients."""
+        if not self.has_grads:
+            raise RuntimeError("step() needs gradients: call backward() first")
+        optimizer._update(self.params, self.grads, clear_grads)
+        self.has_forward = False   # the saved activations belong to the old weights
+        self.has_grads = not clear_grads
+
+    def zero_grad(self):
+        self.grads.fill(0)
+        self.has_grads = False
+
+    def train_step(self, x, y, OptimizerBase optimizer):
+        """forward, loss, backward, optimizer update and zero_grad, with the GIL released
+        from the first multiply to the last update."""
+        self._load_input(x)
+        cdef bint labels = self._load_target(y)
+        cdef int nt = self._threads()
+        cdef double value
+        if optimizer._size != self.params.shape[0] or optimizer._is64 != self.is64:
+            raise ValueError("the optimizer is bound to another network")
+        cdef list bufs = list(optimizer.state.values()) + [self.params] * (3 - len(optimizer.state))
+        cdef char* s0 = <char*>cnp.PyArray_DATA(bufs[0])
+        cdef char* s1 = <char*>cnp.PyArray_DATA(bufs[1])
+        cdef char* s2 = <char*>cnp.PyArray_DATA(bufs[2])
+        with nogil:
+            if self.is64:
+                forward_pass(<double*>NULL, &self.net, nt)
+                value = loss_delta(<double*>NULL, &self.net, self.loss, labels)
+                backward_pass(<double*>NULL, &self.net, nt, False)
+            else:
+                forward_pass(<float*>NULL, &self.net, nt)
+                value = loss_delta(<float*>NULL, &self.net, self.loss, labels)
+                backward_pass(<float*>NULL, &self.net, nt, False)
+            optimizer._run_nogil(self.net.params, self.net.grads, s0, s1, s2,
+                                 optimizer._size, nt, True)
+        self.has_forward = self.has_grads = self.has_input_grad = False
+        return value
+
+    def grad_norm(self):
+        """The Euclidean norm of all gradients together (for clipping)."""
+        cdef double total
+        cdef Py_ssize_t n = self.grads.shape[0]
+        with nogil:
+            if self.is64:
+                total = sum_of_squares(<double*>self.net.grads, n)
+            else:
+                total = sum_of_squares(<float*>self.net.grads, n)
+        return sqrt(total)

@@ -1,0 +1,189 @@
+"""Optimizers: one class per update rule, with PyTorch's names, defaults and rules.
+
+Each optimizer updates the network's whole flat parameter buffer in one fused pass
+(compiled in ``_optim.pxd``).  Its state buffers (momentum, moment estimates, ...) have
+the same shape as that buffer.  ``state_dict()`` / ``load_state_dict()`` round-trip
+everything needed to resume training bit for bit.
+"""
+import numpy as np
+
+from backprop._core import OptimizerBase
+
+_SGD, _ADAM, _RMSPROP, _ADAGRAD = range(4)   # the OptimizerKind codes of _optim.pxd
+
+
+def _check(name, value, low=0.0, high=None, *, open_high=False):
+    value = float(value)
+    if not (value >= low) or (high is not None and not (value < high if open_high else value <= high)):
+        bounds = f"[{low}, {high})" if open_high else (f"[{low}, {high}]" if high else f">= {low}")
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+class Optimizer(OptimizerBase):
+    """Base class: hyperparameters are validated by each subclass's ``__init__``."""
+
+    #: names of the state buffers, each shaped like the flat parameter buffer
+    state_names = ()
+
+    def initial_state(self):
+        return {name: 0.0 for name in self.state_names}
+
+    def bind(self, size, dtype):
+        """Attach to a flat parameter buffer of `size` values; resets the state."""
+        self._bind(size, dtype, self.initial_state())
+
+    def hyperparameters(self):
+        raise NotImplementedError
+
+    def state_dict(self):
+        """Everything needed to resume: class name, hyperparameters, step count and state
+        buffers (copies)."""
+        return {"name": type(self).__name__, "hyperparameters": self.hyperparameters(),
+                "step": self.steps,
+                "state": {k: v.copy() for k, v in self.state.items()}}
+
+    def load_state_dict(self, state_dict):
+        if state_dict.get("name") != type(self).__name__:
+            raise ValueError(f"state_dict is for {state_dict.get('name')!r}, "
+                             f"not {type(self).__name__}")
+        self.__init__(**state_dict["hyperparameters"])
+        self._set_state(int(state_dict["step"]), dict(state_dict["state"]))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, with optional momentum (as ``torch.optim.SGD``).
+
+    For each parameter p with gradient g, at step t:
+
+        g = g + weight_decay * p
+        if momentum:  b = g if t == 1 else momentum * b + (1 - dampening) * g
+                      g = g + momentum * b if nesterov else b
+        p = p - lr * g
+    """
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+        lr = _check("lr", lr)
+        momentum = _check("momentum", momentum)
+        dampening = _check("dampening", dampening)
+        weight_decay = _check("weight_decay", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
+        super().__init__(kind=_SGD, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=bool(nesterov))
+
+    def hyperparameters(self):
+        c = self._config()
+        return {"lr": c["lr"], "momentum": c["momentum"], "dampening": c["dampening"],
+                "weight_decay": c["weight_decay"], "nesterov": bool(c["nesterov"])}
+
+
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba, 2015), as ``torch.optim.Adam``.
+
+    At step t, with g = grad + weight_decay * p:
+
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g^2
+        v_max = max(v_max, v)                     (amsgrad only; then v_max replaces v)
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+    state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    decoupled = False
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
+        lr = _check("lr", lr)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        beta1 = _check("betas[0]", betas[0], 0.0, 1.0, open_high=True)
+        beta2 = _check("betas[1]", betas[1], 0.0, 1.0, open_high=True)
+        eps = _check("eps", eps)
+        weight_decay = _check("weight_decay", weight_decay)
+        super().__init__(kind=_ADAM, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                         weight_decay=weight_decay, amsgrad=bool(amsgrad),
+                         decoupled=self.decoupled)
+
+    @property
+    def betas(self):
+        c = self._config()
+        return (c["beta1"], c["beta2"])
+
+    def hyperparameters(self):
+        c = self._config()
+        return {"lr": c["lr"], "betas": self.betas, "eps": c["eps"],
+                "weight_decay": c["weight_decay"], "amsgrad": bool(c["amsgrad"])}
+
+
+class AdamW(Adam):
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as ``torch.optim.AdamW``.
+
+    Each step first shrinks the weights, p = p * (1 - lr * weight_decay), then applies
+    the Adam update with the plain gradient.
+    """
+    decoupled = True
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False):
+        super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+
+class RMSprop(Optimizer):
+    r"""RMSprop (Hinton, 2012), as ``torch.optim.RMSprop``.
+
+    With g = grad + weight_decay * p:
+
+        s = alpha * s + (1 - alpha) * g^2
+        centered:  a = alpha * a + (1 - alpha) * g;  denom = sqrt(s - a^2) + eps
+        otherwise: denom = sqrt(s) + eps
+        momentum:  b = momentum * b + g / denom;  p = p - lr * b
+        otherwise: p = p - lr * g / denom
+    """
+    state_names = ("square_avg", "grad_avg", "momentum_buffer")
+
+    def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False):
+        super().__init__(kind=_RMSPROP, lr=_check("lr", lr),
+                         alpha=_check("alpha", alpha, 0.0, 1.0), eps=_check("eps", eps),
+                         weight_decay=_check("weight_decay", weight_decay),
+                         momentum=_check("momentum", momentum), centered=bool(centered))
+
+    def hyperparameters(self):
+        c = self._config()
+        return {"lr": c["lr"], "alpha": c["alpha"], "eps": c["eps"],
+                "weight_decay": c["weight_decay"], "momentum": c["momentum"],
+                "centered": bool(c["centered"])}
+
+
+class Adagrad(Optimizer):
+    r"""Adagrad (Duchi et al., 2011), as ``torch.optim.Adagrad``.
+
+    At step t, with g = grad + weight_decay * p:
+
+        s = s + g^2                      (s starts at initial_accumulator_value)
+        p = p - lr / (1 + (t - 1) * lr_decay) * g / (sqrt(s) + eps)
+    """
+    state_names = ("sum",)
+
+    def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+                 eps=1e-10):
+        self.initial_accumulator_value = _check("initial_accumulator_value",
+                                                initial_accumulator_value)
+        super().__init__(kind=_ADAGRAD, lr=_check("lr", lr),
+                         lr_decay=_check("lr_decay", lr_decay),
+                         weight_decay=_check("weight_decay", weight_decay),
+                         eps=_check("eps", eps))
+
+    def initial_state(self):
+        return {"sum": self.initial_accumulator_value}
+
+    def hyperparameters(self):
+        c = self._config()
+        return {"lr": c["lr"], "lr_decay": c["lr_decay"], "weight_decay": c["weight_decay"],
+                "initial_accumulator_value": self.initial_accumulator_value, "eps": c["eps"]}
+
+
+OPTIMIZERS = {cls.__name__: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)}
