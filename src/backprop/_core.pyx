@@ -117,58 +117,87 @@ cdef cnp.ndarray _as_float_array(object a, str name, int ndim):
     return a
 
 
-cdef int _copy_rows(cnp.ndarray src, str name, char* dst, Py_ssize_t ld, bint dst64) except -1:
+cdef int _copy_rows(cnp.ndarray src, str name, char* dst, Py_ssize_t ld, bint dst64,
+                    cnp.ndarray index=None) except -1:
     """Copy a 2-D float32/float64 array with any strides into a row-major buffer with
-    row stride `ld`, converting to the buffer's dtype and rejecting NaN and Inf."""
-    cdef Py_ssize_t rows = src.shape[0], cols = src.shape[1]
-    cdef Py_ssize_t s0 = src.strides[0], s1 = src.strides[1]
+    row stride `ld`, converting to the buffer's dtype and rejecting NaN and Inf.
+    With `index` (int64, already range-checked), row i of the copy is src[index[i]]."""
+    cdef Py_ssize_t rows = src.shape[0] if index is None else index.shape[0]
+    cdef Py_ssize_t cols = src.shape[1], s0 = src.strides[0], s1 = src.strides[1]
     cdef char* base = <char*>cnp.PyArray_DATA(src)
+    cdef const int64_t* picks = NULL if index is None else <const int64_t*>cnp.PyArray_DATA(index)
     cdef bint src64 = src.dtype == np.float64
     cdef Py_ssize_t bad
     with nogil:
         if src64:
-            bad = _strided_copy(<double*>NULL, base, s0, s1, dst, ld, rows, cols, dst64)
+            bad = _strided_copy(<double*>NULL, base, s0, s1, picks, dst, ld, rows, cols, dst64)
         else:
-            bad = _strided_copy(<float*>NULL, base, s0, s1, dst, ld, rows, cols, dst64)
+            bad = _strided_copy(<float*>NULL, base, s0, s1, picks, dst, ld, rows, cols, dst64)
     if bad >= 0:
-        raise ValueError(f"{name} contains NaN or Inf (first at row {bad}); "
+        raise ValueError(f"{name} contains NaN or Inf (in row {bad}); "
                          "clean or impute the data first")
     return 0
 
 
 cdef Py_ssize_t _strided_copy(floating* kind, const char* src, Py_ssize_t s0, Py_ssize_t s1,
-                              char* dst, Py_ssize_t ld, Py_ssize_t rows, Py_ssize_t cols,
-                              bint dst64) noexcept nogil:
-    # Returns the first row holding a non-finite value, or -1.  v - v is 0 for finite v
-    # and NaN for NaN and +-Inf, so one comparison covers both.
-    cdef Py_ssize_t i, j
-    cdef double v, check = 0.0
-    cdef Py_ssize_t bad = -1
+                              const int64_t* index, char* dst, Py_ssize_t ld,
+                              Py_ssize_t rows, Py_ssize_t cols, bint dst64) noexcept nogil:
+    # Returns the first source row holding a non-finite value, or -1.  v - v is 0 for
+    # finite v and NaN for NaN and +-Inf, so one sum per row covers both.
+    cdef Py_ssize_t i, j, r
+    cdef double v, check
     for i in range(rows):
+        r = index[i] if index != NULL else i
         check = 0.0
         for j in range(cols):
-            v = (<const floating*>(src + i * s0 + j * s1))[0]
+            v = (<const floating*>(src + r * s0 + j * s1))[0]
             check += v - v
             if dst64:
                 (<double*>dst)[i * ld + j] = v
             else:
                 (<float*>dst)[i * ld + j] = <float>v
-        if check != 0.0 or check != check:
-            return i
-    return bad
+        if check != 0.0:   # NaN != 0.0 is true as well
+            return r
+    return -1
 
 
-cdef cnp.ndarray _labels(object y, Py_ssize_t rows, Py_ssize_t n_classes):
-    """Integer class labels as a contiguous int64 vector, each in [0, n_classes)."""
-    y = np.asarray(y)
-    if y.ndim != 1 or y.shape[0] != rows:
-        raise ValueError(f"y: class labels must have shape ({rows},), got shape {y.shape}")
-    if y.dtype.kind not in "iu":
-        raise TypeError(f"y: class labels must be integers, got dtype {y.dtype}")
-    if rows and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"y: class labels must lie in [0, {n_classes}), "
-                         f"got values from {y.min()} to {y.max()}")
-    return np.ascontiguousarray(y, dtype=np.int64)
+cdef cnp.ndarray _row_index(object rows, Py_ssize_t n_rows):
+    """`rows` as a contiguous int64 vector of valid row numbers of an n_rows array."""
+    cdef cnp.ndarray index = np.asarray(rows)
+    if index.ndim != 1 or index.dtype.kind not in "iu":
+        raise TypeError(f"rows must be a 1-D integer array, got {_describe(index)}")
+    if index.shape[0] and (index.min() < 0 or index.max() >= n_rows):
+        raise ValueError(f"rows must lie in [0, {n_rows}), got values from {index.min()} "
+                         f"to {index.max()}")
+    return np.ascontiguousarray(index, dtype=np.int64)
+
+
+cdef int _copy_labels(object y, Py_ssize_t n_classes, int64_t* dst, Py_ssize_t rows,
+                      cnp.ndarray index=None) except -1:
+    """Copy integer class labels (y, or y[index]) into dst, each checked to lie in
+    [0, n_classes)."""
+    cdef cnp.ndarray labels = np.asarray(y)
+    if labels.ndim != 1 or (index is None and labels.shape[0] != rows):
+        raise ValueError(f"y: class labels must have shape ({rows},) to match x, "
+                         f"got shape {np.shape(y)}")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"y: class labels must be integers, got dtype {labels.dtype}")
+    if labels.dtype != np.int64 or not labels.flags.c_contiguous:
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+    cdef const int64_t* src = <const int64_t*>cnp.PyArray_DATA(labels)
+    cdef const int64_t* picks = NULL if index is None else <const int64_t*>cnp.PyArray_DATA(index)
+    cdef Py_ssize_t i, bad = -1
+    cdef int64_t label
+    with nogil:
+        for i in range(rows):
+            label = src[picks[i] if picks != NULL else i]
+            if label < 0 or label >= n_classes:
+                bad = i
+                break
+            dst[i] = label
+    if bad >= 0:
+        raise ValueError(f"y: class labels must lie in [0, {n_classes}), got {label}")
+    return 0
 
 
 # --------------------------------------------------------------------------- matmul
@@ -504,6 +533,7 @@ cdef class Engine:
     cdef cnp.ndarray params, grads
     cdef dict workspace            # name -> the ndarray behind each workspace pointer
     cdef readonly bint has_forward, has_grads, has_input_grad
+    cdef bint busy                 # a pass is running (the GIL is released inside it)
 
     def __cinit__(self):
         self.net.layers = NULL
@@ -594,21 +624,24 @@ cdef class Engine:
 
     # ---- loading inputs and targets (all validation happens here)
 
-    cdef int _load_input(self, object x) except -1:
+    cdef int _load_input(self, object x, cnp.ndarray index=None) except -1:
+        """Validate x and copy it (or its rows `index`) into the input buffer."""
         cdef cnp.ndarray arr = _as_float_array(x, "x", 2)
         cdef Py_ssize_t n_in = self.net.layers[0].n_in
+        cdef Py_ssize_t rows = arr.shape[0] if index is None else index.shape[0]
         if arr.shape[1] != n_in:
             raise ValueError(f"x must have {n_in} features (columns), got {_describe(arr)}")
-        if arr.shape[0] == 0:
+        if rows == 0:
             raise ValueError("x is an empty batch (0 rows)")
         self.has_forward = self.has_input_grad = False   # the saved activations are replaced
-        self._reserve(arr.shape[0])
-        _copy_rows(arr, "x", self.net.x, self.net.ldx, self.is64)
-        self.net.batch = arr.shape[0]
+        self._reserve(rows)
+        _copy_rows(arr, "x", self.net.x, self.net.ldx, self.is64, index)
+        self.net.batch = rows
         return 0
 
-    cdef bint _load_target(self, object y) except -1:
-        """Copy y into the target buffer; returns True for integer class labels."""
+    cdef bint _load_target(self, object y, cnp.ndarray index=None) except -1:
+        """Copy y (or its rows `index`) into the target buffers, matching the last input
+        batch; returns True for integer class labels."""
         cdef LayerBuffers* L = &self.net.layers[self.net.n_layers - 1]
         cdef Py_ssize_t rows = self.net.batch, n_out = L.n_out
         cdef cnp.ndarray arr
@@ -616,21 +649,21 @@ cdef class Engine:
             raise RuntimeError("this network has no loss: pass grad_output=, or give "
                                "Network(..., loss=...)")
         if self.loss == CROSS_ENTROPY and np.ndim(y) == 1:
-            arr = _labels(y, rows, n_out)
-            memcpy(self.net.labels, cnp.PyArray_DATA(arr), rows * sizeof(int64_t))
+            _copy_labels(y, n_out, self.net.labels, rows, index)
             return True
         arr = _as_float_array(y, "y", np.ndim(y) if np.ndim(y) in (1, 2) else 2)
         if arr.ndim == 1 and n_out == 1:
             arr = arr.reshape(-1, 1)
-        if arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] != n_out:
-            raise ValueError(f"y must have shape ({rows}, {n_out}) to match the last forward "
-                             f"batch and the output layer, got {_describe(arr)}")
-        _copy_rows(arr, "y", self.net.target, self.net.ldt, self.is64)
+        if arr.ndim != 2 or arr.shape[1] != n_out or (index is None and arr.shape[0] != rows):
+            raise ValueError(f"y must have shape ({rows}, {n_out}) to match x and the output "
+                             f"layer, got {_describe(arr)}")
+        _copy_rows(arr, "y", self.net.target, self.net.ldt, self.is64, index)
         if self.loss != MSE:
-            self._check_probabilities(arr)
+            self._check_probabilities()
         return False
 
-    cdef int _check_probabilities(self, cnp.ndarray y) except -1:
+    cdef int _check_probabilities(self) except -1:
+        y = self.workspace["target"][:self.net.batch]
         if y.min() < 0 or y.max() > 1:
             raise ValueError(f"y: targets of {self._loss_name()} must lie in [0, 1], got "
                              f"values from {y.min()} to {y.max()}")
@@ -650,6 +683,13 @@ cdef class Engine:
     def forward(self, x):
         """Run the network on x; returns a read-only view of the output (valid until the
         next forward)."""
+        self._enter()
+        try:
+            return self._forward(x)
+        finally:
+            self.busy = False
+
+    cdef object _forward(self, x):
         self._load_input(x)
         cdef int nt = self._threads()
         with nogil:
@@ -664,6 +704,15 @@ cdef class Engine:
     def output(self):
         return self._view(f"a{self.net.n_layers - 1}", self.net.layers[self.net.n_layers - 1].n_out)
 
+    cdef int _enter(self) except -1:
+        # One network, one pass at a time: a second Python thread entering while the first
+        # runs without the GIL would overwrite its workspace.
+        if self.busy:
+            raise RuntimeError("this Network is already running a pass in another thread; "
+                               "use one Network per thread, or a lock around it")
+        self.busy = True
+        return 0
+
     cdef int _check_forward(self, str what) except -1:
         if not self.has_forward:
             raise RuntimeError(f"{what} needs a forward pass first: call forward(x)")
@@ -671,6 +720,13 @@ cdef class Engine:
 
     def loss_value(self, y):
         """The loss of the last forward's output against y (gradients untouched)."""
+        self._enter()
+        try:
+            return self._loss_value(y)
+        finally:
+            self.busy = False
+
+    cdef object _loss_value(self, y):
         self._check_forward("loss")
         cdef bint labels = self._load_target(y)
         cdef double value
@@ -684,6 +740,13 @@ cdef class Engine:
     def backward(self, y=None, grad_output=None, bint input_grad=True):
         """Accumulate gradients from the built-in loss against y, or from an external
         dL/d(output) `grad_output`; returns the loss (None with grad_output)."""
+        self._enter()
+        try:
+            return self._backward(y, grad_output, input_grad)
+        finally:
+            self.busy = False
+
+    cdef object _backward(self, y=None, grad_output=None, bint input_grad=True):
         self._check_forward("backward")
         cdef LayerBuffers* L = &self.net.layers[self.net.n_layers - 1]
         cdef bint labels = False
@@ -728,6 +791,13 @@ cdef class Engine:
 
     def step(self, OptimizerBase optimizer, bint clear_grads=False):
         """One optimizer update from the accumulated gradients."""
+        self._enter()
+        try:
+            return self._step(optimizer, clear_grads)
+        finally:
+            self.busy = False
+
+    cdef object _step(self, OptimizerBase optimizer, bint clear_grads=False):
         if not self.has_grads:
             raise RuntimeError("step() needs gradients: call backward() first")
         optimizer._update(self.params, self.grads, clear_grads)
@@ -738,11 +808,22 @@ cdef class Engine:
         self.grads.fill(0)
         self.has_grads = False
 
-    def train_step(self, x, y, OptimizerBase optimizer):
+    def train_step(self, x, y, OptimizerBase optimizer, rows=None):
         """forward, loss, backward, optimizer update and zero_grad, with the GIL released
-        from the first multiply to the last update."""
-        self._load_input(x)
-        cdef bint labels = self._load_target(y)
+        from the first multiply to the last update.  With `rows`, the batch is x[rows],
+        y[rows], gathered straight into the workspace."""
+        self._enter()
+        try:
+            return self._train_step(x, y, optimizer, rows)
+        finally:
+            self.busy = False
+
+    cdef object _train_step(self, x, y, OptimizerBase optimizer, rows=None):
+        cdef cnp.ndarray index = None if rows is None else _row_index(rows, len(x))
+        if index is not None and len(y) != len(x):
+            raise ValueError(f"x and y must have the same number of rows, got {len(x)} and {len(y)}")
+        self._load_input(x, index)
+        cdef bint labels = self._load_target(y, index)
         cdef int nt = self._threads()
         cdef double value
         if optimizer._size != self.params.shape[0] or optimizer._is64 != self.is64:

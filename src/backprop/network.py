@@ -140,10 +140,14 @@ class Network:
         """Set every gradient to zero."""
         self._engine.zero_grad()
 
-    def train_step(self, x, y):
+    def train_step(self, x, y, rows=None):
         """forward + loss + backward + step + zero_grad in one call into compiled code;
-        returns the loss (of the batch, before the update)."""
-        return self._engine.train_step(x, y, self.optimizer)
+        returns the loss (of the batch, before the update).
+
+        rows : 1-D integer array, optional
+            Train on x[rows], y[rows] instead, gathered straight into the network's input
+            buffer (how ``fit`` draws shuffled minibatches without copying the dataset)."""
+        return self._engine.train_step(x, y, self.optimizer, rows)
 
     def loss_of(self, x, y):
         """The built-in loss of the network on (x, y), without touching gradients."""
