@@ -102,31 +102,38 @@ cdef str _describe(object a):
 
 
 cdef cnp.ndarray _as_float_array(object a, str name, int ndim):
-    """Return `a` as an ndarray of float32/float64, or raise a TypeError/ValueError
-    naming the argument.  No copy is made; strided and read-only arrays are fine."""
-    if not isinstance(a, np.ndarray):
+    """Return `a` as an ndarray of native-endian float32/float64, or raise a TypeError /
+    ValueError naming the argument.  Strided and read-only arrays pass uncopied (the
+    kernels copy what they read); lists are converted to float64."""
+    cdef int kind
+    if not cnp.PyArray_Check(a):
         try:
             a = np.asarray(a, dtype=np.float64)
         except (TypeError, ValueError) as e:
             raise TypeError(f"{name} must be a float array, got {type(a).__name__}") from e
-    if a.dtype != np.float32 and a.dtype != np.float64:
+    kind = cnp.PyArray_TYPE(a)
+    if kind != cnp.NPY_FLOAT32 and kind != cnp.NPY_FLOAT64:
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}"
                         " (convert it with .astype(np.float32))")
-    if a.ndim != ndim:
+    if cnp.PyArray_NDIM(a) != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got {_describe(a)}")
+    if not cnp.PyArray_ISNOTSWAPPED(a):   # big-endian data would be read as garbage
+        a = a.astype(a.dtype.newbyteorder("="))
     return a
 
 
 cdef int _copy_rows(cnp.ndarray src, str name, char* dst, Py_ssize_t ld, bint dst64,
                     cnp.ndarray index=None) except -1:
-    """Copy a 2-D float32/float64 array with any strides into a row-major buffer with
-    row stride `ld`, converting to the buffer's dtype and rejecting NaN and Inf.
-    With `index` (int64, already range-checked), row i of the copy is src[index[i]]."""
+    """Copy a float32/float64 array with any strides into a row-major buffer with row
+    stride `ld`, converting to the buffer's dtype and rejecting NaN and Inf.  A 1-D
+    array is one column.  With `index` (int64, range-checked), row i is src[index[i]]."""
+    cdef bint one_column = cnp.PyArray_NDIM(src) == 1
     cdef Py_ssize_t rows = src.shape[0] if index is None else index.shape[0]
-    cdef Py_ssize_t cols = src.shape[1], s0 = src.strides[0], s1 = src.strides[1]
+    cdef Py_ssize_t cols = 1 if one_column else src.shape[1]
+    cdef Py_ssize_t s0 = src.strides[0], s1 = 0 if one_column else src.strides[1]
     cdef char* base = <char*>cnp.PyArray_DATA(src)
     cdef const int64_t* picks = NULL if index is None else <const int64_t*>cnp.PyArray_DATA(index)
-    cdef bint src64 = src.dtype == np.float64
+    cdef bint src64 = cnp.PyArray_TYPE(src) == cnp.NPY_FLOAT64
     cdef Py_ssize_t bad
     with nogil:
         if src64:
@@ -158,6 +165,22 @@ cdef Py_ssize_t _strided_copy(floating* kind, const char* src, Py_ssize_t s0, Py
                 (<float*>dst)[i * ld + j] = <float>v
         if check != 0.0:   # NaN != 0.0 is true as well
             return r
+    return -1
+
+
+cdef Py_ssize_t _first_improper_row(const floating* y, Py_ssize_t ld, Py_ssize_t rows,
+                                    Py_ssize_t cols, bint sum_to_one) noexcept nogil:
+    # One-hot and label-smoothed rows sum to 1 up to rounding; 1e-3 leaves room for float32.
+    cdef Py_ssize_t i, j
+    cdef double total
+    for i in range(rows):
+        total = 0.0
+        for j in range(cols):
+            if not (0 <= y[i * ld + j] <= 1):
+                return i
+            total += y[i * ld + j]
+        if sum_to_one and not (-1e-3 <= total - 1.0 <= 1e-3):
+            return i
     return -1
 
 
@@ -278,6 +301,7 @@ cdef class OptimizerBase:
     cdef object _dtype
     cdef bint _is64
     cdef Py_ssize_t _size
+    cdef char* slots[3]            # the state buffers' data; unused slots stay NULL
 
     def __cinit__(self, *args, **kwargs):
         self.state = {}
@@ -319,6 +343,9 @@ cdef class OptimizerBase:
         self._size = size
         self.state = {name: np.full(size, value, dtype=self._dtype)
                       for name, value in initial.items()}
+        self.slots[0] = self.slots[1] = self.slots[2] = NULL
+        for i, buffer in enumerate(self.state.values()):
+            self.slots[i] = <char*>cnp.PyArray_DATA(buffer)
         self.config.step = 0
 
     def _set_state(self, long step, dict state):
@@ -348,25 +375,21 @@ cdef class OptimizerBase:
 
     cdef void _run(self, cnp.ndarray params, cnp.ndarray grads, int n_threads,
                    bint clear_grads) noexcept:
-        cdef list bufs = list(self.state.values()) + [params] * (3 - len(self.state))
         cdef char* p = <char*>cnp.PyArray_DATA(params)
         cdef char* g = <char*>cnp.PyArray_DATA(grads)
-        cdef char* s0 = <char*>cnp.PyArray_DATA(bufs[0])
-        cdef char* s1 = <char*>cnp.PyArray_DATA(bufs[1])
-        cdef char* s2 = <char*>cnp.PyArray_DATA(bufs[2])
-        cdef Py_ssize_t n = self._size
         with nogil:
-            self._run_nogil(p, g, s0, s1, s2, n, n_threads, clear_grads)
+            self._run_nogil(p, g, self._size, n_threads, clear_grads)
 
-    cdef void _run_nogil(self, char* p, char* g, char* s0, char* s1, char* s2,
-                         Py_ssize_t n, int n_threads, bint clear_grads) noexcept nogil:
-        # Unused state slots point at the parameters; the rules never touch them.
+    cdef void _run_nogil(self, char* p, char* g, Py_ssize_t n, int n_threads,
+                         bint clear_grads) noexcept nogil:
         if self._is64:
-            optimizer_update(&self.config, <double*>p, <double*>g, <double*>s0,
-                             <double*>s1, <double*>s2, n, n_threads, clear_grads)
+            optimizer_update(&self.config, <double*>p, <double*>g, <double*>self.slots[0],
+                             <double*>self.slots[1], <double*>self.slots[2],
+                             n, n_threads, clear_grads)
         else:
-            optimizer_update(&self.config, <float*>p, <float*>g, <float*>s0,
-                             <float*>s1, <float*>s2, n, n_threads, clear_grads)
+            optimizer_update(&self.config, <float*>p, <float*>g, <float*>self.slots[0],
+                             <float*>self.slots[1], <float*>self.slots[2],
+                             n, n_threads, clear_grads)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -648,13 +671,12 @@ cdef class Engine:
         if self.loss < 0:
             raise RuntimeError("this network has no loss: pass grad_output=, or give "
                                "Network(..., loss=...)")
-        if self.loss == CROSS_ENTROPY and np.ndim(y) == 1:
+        cdef int ndim = cnp.PyArray_NDIM(y) if cnp.PyArray_Check(y) else np.ndim(y)
+        if self.loss == CROSS_ENTROPY and ndim == 1:
             _copy_labels(y, n_out, self.net.labels, rows, index)
             return True
-        arr = _as_float_array(y, "y", np.ndim(y) if np.ndim(y) in (1, 2) else 2)
-        if arr.ndim == 1 and n_out == 1:
-            arr = arr.reshape(-1, 1)
-        if arr.ndim != 2 or arr.shape[1] != n_out or (index is None and arr.shape[0] != rows):
+        arr = _as_float_array(y, "y", ndim if (ndim == 2 or (ndim == 1 and n_out == 1)) else 2)
+        if (ndim == 2 and arr.shape[1] != n_out) or (index is None and arr.shape[0] != rows):
             raise ValueError(f"y must have shape ({rows}, {n_out}) to match x and the output "
                              f"layer, got {_describe(arr)}")
         _copy_rows(arr, "y", self.net.target, self.net.ldt, self.is64, index)
@@ -663,16 +685,23 @@ cdef class Engine:
         return False
 
     cdef int _check_probabilities(self) except -1:
-        y = self.workspace["target"][:self.net.batch]
-        if y.min() < 0 or y.max() > 1:
-            raise ValueError(f"y: targets of {self._loss_name()} must lie in [0, 1], got "
-                             f"values from {y.min()} to {y.max()}")
-        if self.loss == CROSS_ENTROPY:
-            sums = y.sum(axis=1)
-            worst = np.abs(sums - 1).max()
-            if worst > 1e-3:
-                raise ValueError("y: probability rows for cross_entropy must sum to 1, "
-                                 f"found a row summing to {sums[np.abs(sums - 1).argmax()]}")
+        """Targets of the cross-entropies are probabilities: in [0, 1], and rows summing
+        to 1 for cross_entropy.  Checked on the copied batch, in C."""
+        cdef LayerBuffers* L = &self.net.layers[self.net.n_layers - 1]
+        cdef Py_ssize_t bad
+        cdef bint rows_sum_to_one = self.loss == CROSS_ENTROPY
+        with nogil:
+            if self.is64:
+                bad = _first_improper_row(<double*>self.net.target, self.net.ldt,
+                                          self.net.batch, L.n_out, rows_sum_to_one)
+            else:
+                bad = _first_improper_row(<float*>self.net.target, self.net.ldt,
+                                          self.net.batch, L.n_out, rows_sum_to_one)
+        if bad >= 0:
+            row = self.workspace["target"][bad, :L.n_out]
+            raise ValueError(f"y: targets of {self._loss_name()} must be probabilities in "
+                             f"[0, 1]{', each row summing to 1' if rows_sum_to_one else ''}; "
+                             f"row {bad} is {row}")
         return 0
 
     def _loss_name(self):
@@ -828,10 +857,6 @@ cdef class Engine:
         cdef double value
         if optimizer._size != self.params.shape[0] or optimizer._is64 != self.is64:
             raise ValueError("the optimizer is bound to another network")
-        cdef list bufs = list(optimizer.state.values()) + [self.params] * (3 - len(optimizer.state))
-        cdef char* s0 = <char*>cnp.PyArray_DATA(bufs[0])
-        cdef char* s1 = <char*>cnp.PyArray_DATA(bufs[1])
-        cdef char* s2 = <char*>cnp.PyArray_DATA(bufs[2])
         with nogil:
             if self.is64:
                 forward_pass(<double*>NULL, &self.net, nt)
@@ -841,8 +866,7 @@ cdef class Engine:
                 forward_pass(<float*>NULL, &self.net, nt)
                 value = loss_delta(<float*>NULL, &self.net, self.loss, labels)
                 backward_pass(<float*>NULL, &self.net, nt, False)
-            optimizer._run_nogil(self.net.params, self.net.grads, s0, s1, s2,
-                                 optimizer._size, nt, True)
+            optimizer._run_nogil(self.net.params, self.net.grads, optimizer._size, nt, True)
         self.has_forward = self.has_grads = self.has_input_grad = False
         return value
 
