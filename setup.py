@@ -81,7 +81,7 @@ directives = {
     "embedsignature": True,
 }
 
-optimise = ["-O0", "-g"] if DEBUG else ["-O3"]
+optimise = ["-O1", "-g"] if DEBUG else ["-O3"]
 core = Extension(
     "backprop._core",
     ["src/backprop/_core.pyx"],
@@ -91,7 +91,8 @@ core = Extension(
 )
 
 setup(
-    ext_modules=cythonize([core], compiler_directives=directives,
-                          compile_time_env={"OPENMP": not SERIAL}),
+    # force: the generated C depends on the directives above, which cythonize's
+    # timestamp check cannot see (a debug build must never reuse release C, or back).
+    ext_modules=cythonize([core], compiler_directives=directives, force=True),
     cmdclass={"build_ext": BuildWithOpenMP},
 )
