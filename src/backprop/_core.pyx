@@ -17,7 +17,7 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
-from libc.math cimport sqrt
+from libc.math cimport sqrt, isfinite
 
 import numpy as np
 
@@ -730,6 +730,13 @@ cdef class Engine:
         self.has_input_grad = False
         return self.output()
 
+    def layer_output(self, int layer):
+        """Layer `layer`'s outputs for the last forward (read-only view)."""
+        self._check_forward("layer_output")
+        if not 0 <= layer < self.net.n_layers:
+            raise IndexError(f"layer must be in [0, {self.net.n_layers}), got {layer}")
+        return self._view(f"a{layer}", self.net.layers[layer].n_out)
+
     def output(self):
         return self._view(f"a{self.net.n_layers - 1}", self.net.layers[self.net.n_layers - 1].n_out)
 
@@ -861,13 +868,22 @@ cdef class Engine:
             if self.is64:
                 forward_pass(<double*>NULL, &self.net, nt)
                 value = loss_delta(<double*>NULL, &self.net, self.loss, labels)
-                backward_pass(<double*>NULL, &self.net, nt, False)
+                if isfinite(value):
+                    backward_pass(<double*>NULL, &self.net, nt, False)
             else:
                 forward_pass(<float*>NULL, &self.net, nt)
                 value = loss_delta(<float*>NULL, &self.net, self.loss, labels)
-                backward_pass(<float*>NULL, &self.net, nt, False)
-            optimizer._run_nogil(self.net.params, self.net.grads, optimizer._size, nt, True)
-        self.has_forward = self.has_grads = self.has_input_grad = False
+                if isfinite(value):
+                    backward_pass(<float*>NULL, &self.net, nt, False)
+            if isfinite(value):
+                optimizer._run_nogil(self.net.params, self.net.grads, optimizer._size, nt, True)
+        self.has_input_grad = self.has_grads = False
+        # The forward stays inspectable (layer_output) only when the step was refused.
+        self.has_forward = not isfinite(value)
+        if not isfinite(value):
+            raise FloatingPointError(
+                f"the loss is {value} (diverged); this step's update was not applied, so the "
+                "weights are those of the last good step")
         return value
 
     def grad_norm(self):

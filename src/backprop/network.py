@@ -8,6 +8,7 @@ the compiled Engine needs only two pointers.
 import numpy as np
 
 from backprop._core import LOSSES, Engine
+from backprop import checkpoint, training
 from backprop.layers import Dense
 from backprop.optim import Adam, Optimizer
 
@@ -80,6 +81,10 @@ class Network:
                               self.params, self.grads)
         self.optimizer = optimizer
         optimizer.bind(self.params.size, self.dtype)
+        self.rng = np.random.default_rng(seed)   # shuffling in fit; saved in checkpoints
+        self.epoch = 0                           # epochs trained by fit
+        self.history = training.History()
+        self.stop_training = False               # a fit callback may set it
 
     # ---- the flat buffers and their views
 
@@ -157,6 +162,66 @@ class Network:
     def grad_norm(self):
         """The Euclidean norm of all gradients together."""
         return self._engine.grad_norm()
+
+    # ---- scikit-learn / Keras style training and inference
+
+    def fit(self, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=None,
+            validation_split=0.0, early_stopping=None, lr_schedule=None, clip_grad_norm=None,
+            progress=None, callbacks=()):
+        """Train on (X, y) for `epochs` passes in shuffled minibatches; returns the History.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_samples, n_inputs)
+        y : targets, as for ``backward`` (labels of shape (n_samples,) for cross_entropy)
+        validation_data : (X_val, y_val), optional; or validation_split : float in [0, 1),
+            the fraction taken from the end of X (before shuffling).
+        early_stopping : int, optional
+            Patience in epochs: stop once the validation loss has not improved for this
+            many epochs, and keep the weights of the best epoch.
+        lr_schedule : a schedule from ``backprop.schedules``, stepped once per epoch.
+        clip_grad_norm : float, optional
+            Rescale the gradients so their global norm is at most this before each step.
+        progress : bool or None
+            A progress bar (tqdm if installed, else a line per epoch); None shows it only
+            when stderr is a terminal.
+        callbacks : callables ``callback(net, epoch, logs)`` run after each epoch; one may
+            set ``net.stop_training = True``.
+
+        Shuffling draws from ``net.rng`` (seeded by ``seed``), so training is
+        reproducible, and resumable from a checkpoint.  If the loss stops being finite,
+        fit raises ``FloatingPointError`` naming the epoch, step and first non-finite
+        layer; the update of that step is not applied.
+        """
+        return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle,
+                            validation_data=validation_data, validation_split=validation_split,
+                            early_stopping=early_stopping, lr_schedule=lr_schedule,
+                            clip_grad_norm=clip_grad_norm, progress=progress,
+                            callbacks=callbacks)
+
+    def predict(self, X, batch_size=1024):
+        """Class labels for classifiers, raw outputs otherwise; computed in batches."""
+        return training.predict(self, X, batch_size)
+
+    def predict_proba(self, X, batch_size=1024):
+        """Class probabilities (the softmax or sigmoid outputs); computed in batches."""
+        if self.layers[-1].activation not in ("softmax", "sigmoid"):
+            raise ValueError("predict_proba needs a softmax or sigmoid output layer, got "
+                             f"{self.layers[-1].activation!r}; use predict")
+        return training.predict_proba(self, X, batch_size)
+
+    def evaluate(self, X, y, batch_size=1024):
+        """{"loss": mean loss, "accuracy": fraction correct (classifiers)} on (X, y)."""
+        return training.evaluate(self, X, y, batch_size)
+
+    def save(self, path):
+        """Write a checkpoint atomically (see ``backprop.checkpoint``)."""
+        checkpoint.save(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """A network restored from ``save``: weights, optimizer state, RNG, history."""
+        return checkpoint.load(path)
 
     def config(self):
         """The architecture as plain data (for checkpoints and copies)."""

@@ -1,0 +1,227 @@
+"""The training loop (fit), predictions and evaluation, batched over datasets of any size.
+
+Minibatches are never copied out of the dataset: each step passes a slice of a shuffled
+index to ``train_step(X, y, rows=...)``, which gathers those rows straight into the
+network's reused input buffer in compiled code.
+"""
+import time
+
+import numpy as np
+
+from backprop.progress import Progress, wanted
+from backprop.schedules import ReduceLROnPlateau
+
+CLASSIFIER_LOSSES = ("cross_entropy", "binary_cross_entropy")
+
+
+class History:
+    """What happened in each epoch of training, like Keras's ``History``.
+
+    ``history.history`` maps each metric to a list with one value per epoch:
+    ``loss`` (mean training loss), ``val_loss`` and ``val_accuracy`` (None without
+    validation data), ``lr``, ``seconds`` and ``samples_per_second``.  Each metric is
+    also an attribute (``history.loss``).  ``grad_norms`` holds, per epoch, the norm of
+    each layer's weight gradient on the epoch's last batch: a layer whose norm falls
+    towards zero (vanishing) or grows without bound (exploding) shows at a glance in
+    ``plot``.
+    """
+
+    METRICS = ("loss", "val_loss", "val_accuracy", "lr", "seconds", "samples_per_second")
+
+    def __init__(self, history=None, grad_norms=None):
+        self.history = {name: list((history or {}).get(name, [])) for name in self.METRICS}
+        self.grad_norms = [list(row) for row in (grad_norms or [])]
+
+    def __getattr__(self, name):
+        if name in History.METRICS:
+            return self.history[name]
+        raise AttributeError(name)
+
+    @property
+    def epochs(self):
+        return len(self.history["loss"])
+
+    def append(self, logs, grad_norms):
+        for name in self.METRICS:
+            self.history[name].append(logs.get(name))
+        self.grad_norms.append(list(grad_norms))
+
+    def to_dict(self):
+        return {"history": self.history, "grad_norms": self.grad_norms}
+
+    def plot(self, path):
+        """Save loss, accuracy and per-layer gradient-norm curves to an image (matplotlib)."""
+        from backprop.plotting import plot_history
+        plot_history(self, path)
+
+    def __repr__(self):
+        last = {k: v[-1] for k, v in self.history.items() if v}
+        return f"History(epochs={self.epochs}, last={last})"
+
+
+def _check_dataset(net, X, y, name="X"):
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[1] != net.n_inputs:
+        raise ValueError(f"{name} must have shape (n_samples, {net.n_inputs}), got {X.shape}")
+    if len(X) == 0:
+        raise ValueError(f"{name} is empty (0 samples)")
+    if y is not None and len(y) != len(X):
+        raise ValueError(f"{name} and its targets must have the same length, got {len(X)} and {len(y)}")
+    return X
+
+
+def _batches(n, batch_size):
+    return range(0, n, batch_size)
+
+
+def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=None,
+        validation_split=0.0, early_stopping=None, lr_schedule=None, clip_grad_norm=None,
+        progress=None, callbacks=()):
+    """Train `net` on (X, y); see ``Network.fit``."""
+    X = _check_dataset(net, X, y)
+    y = np.asarray(y)
+    if int(epochs) < 0 or int(batch_size) < 1:
+        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    if not 0 <= validation_split < 1:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+    if validation_split and validation_data is None:
+        cut = len(X) - max(1, int(round(len(X) * validation_split)))
+        X, y, validation_data = X[:cut], y[:cut], (X[cut:], y[cut:])
+    if validation_data is not None:
+        _check_dataset(net, validation_data[0], validation_data[1], "validation_data[0]")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise ValueError(f"clip_grad_norm must be > 0, got {clip_grad_norm}")
+    if early_stopping is not None and int(early_stopping) < 1:
+        raise ValueError(f"early_stopping (patience in epochs) must be >= 1, got {early_stopping}")
+
+    n, history, rng = len(X), net.history, net.rng
+    steps_per_epoch = len(_batches(n, batch_size))
+    bar = Progress(epochs * steps_per_epoch, wanted(progress))
+    best_loss, best_params, waited = np.inf, None, 0
+    last_epoch = net.epoch + epochs
+    net.stop_training = False
+    try:
+        for _ in range(epochs):
+            epoch = net.epoch + 1
+            started = time.perf_counter()
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            total = 0.0
+            for step, start in enumerate(_batches(n, batch_size)):
+                rows = order[start:start + batch_size]
+                total += _train_batch(net, X, y, rows, clip_grad_norm, epoch, step) * len(rows)
+                bar.batches(1)
+            seconds = time.perf_counter() - started
+            logs = {"loss": total / n, "lr": net.optimizer.lr, "seconds": seconds,
+                    "samples_per_second": n / seconds if seconds > 0 else float("inf"),
+                    "val_loss": None, "val_accuracy": None}
+            if validation_data is not None:
+                scores = evaluate(net, *validation_data)
+                logs["val_loss"], logs["val_accuracy"] = scores["loss"], scores.get("accuracy")
+            net.epoch = epoch
+            history.append(logs, _layer_grad_norms(net, X, y, rows))
+            bar.epoch(epoch, last_epoch, logs)
+            if lr_schedule is not None:
+                monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
+                lr_schedule.step(monitored if isinstance(lr_schedule, ReduceLROnPlateau) else None)
+            for callback in callbacks:
+                callback(net, epoch, logs)
+            if early_stopping is not None and logs["val_loss"] is not None:
+                if logs["val_loss"] < best_loss:
+                    best_loss, best_params, waited = logs["val_loss"], net.params.copy(), 0
+                else:
+                    waited += 1
+                    if waited >= early_stopping:
+                        net.params[...] = best_params    # keep the best epoch's weights
+                        net.stop_training = True
+            if net.stop_training:
+                break
+    finally:
+        bar.close()
+    return history
+
+
+def _train_batch(net, X, y, rows, clip_grad_norm, epoch, step):
+    try:
+        if clip_grad_norm is None:
+            return net.train_step(X, y, rows=rows)
+        net.forward(X[rows])
+        loss = net.backward(y[rows])
+        if not np.isfinite(loss):
+            net.zero_grad()
+            raise FloatingPointError(f"the loss is {loss} (diverged)")
+        norm = net.grad_norm()
+        if norm > clip_grad_norm:
+            net.grads *= clip_grad_norm / norm
+        net.step()
+        net.zero_grad()
+        return loss
+    except FloatingPointError:
+        raise FloatingPointError(
+            f"training diverged at epoch {epoch}, step {step}: the loss is not finite; first "
+            f"non-finite layer: {_first_nonfinite_layer(net, X[rows])}.  The weights are those "
+            "of the last good step; lower the learning rate or set clip_grad_norm.") from None
+
+
+def _first_nonfinite_layer(net, x):
+    net.forward(x)
+    for i in range(len(net.layers)):
+        if not np.isfinite(net._engine.layer_output(i)).all():
+            return f"layers[{i}] ({net.layers[i]!r})"
+    return "none (the loss itself overflowed)"
+
+
+def _layer_grad_norms(net, X, y, rows):
+    """Norm of each layer's weight gradient on one batch (no update is made)."""
+    saved = net.grads.copy() if net._engine.has_grads else None
+    net.zero_grad()
+    net.forward(X[rows])
+    net.backward(y[rows])
+    norms = [float(np.linalg.norm(layer.weight_grad)) for layer in net.layers]
+    net.zero_grad()
+    if saved is not None:
+        net.grads[...] = saved
+    return norms
+
+
+def predict_proba(net, X, batch_size=1024):
+    """The network's outputs, computed batch by batch (bounded memory for any size)."""
+    X = _check_dataset(net, X, None)
+    return np.concatenate([net.forward(X[i:i + batch_size]) for i in _batches(len(X), batch_size)])
+
+
+def predict(net, X, batch_size=1024):
+    """Class labels for classifiers (softmax: argmax; sigmoid: probability > 0.5);
+    the raw outputs otherwise."""
+    out = predict_proba(net, X, batch_size)
+    if net.loss == "cross_entropy" or net.layers[-1].activation == "softmax":
+        return out.argmax(axis=1)
+    if net.loss == "binary_cross_entropy":
+        labels = (out > 0.5).astype(np.int64)
+        return labels.ravel() if labels.shape[1] == 1 else labels
+    return out
+
+
+def evaluate(net, X, y, batch_size=1024):
+    """{"loss": mean loss, "accuracy": fraction correct (classifiers only)}."""
+    X = _check_dataset(net, X, y)
+    y = np.asarray(y)
+    if net.loss is None:
+        raise RuntimeError("evaluate needs a network with a loss")
+    total, correct = 0.0, 0.0
+    for i in _batches(len(X), batch_size):
+        xb, yb = X[i:i + batch_size], y[i:i + batch_size]
+        total += net.loss_of(xb, yb) * len(xb)
+        if net.loss in CLASSIFIER_LOSSES:
+            correct += _correct(net, net._engine.output(), yb)
+    scores = {"loss": total / len(X)}
+    if net.loss in CLASSIFIER_LOSSES:
+        scores["accuracy"] = correct / len(X)
+    return scores
+
+
+def _correct(net, out, y):
+    if net.loss == "cross_entropy":
+        truth = y if y.ndim == 1 else y.argmax(axis=1)
+        return float((out.argmax(axis=1) == truth).sum())
+    y = y.reshape(out.shape)
+    return float(((out > 0.5) == (y > 0.5)).mean(axis=1).sum())

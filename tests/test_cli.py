@@ -1,0 +1,49 @@
+"""The command line, run as a user would run it."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "backprop", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_default_train_on_digits_reaches_97_percent(tmp_path):
+    result = run("train", "--no-progress", "--save", str(tmp_path / "m.npz"),
+                 "--plot", str(tmp_path / "curves.png"))
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.split("test accuracy")[1].split()[0])
+    assert accuracy >= 0.97
+    assert "samples/s" in result.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+    again = run("evaluate", "--model", str(tmp_path / "m.npz"), "--dataset", "digits")
+    assert again.returncode == 0, again.stderr
+    assert "accuracy" in again.stdout
+
+
+def test_predict_writes_one_label_per_row(tmp_path):
+    assert run("train", "--no-progress", "--epochs", "2", "--save", str(tmp_path / "m.npz")).returncode == 0
+    np.savez(tmp_path / "x.npz", X=np.zeros((5, 64), dtype=np.float32))
+    result = run("predict", "--model", str(tmp_path / "m.npz"), "--input", str(tmp_path / "x.npz"))
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 5 and all(0 <= int(v) < 10 for v in result.stdout.split())
+
+
+@pytest.mark.parametrize("args", [
+    ("train", "--epochs", "zero"),
+    ("train", "--dataset", "nope"),
+    ("train", "--layers", "3,4"),
+    ("train", "--optimizer", "Adamax"),
+    ("train", "--epochs", "0"),
+    ("evaluate", "--model", "missing.npz", "--dataset", "digits"),
+    ("frobnicate",),
+])
+def test_bad_options_give_one_line_and_exit_2(args, tmp_path):
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("backprop: error:")
+    assert "Traceback" not in result.stderr
