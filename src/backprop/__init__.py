@@ -8,7 +8,7 @@ A typed Cython + OpenMP core (``backprop._core``) behind a small NumPy API::
     loss = net.train_step(x, y)
 """
 from backprop._core import (ACTIVATIONS, LOSSES, get_num_threads, openmp_enabled,
-                            set_num_threads)
+                            set_num_threads, simd_kernel)
 from backprop import datasets, ops
 from backprop.gradcheck import gradcheck
 from backprop.layers import Dense
@@ -19,4 +19,4 @@ __version__ = "0.1.0"
 
 __all__ = ["ACTIVATIONS", "LOSSES", "Adagrad", "Adam", "AdamW", "Dense", "Network",
            "Optimizer", "RMSprop", "SGD", "datasets", "get_num_threads", "gradcheck", "openmp_enabled",
-           "ops", "set_num_threads"]
+           "ops", "set_num_threads", "simd_kernel"]

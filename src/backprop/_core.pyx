@@ -21,7 +21,7 @@ from libc.math cimport sqrt, isfinite
 
 import numpy as np
 
-from backprop._gemm cimport gemm, gemm_workspace_bytes
+from backprop._gemm cimport gemm, gemm_workspace_bytes, bp_gemm_init, bp_gemm_kernel_name
 from backprop._activations cimport (
     Activation, IDENTITY, SOFTMAX, activate_tile, softmax_rows, activation_backward,
     needs_preactivation)
@@ -31,6 +31,7 @@ from backprop._losses cimport (
 from backprop._optim cimport OptimConfig, optimizer_update
 
 cnp.import_array()
+bp_gemm_init()
 
 cdef extern from *:
     """
@@ -65,6 +66,12 @@ LOSSES = {"mse": MSE, "binary_cross_entropy": BINARY_CROSS_ENTROPY,
 
 
 # --------------------------------------------------------------------------- threads
+
+def simd_kernel():
+    """The GEMM micro-kernel in use: "avx2+fma", or "generic" (no AVX2/FMA on this CPU,
+    or BACKPROP_SIMD=generic in the environment at import)."""
+    return bp_gemm_kernel_name().decode()
+
 
 def openmp_enabled():
     """True if the extension was built with OpenMP (False only for BACKPROP_SERIAL=1 builds)."""
@@ -285,9 +292,13 @@ cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
     cdef const floating* pb = <const floating*>cnp.PyArray_DATA(b)
     cdef floating* pc = <floating*>cnp.PyArray_DATA(out)
     cdef int nt = _num_threads()
+    cdef void* scratch = bp_aligned_alloc(gemm_workspace_bytes(nt))
+    if scratch == NULL:
+        raise MemoryError("cannot allocate the GEMM packing buffers")
     with nogil:
         gemm(m, n, k, pa, lda, trans_a, pb, ldb, trans_b, pc, n, accumulate,
-             NULL, IDENTITY, nt, NULL)
+             NULL, IDENTITY, nt, scratch)
+    free(scratch)
 
 
 # --------------------------------------------------------------------------- optimizers
