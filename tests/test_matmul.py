@@ -1,4 +1,9 @@
 """bp.ops.matmul against NumPy over shapes that exercise every edge tile."""
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -87,3 +92,34 @@ def test_bad_operands_are_refused():
     a = np.ones((3, 3))
     with pytest.raises(ValueError, match="overlap"):
         bp.ops.matmul(a, np.ones((3, 3)), out=a)
+
+
+def test_portable_kernel_is_correct_when_forced():
+    """BACKPROP_SIMD=generic selects the kernels an x86-64 without AVX2 would run."""
+    code = (
+        "import numpy as np, backprop as bp\n"
+        "assert bp.simd_kernel() == 'generic', bp.simd_kernel()\n"
+        "rng = np.random.default_rng(0)\n"
+        "for dt in (np.float32, np.float64):\n"
+        "    for m, n, k in [(7, 13, 5), (64, 100, 300), (1, 1, 1), (130, 70, 257)]:\n"
+        "        a, b = rng.normal(size=(m, k)).astype(dt), rng.normal(size=(n, k)).astype(dt)\n"
+        "        tol = 1e-4 if dt == np.float32 else 1e-12\n"
+        "        np.testing.assert_allclose(bp.ops.matmul(a, b, trans_b=True), a @ b.T,\n"
+        "                                   rtol=tol, atol=tol * k)\n"
+        "net = bp.Network([bp.Dense(5, 8, 'relu'), bp.Dense(8, 3, 'softmax')],\n"
+        "                 loss='cross_entropy', dtype='float64', seed=0)\n"
+        "x, y = rng.normal(size=(9, 5)), rng.integers(0, 3, 9)\n"
+        "assert bp.gradcheck(net, x, y)['max_error'] < 1e-6\n"
+        "print('ok')\n")
+    env = dict(os.environ, BACKPROP_SIMD="generic")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_the_fast_kernel_is_chosen_when_the_cpu_has_it():
+    with open("/proc/cpuinfo") as f:
+        flags = set(f.read().split())
+    expected = "avx2+fma" if {"avx2", "fma"} <= flags and platform.machine() == "x86_64" else "generic"
+    assert bp.simd_kernel() == expected

@@ -15,6 +15,13 @@ from backprop.layers import Dense
 from backprop.network import Network
 from backprop.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
+import os as _os
+
+from backprop import _core
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_core._after_fork_in_child)
+
 __version__ = "0.1.0"
 
 __all__ = ["ACTIVATIONS", "LOSSES", "Adagrad", "Adam", "AdamW", "Dense", "Network",

@@ -79,6 +79,16 @@ def openmp_enabled():
 
 
 cdef int _requested_threads = 0   # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
+cdef bint _forked_child = False   # set in a child made by fork(): one thread only
+
+
+def _after_fork_in_child():
+    """GNU libgomp's thread pool does not survive fork(): a child that enters a parallel
+    region after its parent used one waits forever on threads that do not exist (GCC bug
+    52303).  The child therefore runs every kernel on one thread, where no parallel
+    region is ever entered.  Use the "spawn" start method for multi-threaded workers."""
+    global _forked_child
+    _forked_child = True
 
 
 def set_num_threads(int n):
@@ -96,6 +106,8 @@ def get_num_threads():
 
 cdef inline int _num_threads() noexcept:
     # omp_get_max_threads() follows OMP_NUM_THREADS and threadpoolctl's limits.
+    if _forked_child:
+        return 1
     cdef int available = bp_omp_max_threads()
     if _requested_threads > 0 and _requested_threads < available:
         return _requested_threads
@@ -338,6 +350,11 @@ cdef class OptimizerBase:
         if not value >= 0:
             raise ValueError(f"lr must be a non-negative number, got {value}")
         self.config.lr = value
+
+    @property
+    def attached(self):
+        """Whether this optimizer has been bound to a network's parameters."""
+        return self._size >= 0
 
     @property
     def steps(self):

@@ -65,6 +65,9 @@ class Network:
         optimizer = Adam() if optimizer is None else optimizer
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a backprop.optim.Optimizer, got {optimizer!r}")
+        if optimizer.attached:
+            raise ValueError("this optimizer already updates another Network; give each "
+                             "network its own optimizer")
 
         self.layers = layers
         self.loss = loss
