@@ -56,6 +56,7 @@ cdef inline void pack_a(floating* dst, const floating* a, Py_ssize_t lda, bint t
     """op(A)[i0:i0+mc, p0:p0+kc] as MR-tall micro-panels: dst[panel][p][i], zero-padded."""
     cdef Py_ssize_t q, ir, i, p, rows
     cdef floating* panel
+    cdef const floating* src
     for q in range((mc + MR - 1) // MR):
         ir = q * MR
         panel = dst + ir * kc
@@ -66,12 +67,12 @@ cdef inline void pack_a(floating* dst, const floating* a, Py_ssize_t lda, bint t
                     panel[p * MR + i] = a[(p0 + p) * lda + i0 + ir + i]
                 for i in range(rows, MR):
                     panel[p * MR + i] = 0
-        else:            # each row of A is contiguous along p
-            for i in range(rows):
-                for p in range(kc):
-                    panel[p * MR + i] = a[(i0 + ir + i) * lda + p0 + p]
-            for i in range(rows, MR):
-                for p in range(kc):
+        else:            # A's rows are contiguous along p: read `rows` streams at once
+            src = a + (i0 + ir) * lda + p0
+            for p in range(kc):
+                for i in range(rows):
+                    panel[p * MR + i] = src[i * lda + p]
+                for i in range(rows, MR):
                     panel[p * MR + i] = 0
 
 
@@ -81,16 +82,17 @@ cdef inline void pack_b(floating* dst, const floating* b, Py_ssize_t ldb, bint t
     """op(B)[p0:p0+kc, j0:j0+nc] as NR-wide micro-panels: dst[panel][p][j], zero-padded."""
     cdef Py_ssize_t q, jr, j, p, cols
     cdef floating* panel
+    cdef const floating* src
     for q in range((nc + NR - 1) // NR):
         jr = q * NR
         panel = dst + jr * kc
         cols = min(NR, nc - jr)
-        if trans_b:      # op(B)[p, j] = b[j, p] (a weight matrix stored (out, in))
-            for j in range(cols):
-                for p in range(kc):
-                    panel[p * NR + j] = b[(j0 + jr + j) * ldb + p0 + p]
-            for j in range(cols, NR):
-                for p in range(kc):
+        if trans_b:      # op(B)[p, j] = b[j, p] (a weight matrix stored (out, in)):
+            src = b + (j0 + jr) * ldb + p0      # read `cols` rows of b as parallel streams
+            for p in range(kc):
+                for j in range(cols):
+                    panel[p * NR + j] = src[j * ldb + p]
+                for j in range(cols, NR):
                     panel[p * NR + j] = 0
         else:
             for p in range(kc):
