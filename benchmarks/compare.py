@@ -112,23 +112,27 @@ def available(name):
         return False
 
 
-def steps_per_block(config, seconds):
-    """Enough steps for a block of about `seconds` at ~50 GFLOP/s, at least 3."""
-    return max(3, min(20000, int(seconds * 50e9 / config.flops_per_step())))
+def calibrate(step, seconds):
+    """How many steps of `step` fill a block of about `seconds` (at least 3)."""
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    per_step = (time.perf_counter() - start) / 3
+    return max(3, min(100_000, int(seconds / per_step)))
 
 
 def time_config(config, frameworks, rounds, block_seconds):
     steps = {name: make(config) for name, make in frameworks.items()}
-    first = {name: step() for name, step in steps.items()}          # warm-up, and loss before
-    n = steps_per_block(config, block_seconds)
+    first = {name: step() for name, step in steps.items()}          # the loss before timing
+    counts = {name: calibrate(step, block_seconds) for name, step in steps.items()}
     samples = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             time.sleep(PAUSE)
             start = time.perf_counter()
-            for _ in range(n):
-                last = step()
-            samples[name].append((time.perf_counter() - start) / n)
+            for _ in range(counts[name]):
+                step()
+            samples[name].append((time.perf_counter() - start) / counts[name])
     for name, step in steps.items():
         last = step()
         if not last < first[name]:

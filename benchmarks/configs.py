@@ -16,10 +16,6 @@ class Config:
     def classifier(self):
         return self.loss == "cross_entropy"
 
-    def flops_per_step(self):
-        """Multiply-adds x 2 of the three products per layer (forward, dW, dX)."""
-        return sum(6 * self.batch * a * b for a, b in zip(self.sizes, self.sizes[1:]))
-
 
 CONFIGS = {c.name: c for c in [
     Config("xor", (2, 2, 1), 4, hidden="sigmoid", output="sigmoid", loss="mse", lr=0.5),

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the test suite against an AddressSanitizer build of the extension.
+#
+#   bash tools/asan.sh [pytest args]
+#
+# Builds backprop with -fsanitize=address (and Cython's bounds checks on) into a scratch
+# venv, preloads gcc's libasan into Python (which itself is not instrumented), and runs
+# the tests.  Leak detection is off: CPython keeps objects alive at exit by design.
+# Any invalid read or write in a kernel stops the run with a report and exit code 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="$(mktemp -d)/venv"
+python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --upgrade pip
+"$venv/bin/pip" install --quiet pytest hypothesis threadpoolctl
+CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" \
+  BACKPROP_DEBUG=1 "$venv/bin/pip" install --quiet --no-deps --force-reinstall .
+"$venv/bin/pip" install --quiet numpy
+libasan="$(gcc -print-file-name=libasan.so)"
+LD_PRELOAD="$libasan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
