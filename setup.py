@@ -8,6 +8,7 @@ Everything about compilation lives here, once:
 * Cython directives are set here for the whole extension.  ``BACKPROP_DEBUG=1``
   turns bounds, wraparound and initialisation checks back on: the test suite
   is run against such a build in CI.
+* ``BACKPROP_SANITIZE=address`` instruments the extension with AddressSanitizer.
 * No ``-march=native``: the wheel must run on any x86-64.  The AVX2+FMA GEMM
   kernels carry their own ``target`` attributes and are chosen at run time.
 """
@@ -23,6 +24,7 @@ from setuptools.command.build_ext import build_ext
 
 SERIAL = os.environ.get("BACKPROP_SERIAL", "") == "1"
 DEBUG = os.environ.get("BACKPROP_DEBUG", "") == "1"
+SANITIZE = os.environ.get("BACKPROP_SANITIZE", "")   # e.g. "address" (tools/asan.sh)
 
 OPENMP_PROBE = textwrap.dedent("""
     #include <omp.h>
@@ -82,12 +84,14 @@ directives = {
 }
 
 optimise = ["-O1", "-g"] if DEBUG else ["-O3"]
+sanitize = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"] if SANITIZE else []
 core = Extension(
     "backprop._core",
     ["src/backprop/_core.pyx"],
     include_dirs=[np.get_include(), "src/backprop"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    extra_compile_args=[] if sys.platform == "win32" else optimise + ["-fno-math-errno"],
+    extra_compile_args=[] if sys.platform == "win32" else optimise + ["-fno-math-errno"] + sanitize,
+    extra_link_args=sanitize,
 )
 
 setup(

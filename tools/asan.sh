@@ -12,10 +12,12 @@ cd "$(dirname "$0")/.."
 venv="$(mktemp -d)/venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
-"$venv/bin/pip" install --quiet pytest hypothesis threadpoolctl
-CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" \
-  BACKPROP_DEBUG=1 "$venv/bin/pip" install --quiet --no-deps --force-reinstall .
+"$venv/bin/pip" install --quiet pytest hypothesis threadpoolctl matplotlib tqdm
+BACKPROP_SANITIZE=address BACKPROP_DEBUG=1 \
+  "$venv/bin/pip" install --quiet --no-deps --force-reinstall .
 "$venv/bin/pip" install --quiet numpy
-libasan="$(gcc -print-file-name=libasan.so)"
-LD_PRELOAD="$libasan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 \
+# libstdc++ is preloaded too, so ASan can intercept C++ exceptions thrown by other
+# extensions (matplotlib's); without it ASan aborts on the first throw.
+preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
