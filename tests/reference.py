@@ -1,7 +1,9 @@
 """A readable float64 NumPy implementation of everything the core computes: the test oracle.
 
-Written from the formulas, independently of backprop's kernels: a bug would have to be
-made twice, the same way, to pass unnoticed.
+Written from the formulas, independently of backprop's kernels (nothing here imports
+backprop): a bug would have to be made twice, the same way, to pass unnoticed.  Where the
+core takes a shortcut (derivatives from saved outputs, p - y for the cross-entropies,
+PyTorch's folded bias corrections in Adam), this file takes the textbook road instead.
 """
 import math
 
@@ -10,76 +12,93 @@ import numpy as np
 _erf = np.vectorize(math.erf)
 
 
+# ---- activations a = f(z) and the backward map dL/da -> dL/dz
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
 def activate(z, name):
     if name == "identity":
         return z
     if name == "sigmoid":
-        return 1 / (1 + np.exp(-z))
+        return sigmoid(z)
     if name == "tanh":
         return np.tanh(z)
     if name == "relu":
         return np.maximum(z, 0)
-    if name == "leaky_relu":
+    if name == "leaky_relu":                       # PyTorch's default slope 0.01
         return np.where(z > 0, z, 0.01 * z)
-    if name == "elu":
+    if name == "elu":                              # alpha = 1
         return np.where(z > 0, z, np.expm1(np.minimum(z, 0)))
-    if name == "gelu":
+    if name == "gelu":                             # exact: z Phi(z)
         return 0.5 * z * (1 + _erf(z / np.sqrt(2)))
-    if name == "softplus":
+    if name == "softplus":                         # log(1 + e^z); z itself above 20
         return np.where(z > 20, z, np.log1p(np.exp(np.minimum(z, 20))))
-    if name == "softmax":
+    if name == "softmax":                          # row-wise
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
     raise ValueError(name)
 
 
 def activation_vjp(z, a, g, name):
-    """dL/dz from dL/da = g, written from the derivative of each function of z."""
+    """dL/dz given dL/da = g, from the derivative of each function with respect to z."""
     if name == "identity":
         return g
     if name == "sigmoid":
-        return g * a * (1 - a)
+        return g * sigmoid(z) * (1 - sigmoid(z))
     if name == "tanh":
-        return g * (1 - np.tanh(z) ** 2)
+        return g / np.cosh(z) ** 2
     if name == "relu":
         return g * (z > 0)
     if name == "leaky_relu":
         return g * np.where(z > 0, 1.0, 0.01)
     if name == "elu":
         return g * np.where(z > 0, 1.0, np.exp(np.minimum(z, 0)))
-    if name == "gelu":
+    if name == "gelu":                             # Phi(z) + z phi(z)
         phi = np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
         return g * (0.5 * (1 + _erf(z / np.sqrt(2))) + z * phi)
-    if name == "softplus":
-        return g * np.where(z > 20, 1.0, 1 / (1 + np.exp(-z)))
+    if name == "softplus":                         # the derivative of softplus is sigmoid
+        return g * np.where(z > 20, 1.0, sigmoid(z))
     if name == "softmax":
-        # Jacobian diag(a) - a a^T applied row by row
-        return a * g - a * (a * g).sum(axis=1, keepdims=True)
+        # The Jacobian da_i/dz_j = a_i (delta_ij - a_j), built and applied row by row.
+        return np.stack([(np.diag(ar) - np.outer(ar, ar)) @ gr for ar, gr in zip(a, g)])
     raise ValueError(name)
 
 
-def loss_and_grad(z, a, y, loss):
-    """(loss, dL/dz of the output layer) with PyTorch's mean reductions."""
-    if loss == "mse":
-        n = a.size
-        return ((a - y) ** 2).sum() / n, None, 2 * (a - y) / n   # dL/da
-    if loss == "binary_cross_entropy":
-        n = z.size
-        value = (-y * np.log(activate(z, "sigmoid")) - (1 - y) * np.log(1 - activate(z, "sigmoid"))).sum() / n
-        return value, (activate(z, "sigmoid") - y) / n, None
-    if loss == "cross_entropy":
-        rows = z.shape[0]
+# ---- losses, with PyTorch's mean reductions
+
+def loss_value(a, y, loss):
+    """The loss of the output probabilities/values `a` against targets `y`."""
+    if loss == "mse":                              # mean over every element
+        return np.mean((a - y) ** 2)
+    if loss == "binary_cross_entropy":             # mean over every element
+        return np.mean(-y * np.log(a) - (1 - y) * np.log(1 - a))
+    if loss == "cross_entropy":                    # mean over rows; labels or probability rows
         if y.ndim == 1:
-            y = np.eye(z.shape[1])[y]
-        log_p = z - z.max(axis=1, keepdims=True)
-        log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
-        value = -(y * log_p).sum() / rows
-        return value, (np.exp(log_p) * y.sum(axis=1, keepdims=True) - y) / rows, None
+            y = np.eye(a.shape[1])[y]
+        return -np.sum(y * np.log(a)) / a.shape[0]
     raise ValueError(loss)
 
 
+def loss_grad(a, y, loss):
+    """dL/da, differentiated by hand from loss_value."""
+    if loss == "mse":
+        return 2 * (a - y) / a.size
+    if loss == "binary_cross_entropy":
+        return (-y / a + (1 - y) / (1 - a)) / a.size
+    if loss == "cross_entropy":
+        if y.ndim == 1:
+            y = np.eye(a.shape[1])[y]
+        return -y / a / a.shape[0]
+    raise ValueError(loss)
+
+
+# ---- a stack of dense layers
+
 class MLP:
-    """Forward and backward of a stack of dense layers, kept as plain lists of arrays."""
+    """Forward and backward of a stack of dense layers a = f(x W^T + b), kept as plain
+    lists of arrays."""
 
     def __init__(self, weights, biases, activations):
         self.W = [np.array(w, dtype=np.float64) for w in weights]
@@ -88,6 +107,7 @@ class MLP:
 
     @classmethod
     def of(cls, net):
+        """The reference twin of a backprop Network (read through its public views)."""
         return cls([l.weight for l in net.layers], [l.bias for l in net.layers],
                    [l.activation for l in net.layers])
 
@@ -102,37 +122,41 @@ class MLP:
             self.a.append(h)
         return h
 
+    def loss(self, y, loss):
+        return loss_value(self.a[-1], np.asarray(y), loss)
+
     def backward(self, y=None, loss=None, grad_output=None):
-        """Returns (loss or None, [dW], [db], dx)."""
-        value = None
-        if grad_output is not None:
-            dz = activation_vjp(self.z[-1], self.a[-1], grad_output, self.act[-1])
-        else:
-            value, dz, da = loss_and_grad(self.z[-1], self.a[-1], y, loss)
-            if dz is None:
-                dz = activation_vjp(self.z[-1], self.a[-1], da, self.act[-1])
+        """Gradients of the loss against y (or of sum(grad_output * output)) for the last
+        forward: returns ([dW], [db], dx)."""
+        da = loss_grad(self.a[-1], np.asarray(y), loss) if grad_output is None else grad_output
         dW, db = [None] * len(self.W), [None] * len(self.W)
         for i in reversed(range(len(self.W))):
+            dz = activation_vjp(self.z[i], self.a[i], da, self.act[i])
             inp = self.a[i - 1] if i > 0 else self.x
             dW[i] = dz.T @ inp
             db[i] = None if self.b[i] is None else dz.sum(axis=0)
             da = dz @ self.W[i]
-            if i > 0:
-                dz = activation_vjp(self.z[i - 1], self.a[i - 1], da, self.act[i - 1])
-        return value, dW, db, da
+        return dW, db, da
 
-    def flat_grads(self, dW, db):
+    @staticmethod
+    def flat(dW, db):
+        """Gradients in the order of Network.params: each layer's weight (row-major),
+        then its bias."""
         return np.concatenate([np.concatenate([w.ravel()] + ([] if b is None else [b]))
                                for w, b in zip(dW, db)])
 
 
-# ---- optimizers: one update of flat parameters p from gradient g, state in a dict
+# ---- optimizers: one update of the flat parameters p from the gradient g at step t
+# (1-based).  The state dict `s` uses PyTorch's (and backprop's) buffer names.
 
-def sgd(p, g, s, t, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+def sgd(p, g, s, t, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
     g = g + weight_decay * p
     if momentum:
-        s["buf"] = g.copy() if t == 1 else momentum * s["buf"] + (1 - dampening) * g
-        g = g + momentum * s["buf"] if nesterov else s["buf"]
+        if t == 1:
+            s["momentum_buffer"] = g.copy()
+        else:
+            s["momentum_buffer"] = momentum * s["momentum_buffer"] + (1 - dampening) * g
+        g = g + momentum * s["momentum_buffer"] if nesterov else s["momentum_buffer"]
     return p - lr * g
 
 
@@ -143,15 +167,15 @@ def adam(p, g, s, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, am
         p = p * (1 - lr * weight_decay)
     else:
         g = g + weight_decay * p
-    s["m"] = b1 * s.get("m", 0) + (1 - b1) * g
-    s["v"] = b2 * s.get("v", 0) + (1 - b2) * g * g
-    v = s["v"]
+    s["exp_avg"] = b1 * s.get("exp_avg", 0) + (1 - b1) * g
+    s["exp_avg_sq"] = b2 * s.get("exp_avg_sq", 0) + (1 - b2) * g * g
+    v = s["exp_avg_sq"]
     if amsgrad:
-        s["vmax"] = np.maximum(s.get("vmax", 0), s["v"])
-        v = s["vmax"]
+        s["max_exp_avg_sq"] = np.maximum(s.get("max_exp_avg_sq", 0), v)
+        v = s["max_exp_avg_sq"]
     # The paper's bias-corrected estimates; PyTorch folds the corrections into the step
     # size, which is the same number up to rounding.
-    m_hat = s["m"] / (1 - b1 ** t)
+    m_hat = s["exp_avg"] / (1 - b1 ** t)
     v_hat = v / (1 - b2 ** t)
     return p - lr * m_hat / (np.sqrt(v_hat) + eps)
 
@@ -163,15 +187,15 @@ def adamw(p, g, s, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, 
 def rmsprop(p, g, s, t, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
             centered=False):
     g = g + weight_decay * p
-    s["sq"] = alpha * s.get("sq", 0) + (1 - alpha) * g * g
-    if centered:
-        s["avg"] = alpha * s.get("avg", 0) + (1 - alpha) * g
-        denom = np.sqrt(s["sq"] - s["avg"] ** 2) + eps
+    s["square_avg"] = alpha * s.get("square_avg", 0) + (1 - alpha) * g * g
+    if centered:   # subtract the squared running mean: a running variance
+        s["grad_avg"] = alpha * s.get("grad_avg", 0) + (1 - alpha) * g
+        denom = np.sqrt(s["square_avg"] - s["grad_avg"] ** 2) + eps
     else:
-        denom = np.sqrt(s["sq"]) + eps
+        denom = np.sqrt(s["square_avg"]) + eps
     if momentum > 0:
-        s["buf"] = momentum * s.get("buf", 0) + g / denom
-        return p - lr * s["buf"]
+        s["momentum_buffer"] = momentum * s.get("momentum_buffer", 0) + g / denom
+        return p - lr * s["momentum_buffer"]
     return p - lr * g / denom
 
 
