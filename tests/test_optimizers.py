@@ -98,9 +98,6 @@ def test_load_state_dict_refuses_another_optimizer_or_shape():
         adam.load_state_dict(other.optimizer.state_dict())
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: load_state_dict re-runs __init__ (new "
-                   "hyperparameters, step count 0) before the state is validated, so a refused "
-                   "state_dict still changes the optimizer")
 def test_a_refused_state_dict_leaves_the_optimizer_unchanged(rng):
     net = small_classifier("Adam", dict(lr=0.01))
     net.train_step(rng.normal(size=(4, 4)), rng.integers(0, 3, 4))

@@ -413,7 +413,9 @@ cdef class OptimizerBase:
             self.slots[i] = <char*>cnp.PyArray_DATA(buffer)
         self.config.step = 0
 
-    def _set_state(self, long step, dict state):
+    def _load(self, OptimizerBase template, long step, dict state):
+        """Take `template`'s hyperparameters, this step count and these state buffers,
+        all checked before anything changes."""
         if set(state) != set(self.state):
             raise ValueError(f"optimizer state must have the buffers {sorted(self.state)}, "
                              f"got {sorted(state)}")
@@ -426,6 +428,7 @@ cdef class OptimizerBase:
             raise ValueError(f"optimizer step must be >= 0, got {step}")
         for name, value in state.items():
             self.state[name][...] = value
+        self.config = template.config
         self.config.step = step
 
     def _update(self, cnp.ndarray params, cnp.ndarray grads, bint clear_grads=False):

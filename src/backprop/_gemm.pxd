@@ -38,8 +38,10 @@ cdef enum:
     KC = 256      # k per packed block: an MR x KC and a KC x NR panel fit in L1 together
     MC = 96       # rows per packed A block (a multiple of MR): MC x KC fits in L2
     NC = 2048     # columns per packed B block (a multiple of both NRs): KC x NC in L3
-    # Below this many multiply-adds one thread finishes before a second would start.
-    PARALLEL_MIN_WORK = 1 << 18
+    # Below ~1M multiply-adds (~25 us on one core) a second thread saves less than the
+    # few microseconds a parallel region costs, and far less than it loses when another
+    # process holds the other core (every region ends in a barrier).
+    PARALLEL_MIN_WORK = 1 << 20
 
 
 cdef inline Py_ssize_t _per_thread_bytes() noexcept nogil:

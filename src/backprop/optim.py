@@ -47,8 +47,9 @@ class Optimizer(OptimizerBase):
         if state_dict.get("name") != type(self).__name__:
             raise ValueError(f"state_dict is for {state_dict.get('name')!r}, "
                              f"not {type(self).__name__}")
-        self.__init__(**state_dict["hyperparameters"])
-        self._set_state(int(state_dict["step"]), dict(state_dict["state"]))
+        template = type(self)(**state_dict["hyperparameters"])   # validates them
+        self._load(template, int(state_dict["step"]), dict(state_dict["state"]))
+        self.__dict__.update(template.__dict__)   # Python-side settings (Adagrad's)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
