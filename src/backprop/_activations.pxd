@@ -8,7 +8,7 @@
 # compared number for number: leaky_relu slope 0.01, elu alpha 1, softplus beta 1
 # with threshold 20, GELU exact (erf form).
 from cython cimport floating
-from libc.math cimport exp, expm1, log1p, tanh, erf, sqrt, fabs
+from libc.math cimport exp, expf, expm1, log, log1p, tanh, erf, sqrt, fabs
 
 cdef enum Activation:
     IDENTITY = 0
@@ -113,12 +113,23 @@ cdef inline void activate_tile(floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_
             row[j] = <floating>activate(row[j], activation)
 
 
+cdef inline floating exp_of(floating x) noexcept nogil:
+    # expf for float32 rows: about twice as fast as exp, and exact enough for them.
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
 cdef inline void softmax_rows(const floating* z, Py_ssize_t ldz, floating* out, Py_ssize_t ldo,
-                              Py_ssize_t rows, Py_ssize_t cols) noexcept nogil:
-    """Row-wise softmax of z into out (may alias).  The row max is subtracted first
-    so exp never overflows; the largest term is then exp(0) = 1, so the sum is >= 1."""
+                              Py_ssize_t rows, Py_ssize_t cols, double* lse) noexcept nogil:
+    """Row-wise softmax of z into out (may alias).  The row max is subtracted first so
+    exp never overflows; the largest term is then exp(0) = 1, so the sum is >= 1.
+    If `lse` is given, it receives each row's log-sum-exp, which the cross-entropy
+    reuses instead of computing every exp a second time."""
     cdef Py_ssize_t i, j
-    cdef double m, total
+    cdef floating m
+    cdef double total
     for i in range(rows):
         m = z[i * ldz]
         for j in range(1, cols):
@@ -126,10 +137,12 @@ cdef inline void softmax_rows(const floating* z, Py_ssize_t ldz, floating* out, 
                 m = z[i * ldz + j]
         total = 0.0
         for j in range(cols):
-            out[i * ldo + j] = <floating>exp(z[i * ldz + j] - m)
+            out[i * ldo + j] = exp_of(z[i * ldz + j] - m)
             total += out[i * ldo + j]
         for j in range(cols):
             out[i * ldo + j] = <floating>(out[i * ldo + j] / total)
+        if lse != NULL:
+            lse[i] = m + log(total)
 
 
 cdef inline void activation_backward(floating* delta, Py_ssize_t ldd,

@@ -486,6 +486,7 @@ cdef struct Net:
     char* target               # float targets (row stride ldt) or
     Py_ssize_t ldt
     int64_t* labels            # integer class labels
+    double* lse                # log-sum-exp of each output row (softmax outputs)
     void* gemm_scratch
     int scratch_threads        # how many threads the scratch was sized for
 
@@ -517,13 +518,14 @@ cdef void forward_pass(floating* kind, Net* net, int nt) noexcept nogil:
                  a, L.lda, False, P + L.b_off if L.b_off >= 0 else NULL, L.activation,
                  nt, net.gemm_scratch)
             if L.activation == SOFTMAX:
-                softmax_rows(a, L.lda, a, L.lda, B, L.n_out)
+                softmax_rows(a, L.lda, a, L.lda, B, L.n_out, NULL)
         else:
             gemm(B, L.n_out, L.n_in, inp, ld_in, False, P + L.w_off, L.n_in, True,
                  z, L.lda, False, P + L.b_off if L.b_off >= 0 else NULL, IDENTITY,
                  nt, net.gemm_scratch)
             if L.activation == SOFTMAX:
-                softmax_rows(z, L.lda, a, L.lda, B, L.n_out)
+                softmax_rows(z, L.lda, a, L.lda, B, L.n_out,
+                             net.lse if l == net.n_layers - 1 else NULL)
             else:
                 for i in range(B):
                     memcpy(a + i * L.lda, z + i * L.lda, L.n_out * sizeof(floating))
@@ -547,10 +549,10 @@ cdef double loss_delta(floating* kind, Net* net, int loss, bint labels) noexcept
     elif loss == BINARY_CROSS_ENTROPY:
         value = binary_cross_entropy(z, L.lda, y, net.ldt, net.batch, L.n_out, d, net.ldd)
     elif labels:
-        value = cross_entropy_labels(z, L.lda, a, L.lda, net.labels, net.batch, L.n_out,
+        value = cross_entropy_labels(z, L.lda, net.lse, a, L.lda, net.labels, net.batch, L.n_out,
                                      d, net.ldd)
     else:
-        value = cross_entropy_probs(z, L.lda, a, L.lda, y, net.ldt, net.batch, L.n_out,
+        value = cross_entropy_probs(z, L.lda, net.lse, a, L.lda, y, net.ldt, net.batch, L.n_out,
                                     d, net.ldd)
     return value
 
@@ -689,6 +691,7 @@ cdef class Engine:
         self.net.ldt = L.n_out
         self.net.target = self._buffer("target", rows, L.n_out)
         self.net.labels = <int64_t*>self._buffer("labels", rows, 1, np.int64)
+        self.net.lse = <double*>self._buffer("lse", rows, 1, np.float64)
         threads = max(1, bp_omp_max_threads(), _requested_threads)
         if self.net.gemm_scratch == NULL or threads > self.net.scratch_threads:
             free(self.net.gemm_scratch)

@@ -8,7 +8,7 @@
 # activation derivative is skipped for them.  Sums run serially in a fixed order, so
 # the loss does not depend on the thread count.
 from cython cimport floating
-from libc.math cimport exp, log, log1p, fabs
+from libc.math cimport exp, log1p, fabs
 from libc.stdint cimport int64_t
 from backprop._activations cimport sigmoid
 
@@ -49,35 +49,24 @@ cdef inline double binary_cross_entropy(const floating* z, Py_ssize_t ldz,
     return total * scale
 
 
-cdef inline double log_sum_exp(const floating* z, Py_ssize_t cols) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef double m = z[0], total = 0.0
-    for j in range(1, cols):
-        if z[j] > m:
-            m = z[j]
-    for j in range(cols):
-        total += exp(z[j] - m)
-    return m + log(total)
-
-
-cdef inline double cross_entropy_labels(const floating* z, Py_ssize_t ldz,
+cdef inline double cross_entropy_labels(const floating* z, Py_ssize_t ldz, const double* lse,
                                         const floating* p, Py_ssize_t ldp,
                                         const int64_t* labels,
                                         Py_ssize_t rows, Py_ssize_t cols,
                                         floating* delta, Py_ssize_t ldd) noexcept nogil:
-    """mean over rows of -log softmax(z)[label] = lse(z) - z[label];
-    delta <- dL/dz = (p - onehot(label)) / rows, with p = softmax(z) already computed."""
+    """mean over rows of -log softmax(z)[label] = lse(z) - z[label], with lse and
+    p = softmax(z) saved by the forward pass; delta <- dL/dz = (p - onehot(label)) / rows."""
     cdef Py_ssize_t i, j
     cdef double total = 0.0, scale = 1.0 / <double>rows
     for i in range(rows):
-        total += log_sum_exp(z + i * ldz, cols) - z[i * ldz + labels[i]]
+        total += lse[i] - z[i * ldz + labels[i]]
         for j in range(cols):
             delta[i * ldd + j] = <floating>(scale * p[i * ldp + j])
         delta[i * ldd + labels[i]] = <floating>(scale * (<double>p[i * ldp + labels[i]] - 1.0))
     return total * scale
 
 
-cdef inline double cross_entropy_probs(const floating* z, Py_ssize_t ldz,
+cdef inline double cross_entropy_probs(const floating* z, Py_ssize_t ldz, const double* lse,
                                        const floating* p, Py_ssize_t ldp,
                                        const floating* y, Py_ssize_t ldy,
                                        Py_ssize_t rows, Py_ssize_t cols,
@@ -85,13 +74,12 @@ cdef inline double cross_entropy_probs(const floating* z, Py_ssize_t ldz,
     """mean over rows of -sum_j y_j log softmax(z)_j; delta <- (p * sum_j y_j - y) / rows
     (the sum is 1 for proper probability rows, kept so the gradient is exact anyway)."""
     cdef Py_ssize_t i, j
-    cdef double lse, row_sum, total = 0.0, scale = 1.0 / <double>rows
+    cdef double row_sum, total = 0.0, scale = 1.0 / <double>rows
     for i in range(rows):
-        lse = log_sum_exp(z + i * ldz, cols)
         row_sum = 0.0
         for j in range(cols):
             row_sum += y[i * ldy + j]
-            total -= y[i * ldy + j] * (z[i * ldz + j] - lse)
+            total -= y[i * ldy + j] * (z[i * ldz + j] - lse[i])
         for j in range(cols):
             delta[i * ldd + j] = <floating>(scale * (p[i * ldp + j] * row_sum - y[i * ldy + j]))
     return total * scale
