@@ -32,6 +32,7 @@ cdef extern from "_gemm_kernels.h" nogil:
     void bp_dgemm_kernel(Py_ssize_t k, const double* a, const double* b, double* c,
                          Py_ssize_t ldc, int add)
     int bp_team_size()
+    void bp_pack_transposed_panel(float* dst, const float* src, Py_ssize_t ld, Py_ssize_t kc)
 
 cdef enum:
     MR = 6        # rows of a micro-tile (BP_MR in the header)
@@ -91,6 +92,10 @@ cdef inline void pack_b(floating* dst, const floating* b, Py_ssize_t ldb, bint t
         cols = min(NR, nc - jr)
         if trans_b:      # op(B)[p, j] = b[j, p] (a weight matrix stored (out, in)):
             src = b + (j0 + jr) * ldb + p0      # read `cols` rows of b as parallel streams
+            if floating is float:
+                if cols == NR:                  # full panels: 8 x 8 register transposes
+                    bp_pack_transposed_panel(panel, src, ldb, kc)
+                    continue
             for p in range(kc):
                 for j in range(cols):
                     panel[p * NR + j] = src[j * ldb + p]
