@@ -95,6 +95,22 @@ def test_train_step_is_forward_backward_step_zero_grad(rng):
     assert fused.optimizer.steps == split.optimizer.steps == 4
 
 
+def test_the_workspace_serves_smaller_batches_after_a_larger_one(rng):
+    """Buffers sized for 50 rows are reused for 1 and 3 rows: each batch must give what
+    a fresh network gives on it."""
+    x, y = rng.normal(size=(50, 4)), rng.integers(0, 3, 50)
+    used = make_net([4, 7, 3], ["gelu", "softmax"], "cross_entropy")
+    used.forward(x)
+    used.backward(y)
+    for rows in (3, 1):
+        fresh = make_net([4, 7, 3], ["gelu", "softmax"], "cross_entropy")
+        used.zero_grad()
+        np.testing.assert_array_equal(used.forward(x[:rows]), fresh.forward(x[:rows]))
+        assert used.backward(y[:rows]) == fresh.backward(y[:rows])
+        np.testing.assert_array_equal(used.grads, fresh.grads)
+        np.testing.assert_array_equal(used.input_grad, fresh.input_grad)
+
+
 def test_train_step_with_rows_equals_train_step_on_the_gathered_batch(rng):
     X, y = rng.normal(size=(50, 3)), rng.integers(0, 4, 50)
     rows = rng.permutation(50)[:16]
