@@ -190,14 +190,31 @@ def test_grad_output_matches_numpy_reference(activation, rng):
     assert_matches_reference(net, rng.normal(size=(7, 5)), grad_output=rng.normal(size=(7, 4)))
 
 
-def test_sizes_past_every_gemm_block_match_the_reference(rng):
+def past_every_gemm_block(dtype, rng):
     """Widths and a batch that are not multiples of the GEMM's tiles (6 rows, 8 or 16
     columns), an input wider than one k block (256) and a batch taller than one row
     block (96): the fused bias + activation must reach every edge tile."""
-    net = make_net([300, 37, 17], ["gelu", "softmax"], loss="cross_entropy")
+    net = make_net([300, 37, 17], ["gelu", "softmax"], loss="cross_entropy", dtype=dtype)
     net.layers[0].bias[...] = rng.normal(size=37)
     net.layers[1].bias[...] = rng.normal(size=17)
-    assert_matches_reference(net, rng.normal(size=(101, 300)), rng.integers(0, 17, 101))
+    return net, rng.normal(size=(101, 300)), rng.integers(0, 17, 101)
+
+
+def test_sizes_past_every_gemm_block_match_the_reference(rng):
+    assert_matches_reference(*past_every_gemm_block("float64", rng))
+
+
+def test_sizes_past_every_gemm_block_in_float32(rng):
+    """As above in float32 (its own packing and 6 x 16 kernel), with the float32
+    tolerance of test_float32_matches_the_reference_to_float32_precision; the sums here
+    run over up to 300 terms and measure up to ~2e-5, so 1e-4 keeps a margin of 5."""
+    net, x, y = past_every_gemm_block("float32", rng)
+    ref = MLP.of(net)
+    assert relative_error(net.forward(x), ref.forward(x), floor=1e-3) < 1e-4
+    dW, db, dx = ref.backward(y, "cross_entropy")
+    net.backward(y)
+    assert relative_error(net.grads, MLP.flat(dW, db), floor=1e-3) < 1e-4
+    assert relative_error(net.input_grad, dx, floor=1e-3) < 1e-4
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
