@@ -8,7 +8,7 @@
 # compared number for number: leaky_relu slope 0.01, elu alpha 1, softplus beta 1
 # with threshold 20, GELU exact (erf form).
 from cython cimport floating
-from libc.math cimport exp, expf, expm1, log, log1p, tanh, erf, sqrt, fabs
+from libc.math cimport exp, expf, expm1, log, log1p, tanh, erf
 
 cdef enum Activation:
     IDENTITY = 0

@@ -11,12 +11,11 @@
 # layer, two ping-pong delta buffers and the GEMM's packing scratch, all allocated for
 # the largest batch seen and reused by every later step.  Parameters and gradients
 # live in two flat buffers owned by the Network; the Engine only holds pointers.
-cimport cython
 cimport numpy as cnp
 from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 from libc.math cimport sqrt, isfinite
 
 import numpy as np
