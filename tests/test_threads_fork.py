@@ -119,3 +119,16 @@ def test_torch_and_backprop_share_a_process():
     x = torch.randn(16, 8).numpy()
     assert np.isfinite(net.train_step(x, np.zeros(16, dtype=int)))
     assert torch.matmul(torch.ones(2, 2), torch.ones(2, 2)).sum().item() == 8
+
+
+def test_scikit_learn_openmp_and_backprop_share_a_process():
+    """scikit-learn's own OpenMP code (histogram gradient boosting) and backprop's run in
+    one process without a duplicate-runtime abort, in either order."""
+    ensemble = pytest.importorskip("sklearn.ensemble")
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 8)), rng.integers(0, 2, 200)
+    net = make_net([8, 16, 2], ["relu", "softmax"], "cross_entropy", dtype="float32")
+    first = net.train_step(X, y)
+    model = ensemble.HistGradientBoostingClassifier(max_iter=5).fit(X, y)
+    assert model.score(X, y) > 0.5
+    assert net.train_step(X, y) < first
