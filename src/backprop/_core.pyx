@@ -430,7 +430,7 @@ cdef class OptimizerBase:
         self.config = template.config
         self.config.step = step
 
-    def _update(self, cnp.ndarray params, cnp.ndarray grads, bint clear_grads=False):
+    def _update(self, cnp.ndarray params, cnp.ndarray grads):
         """One update of `params` from `grads` (both the flat buffers it was bound to)."""
         if self._size < 0:
             raise RuntimeError("this optimizer is not attached to a network")
@@ -438,14 +438,11 @@ cdef class OptimizerBase:
                 or params.dtype != self._dtype or grads.dtype != self._dtype:
             raise ValueError("params and grads must be the flat buffers the optimizer was "
                              f"bound to ({self._size} values of {self._dtype})")
-        self._run(params, grads, _num_threads(), clear_grads)
-
-    cdef void _run(self, cnp.ndarray params, cnp.ndarray grads, int n_threads,
-                   bint clear_grads) noexcept:
         cdef char* p = <char*>cnp.PyArray_DATA(params)
         cdef char* g = <char*>cnp.PyArray_DATA(grads)
+        cdef int nt = _num_threads()
         with nogil:
-            self._run_nogil(p, g, self._size, n_threads, clear_grads)
+            self._run_nogil(p, g, self._size, nt, False)
 
     cdef void _run_nogil(self, char* p, char* g, Py_ssize_t n, int n_threads,
                          bint clear_grads) noexcept nogil:
@@ -895,24 +892,25 @@ cdef class Engine:
             raise RuntimeError("no input gradient: call backward() after forward() first")
         return self._view("dx", self.net.layers[0].n_in)
 
-    def step(self, OptimizerBase optimizer, bint clear_grads=False):
+    def step(self, OptimizerBase optimizer):
         """One optimizer update from the accumulated gradients."""
         self._enter()
         try:
-            return self._step(optimizer, clear_grads)
+            return self._step(optimizer)
         finally:
             self.busy = False
 
-    cdef object _step(self, OptimizerBase optimizer, bint clear_grads=False):
+    cdef object _step(self, OptimizerBase optimizer):
         if not self.has_grads:
             raise RuntimeError("step() needs gradients: call backward() first")
-        optimizer._update(self.params, self.grads, clear_grads)
+        optimizer._update(self.params, self.grads)
         self.has_forward = False   # the saved activations belong to the old weights
-        self.has_grads = not clear_grads
 
     def zero_grad(self):
+        self._enter()                  # never while another thread's pass writes them
         self.grads.fill(0)
         self.has_grads = False
+        self.busy = False
 
     def train_step(self, x, y, OptimizerBase optimizer, rows=None):
         """forward, loss, backward, optimizer update and zero_grad, with the GIL released
