@@ -9,7 +9,7 @@ A typed Cython + OpenMP core (``backprop._core``) behind a small NumPy API::
 """
 from backprop._core import (ACTIVATIONS, LOSSES, get_num_threads, openmp_enabled,
                             set_num_threads, simd_kernel)
-from backprop import datasets, ops
+from backprop import datasets, distributed, ops
 from backprop.gradcheck import gradcheck
 from backprop.layers import Dense
 from backprop.network import Network
@@ -25,5 +25,5 @@ if hasattr(_os, "register_at_fork"):
 __version__ = "0.1.0"
 
 __all__ = ["ACTIVATIONS", "LOSSES", "Adagrad", "Adam", "AdamW", "Dense", "Network",
-           "Optimizer", "RMSprop", "SGD", "datasets", "get_num_threads", "gradcheck", "openmp_enabled",
+           "Optimizer", "RMSprop", "SGD", "datasets", "distributed", "get_num_threads", "gradcheck", "openmp_enabled",
            "ops", "set_num_threads", "simd_kernel"]

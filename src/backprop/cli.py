@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 import backprop as bp
-from backprop import datasets
+from backprop import datasets, distributed
 from backprop.optim import OPTIMIZERS
 
 
@@ -73,6 +73,9 @@ def build_parser():
     train.add_argument("--save", metavar="FILE")
     train.add_argument("--plot", metavar="FILE.png")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel over MPI: mpiexec -n 4 python -m backprop train "
+                            "--distributed (needs mpi4py)")
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--dataset", required=True)
@@ -86,24 +89,38 @@ def build_parser():
 def train(args):
     if args.epochs < 1 or args.batch_size < 1 or not 0 < args.test_size < 1 or args.lr <= 0:
         raise UsageError("--epochs and --batch-size must be >= 1, --lr > 0, 0 < --test-size < 1")
-    bp.set_num_threads(max(0, args.threads))
-    X, y = load_dataset(args.dataset)
-    n_classes = int(y.max()) + 1
-    sizes = (parse_layers(args.layers, X.shape[1], n_classes) if args.layers
-             else [X.shape[1], 128, n_classes])
-    X_train, X_test, y_train, y_test = datasets.train_test_split(
-        X, y, test_size=args.test_size, seed=args.seed, stratify=True)
-    layers = [bp.Dense(a, b, activation=args.activation) for a, b in zip(sizes[:-2], sizes[1:-1])]
-    layers.append(bp.Dense(sizes[-2], sizes[-1], activation="softmax"))
-    net = bp.Network(layers, loss="cross_entropy",
-                     optimizer=OPTIMIZERS[args.optimizer](lr=args.lr), seed=args.seed)
-    print(f"backprop: {args.dataset}, {len(X_train)} training / {len(X_test)} test samples, "
-          f"network {'-'.join(map(str, sizes))}, {args.optimizer} lr={args.lr}, "
-          f"{bp.get_num_threads()} threads", file=sys.stderr)
+    # With --distributed every rank runs this function; rank 0 alone prints and writes.
+    comm = distributed.world() if args.distributed else None
+    rank0 = comm is None or comm.rank == 0
+    bp.set_num_threads(distributed.threads_per_rank(comm) if comm and not args.threads
+                       else max(0, args.threads))
+    with distributed.fail_together(comm, "loading the data"):
+        X, y = load_dataset(args.dataset)
+        n_classes = int(y.max()) + 1
+        sizes = (parse_layers(args.layers, X.shape[1], n_classes) if args.layers
+                 else [X.shape[1], 128, n_classes])
+        X_train, X_test, y_train, y_test = datasets.train_test_split(
+            X, y, test_size=args.test_size, seed=args.seed, stratify=True)
+        layers = [bp.Dense(a, b, activation=args.activation)
+                  for a, b in zip(sizes[:-2], sizes[1:-1])]
+        layers.append(bp.Dense(sizes[-2], sizes[-1], activation="softmax"))
+        net = bp.Network(layers, loss="cross_entropy",
+                         optimizer=OPTIMIZERS[args.optimizer](lr=args.lr), seed=args.seed)
+    if rank0:
+        where = f"{comm.size} processes x " if comm else ""
+        print(f"backprop: {args.dataset}, {len(X_train)} training / {len(X_test)} test samples, "
+              f"network {'-'.join(map(str, sizes))}, {args.optimizer} lr={args.lr}, "
+              f"{where}{bp.get_num_threads()} threads", file=sys.stderr)
     started = time.perf_counter()
     history = net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
-                      validation_split=0.1, progress=not args.no_progress)
+                      validation_split=0.1, progress=not args.no_progress, comm=comm)
     seconds = time.perf_counter() - started
+    with distributed.fail_together(comm, "evaluating or saving the model"):
+        if rank0:
+            report(net, history, seconds, X_test, y_test, args)
+
+
+def report(net, history, seconds, X_test, y_test, args):
     scores = net.evaluate(X_test, y_test)
     samples = sum(s * t for s, t in zip(history.samples_per_second, history.seconds))
     print(f"test accuracy {scores['accuracy']:.4f}  test loss {scores['loss']:.4f}  "
@@ -145,7 +162,8 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         {"train": train, "evaluate": evaluate, "predict": predict}[args.command](args)
-    except (UsageError, ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:
+    except (UsageError, ValueError, TypeError, OSError, ImportError, FloatingPointError,
+            distributed.DistributedError) as e:
         print(f"backprop: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -170,7 +170,7 @@ class Network:
 
     def fit(self, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=None,
             validation_split=0.0, early_stopping=None, lr_schedule=None, clip_grad_norm=None,
-            progress=None, callbacks=()):
+            progress=None, callbacks=(), comm=None):
         """Train on (X, y) for `epochs` passes in shuffled minibatches; returns the History.
 
         Parameters
@@ -190,6 +190,9 @@ class Network:
             when stderr is a terminal.
         callbacks : callables ``callback(net, epoch, logs)`` run after each epoch; one may
             set ``net.stop_training = True``.
+        comm : mpi4py communicator, optional
+            Data-parallel training over MPI (``backprop.distributed.fit``): run the same
+            call with the same data and seed on every rank of ``comm``.
 
         Shuffling draws from ``net.rng`` (seeded by ``seed``), so training is
         reproducible, and resumable from a checkpoint.  If the loss stops being finite,
@@ -200,7 +203,7 @@ class Network:
                             validation_data=validation_data, validation_split=validation_split,
                             early_stopping=early_stopping, lr_schedule=lr_schedule,
                             clip_grad_norm=clip_grad_norm, progress=progress,
-                            callbacks=callbacks)
+                            callbacks=callbacks, comm=comm)
 
     def predict(self, X, batch_size=1024):
         """Class labels for classifiers, raw outputs otherwise; computed in batches."""

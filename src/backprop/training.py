@@ -74,10 +74,10 @@ def _batches(n, batch_size):
     return range(0, n, batch_size)
 
 
-def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=None,
-        validation_split=0.0, early_stopping=None, lr_schedule=None, clip_grad_norm=None,
-        progress=None, callbacks=()):
-    """Train `net` on (X, y); see ``Network.fit``."""
+def check_fit_arguments(net, X, y, epochs, batch_size, validation_data, validation_split,
+                        clip_grad_norm, early_stopping):
+    """Validate fit's arguments; returns (X, y, validation_data) with the validation split
+    taken from the end of X.  Shared by ``fit`` and ``distributed.fit``."""
     X = _check_dataset(net, X, y)
     y = np.asarray(y)
     if int(epochs) < 0 or int(batch_size) < 1:
@@ -93,7 +93,22 @@ def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=No
         raise ValueError(f"clip_grad_norm must be > 0, got {clip_grad_norm}")
     if early_stopping is not None and int(early_stopping) < 1:
         raise ValueError(f"early_stopping (patience in epochs) must be >= 1, got {early_stopping}")
+    return X, y, validation_data
 
+
+def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=None,
+        validation_split=0.0, early_stopping=None, lr_schedule=None, clip_grad_norm=None,
+        progress=None, callbacks=(), comm=None):
+    """Train `net` on (X, y); see ``Network.fit``."""
+    if comm is not None:     # data-parallel over MPI: the same loop, with collectives
+        from backprop import distributed
+        return distributed.fit(net, X, y, comm, epochs=epochs, batch_size=batch_size,
+                               shuffle=shuffle, validation_data=validation_data,
+                               validation_split=validation_split, early_stopping=early_stopping,
+                               lr_schedule=lr_schedule, clip_grad_norm=clip_grad_norm,
+                               progress=progress, callbacks=callbacks)
+    X, y, validation_data = check_fit_arguments(net, X, y, epochs, batch_size, validation_data,
+                                                validation_split, clip_grad_norm, early_stopping)
     n, history, rng = len(X), net.history, net.rng
     steps_per_epoch = len(_batches(n, batch_size))
     bar = Progress(epochs * steps_per_epoch, wanted(progress))

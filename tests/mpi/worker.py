@@ -1,0 +1,230 @@
+"""Scenarios for tests/test_distributed.py, run on every rank by
+``mpiexec -n 2 python tests/mpi/worker.py SCENARIO [DIR]``.
+
+Each rank prints one line ``RESULT {json}`` with what the test asserts on.  Every rank
+also trains the single-process reference itself (the same seed and data give the same
+result on any rank), so the comparison needs no communication.
+"""
+import json
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import backprop as bp
+from backprop.distributed import DistributedError, allreduce_gradients, fail_together
+from backprop.schedules import ReduceLROnPlateau
+
+comm = MPI.COMM_WORLD
+
+
+def report(**values):
+    print("RESULT " + json.dumps({"rank": comm.rank, "size": comm.size, **values}), flush=True)
+
+
+def data(n=103, features=10, classes=3, seed=7):
+    """A small 3-class problem: labels from a fixed linear rule, so training makes progress."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, features))
+    y = (X @ rng.normal(size=(features, classes))).argmax(axis=1)
+    return X, y
+
+
+def network(optimizer=None, seed=0, dropout=False):
+    layers = [bp.Dense(10, 16, activation="tanh")]
+    if dropout:
+        layers.append(bp.Dropout(0.3))
+    layers += [bp.Dense(16, 12, activation="relu"), bp.Dense(12, 3, activation="softmax")]
+    return bp.Network(layers, loss="cross_entropy", optimizer=optimizer or bp.Adam(lr=0.01),
+                      dtype="float64", seed=seed)
+
+
+def relative_difference(a, b):
+    """max |a - b| / max |b|: the weights' worst difference on the scale of the weights."""
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def checksum(net):
+    return int(np.frombuffer(net.params.tobytes(), dtype=np.uint64).sum() % 2**61)
+
+
+def compare(make, **fit_args):
+    """Train make() in one process and over comm with the same arguments."""
+    X, y = data()
+    single, parallel = make(), make()
+    h1 = single.fit(X, y, progress=False, **fit_args)
+    h2 = parallel.fit(X, y, comm=comm, progress=False, **fit_args)
+    report(relative=relative_difference(parallel.params, single.params), checksum=checksum(parallel),
+           epochs=[h1.epochs, h2.epochs], loss=[h1.loss, h2.loss],
+           val_loss=[h1.val_loss, h2.val_loss], lr=[h1.lr, h2.lr],
+           grad_norms=[h1.grad_norms, h2.grad_norms])
+
+
+def scenario_equal(batch_size, optimizer):
+    optimizers = {"adam": lambda: bp.Adam(lr=0.01),
+                  "sgd": lambda: bp.SGD(lr=0.1, momentum=0.9, nesterov=True)}
+    compare(lambda: network(optimizers[optimizer]()), epochs=6, batch_size=int(batch_size))
+
+
+def scenario_decisions():
+    # Validation, a plateau schedule that halves the learning rate, clipping that binds
+    # (norm 0.2, below the first layer's gradient norm alone in every epoch) and early
+    # stopping with patience 2.  In one process these settings run 4 of the 12 epochs,
+    # the learning rate halved after epoch 3: the test checks both happen over MPI too.
+    def make():
+        net = network(bp.SGD(lr=0.5, momentum=0.9))
+        net.schedule = ReduceLROnPlateau(net.optimizer, factor=0.5, patience=0)
+        return net
+    X, y = data()
+    single, parallel = make(), make()
+    common = dict(epochs=12, batch_size=16, validation_split=0.25, early_stopping=2,
+                  clip_grad_norm=0.2, progress=False)
+    h1 = single.fit(X, y, lr_schedule=single.schedule, **common)
+    h2 = parallel.fit(X, y, lr_schedule=parallel.schedule, comm=comm, **common)
+    report(relative=relative_difference(parallel.params, single.params), checksum=checksum(parallel),
+           epochs=[h1.epochs, h2.epochs], loss=[h1.loss, h2.loss],
+           val_loss=[h1.val_loss, h2.val_loss], val_accuracy=[h1.val_accuracy, h2.val_accuracy],
+           lr=[h1.lr, h2.lr], grad_norms=[h1.grad_norms, h2.grad_norms])
+
+
+def scenario_dropout():
+    compare(lambda: network(dropout=True), epochs=4, batch_size=10)
+
+
+def scenario_own_loop():
+    """allreduce_gradients in a hand-written loop: each rank backpropagates its half of
+    the batch, the average of the two means is the mean over the batch."""
+    X, y = data(n=64)
+    single, parallel = network(bp.SGD(lr=0.2)), network(bp.SGD(lr=0.2))
+    start, stop = bp.distributed.share(16, comm.rank, comm.size)
+    for batch in range(0, 64, 16):
+        single.train_step(X[batch:batch + 16], y[batch:batch + 16])
+        parallel.forward(X[batch + start:batch + stop])
+        parallel.backward(y[batch + start:batch + stop])
+        allreduce_gradients(parallel, comm)
+        parallel.step()
+        parallel.zero_grad()
+    report(relative=relative_difference(parallel.params, single.params), checksum=checksum(parallel))
+
+
+def scenario_resume(directory):
+    """2 epochs over MPI, a checkpoint written by rank 0, loaded on every rank, 2 more
+    epochs: the same as 4 epochs in one process."""
+    X, y = data()
+    single = network()
+    single.fit(X, y, epochs=4, batch_size=8, progress=False)
+    parallel = network()
+    parallel.fit(X, y, epochs=2, batch_size=8, comm=comm, progress=False)
+    path = f"{directory}/model.npz"
+    with fail_together(comm, "saving"):
+        if comm.rank == 0:
+            parallel.save(path)
+    comm.Barrier()
+    resumed = bp.Network.load(path)
+    resumed.fit(X, y, epochs=2, batch_size=8, comm=comm, progress=False)
+    report(relative=relative_difference(resumed.params, single.params), checksum=checksum(resumed),
+           epochs=resumed.epoch)
+
+
+def expect_failure(run):
+    """Run a failing fit; report which error this rank raised, and its message."""
+    try:
+        run()
+    except (DistributedError, FloatingPointError) as error:
+        report(error=type(error).__name__, message=str(error))
+    else:
+        report(error=None, message="")
+
+
+def damage_after_epoch_1(array, value):
+    """A callback that overwrites rank 1's copy of `array` after epoch 1, as if its file
+    were damaged.  (Damaged before fit, the data would fail fit's fingerprint check, which
+    compares a sample of the rows across ranks; scenario_different_data tests that.)"""
+    def damage(net, epoch, logs):
+        if comm.rank == 1 and epoch == 1:
+            array[...] = value
+    return damage
+
+
+def scenario_bad_data():
+    X, y = data()
+    net = network()
+    expect_failure(lambda: net.fit(X, y, epochs=3, batch_size=8, comm=comm, progress=False,
+                                   callbacks=[damage_after_epoch_1(X, np.nan)]))
+    report(epoch=net.epoch)
+
+
+def scenario_callback_raises():
+    def flaky(net, epoch, logs):
+        if comm.rank == 1 and epoch == 2:
+            raise OSError("disk full while writing the epoch log")
+    X, y = data()
+    net = network()
+    expect_failure(lambda: net.fit(X, y, epochs=4, batch_size=8, comm=comm, progress=False,
+                                   callbacks=[flaky]))
+    report(epoch=net.epoch)
+
+
+def scenario_diverges():
+    # Regression targets of 1e200 on rank 1: finite, so accepted, but the squared error
+    # (1e400) overflows to inf on rank 1's rows only.
+    X, _ = data()
+    y = X[:, :2].copy()
+    net = bp.Network([bp.Dense(10, 8, activation="tanh"), bp.Dense(8, 2)], loss="mse",
+                     optimizer=bp.SGD(lr=0.05), dtype="float64", seed=0)
+    after_epoch_1 = []
+    callbacks = [damage_after_epoch_1(y, 1e200),
+                 lambda net, epoch, logs: after_epoch_1.append(net.params.copy())]
+    expect_failure(lambda: net.fit(X, y, epochs=3, batch_size=8, comm=comm, progress=False,
+                                   callbacks=callbacks))
+    report(epoch=net.epoch, unchanged=bool(np.array_equal(after_epoch_1[-1], net.params)),
+           grads_zero=not net.grads.any())
+
+
+def scenario_different_seed():
+    X, y = data()
+    expect_failure(lambda: network(seed=comm.rank).fit(X, y, epochs=1, comm=comm, progress=False))
+
+
+def scenario_different_length():
+    X, y = data(n=103 - comm.rank)
+    expect_failure(lambda: network().fit(X, y, epochs=1, comm=comm, progress=False))
+
+
+def scenario_different_data():
+    X, y = data(seed=7 + comm.rank)
+    expect_failure(lambda: network().fit(X, y, epochs=1, comm=comm, progress=False))
+
+
+def scenario_stop():
+    """A callback that stops training on rank 1 only stops every rank."""
+    def stop(net, epoch, logs):
+        if comm.rank == 1 and epoch == 2:
+            net.stop_training = True
+    X, y = data()
+    net = network()
+    net.fit(X, y, epochs=5, batch_size=8, comm=comm, progress=False, callbacks=[stop])
+    report(epoch=net.epoch, checksum=checksum(net))
+
+
+def scenario_uncaught():
+    """No try/except: every rank must end with the error, none must hang."""
+    def flaky(net, epoch, logs):
+        if comm.rank == 1:
+            raise RuntimeError("callback failed")
+    X, y = data()
+    network().fit(X, y, epochs=2, comm=comm, progress=False, callbacks=[flaky])
+
+
+def scenario_progress():
+    """progress=True: the bar (or the per-epoch lines) must come from rank 0 only."""
+    X, y = data()
+    network().fit(X, y, epochs=2, batch_size=8, comm=comm, progress=True)
+    report()
+
+
+SCENARIOS = {name[len("scenario_"):]: f for name, f in globals().items()
+             if name.startswith("scenario_")}
+
+if __name__ == "__main__":
+    SCENARIOS[sys.argv[1]](*sys.argv[2:])
