@@ -217,10 +217,39 @@ def scenario_uncaught():
 
 
 def scenario_progress():
-    """progress=True: the bar (or the per-epoch lines) must come from rank 0 only."""
+    """progress=True without tqdm: one line per epoch on stderr, from rank 0 only."""
+    import backprop.progress
+    backprop.progress.tqdm = None
     X, y = data()
-    network().fit(X, y, epochs=2, batch_size=8, comm=comm, progress=True)
+    network().fit(X, y, epochs=3, batch_size=8, comm=comm, progress=True)
     report()
+
+
+def scenario_killed():
+    """Rank 1 dies outright in epoch 2 (no exception, no MPI call): the MPI runtime must
+    end rank 0, which would otherwise wait in the next collective."""
+    import os
+
+    def die(net, epoch, logs):
+        if comm.rank == 1 and epoch == 2:
+            os._exit(3)
+    X, y = data()
+    network().fit(X, y, epochs=5, comm=comm, progress=False, callbacks=[die])
+
+
+def scenario_api_errors():
+    """Bad arguments raise before any collective, on the rank that passed them."""
+    X, y = data()
+    errors = {}
+    for name, call in {
+        "fit_comm": lambda: network().fit(X, y, epochs=1, comm="COMM_WORLD"),
+        "allreduce_comm": lambda: allreduce_gradients(network(), None),
+    }.items():
+        try:
+            call()
+        except TypeError as error:
+            errors[name] = str(error)
+    report(errors=errors)
 
 
 SCENARIOS = {name[len("scenario_"):]: f for name, f in globals().items()
