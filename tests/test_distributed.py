@@ -128,6 +128,15 @@ def test_fit_with_dropout_equals_single_process_training(mpiexec):
     assert_same_as_single_process(scenario(mpiexec, "dropout"))
 
 
+@pytest.mark.skipif(not hasattr(bp, "BatchNorm"), reason="needs bp.BatchNorm (issue 8)")
+def test_batchnorm_keeps_ranks_identical_and_averages_running_statistics(mpiexec):
+    ranks = scenario(mpiexec, "batchnorm")
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["buffers"] == ranks[1]["buffers"]
+    assert ranks[0]["val_loss"] == ranks[1]["val_loss"]
+    assert all(r["running_mean"] <= 1e-10 for r in ranks)
+
+
 def test_allreduce_gradients_in_a_hand_written_loop(mpiexec):
     ranks = scenario(mpiexec, "own_loop")
     assert all(r["relative"] <= 1e-10 for r in ranks)

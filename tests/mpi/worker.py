@@ -44,8 +44,10 @@ def relative_difference(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def checksum(net):
-    return int(np.frombuffer(net.params.tobytes(), dtype=np.uint64).sum() % 2**61)
+def checksum(net_or_array):
+    """A number that changes with any bit of the weights (or of the array)."""
+    array = getattr(net_or_array, "params", net_or_array)
+    return int(np.frombuffer(array.tobytes(), dtype=np.uint64).sum() % 2**61)
 
 
 def compare(make, **fit_args):
@@ -89,6 +91,28 @@ def scenario_decisions():
 
 def scenario_dropout():
     compare(lambda: network(dropout=True), epochs=4, batch_size=10)
+
+
+def scenario_batchnorm():
+    """BatchNorm over MPI: local batch statistics in training, running statistics averaged
+    over the ranks after each epoch."""
+    def make(lr):
+        return bp.Network([bp.Dense(10, 16), bp.BatchNorm(16), bp.Activation("relu"),
+                           bp.Dense(16, 3, activation="softmax")], loss="cross_entropy",
+                          optimizer=bp.SGD(lr=lr), dtype="float64", seed=0)
+    X, y = data(n=96)
+    trained = make(0.1)
+    history = trained.fit(X, y, epochs=3, batch_size=16, validation_split=0.25, comm=comm,
+                          progress=False)
+    # With the weights held still (lr 0) and shares of 8 + 8 rows, the running mean is a
+    # moving average of batch means that is linear in them, so the average of the ranks'
+    # running means equals one process's.
+    single, parallel = make(0.0), make(0.0)
+    single.fit(X, y, epochs=2, batch_size=16, progress=False)
+    parallel.fit(X, y, epochs=2, batch_size=16, comm=comm, progress=False)
+    report(checksum=checksum(trained), buffers=checksum(trained.buffers), val_loss=history.val_loss,
+           running_mean=relative_difference(parallel.layers[1].running_mean,
+                                            single.layers[1].running_mean))
 
 
 def scenario_own_loop():
