@@ -107,7 +107,9 @@ def test_fail_together_without_a_communicator_is_a_plain_block():
     (1, "adam"),     # every step leaves rank 1 without rows
 ])
 def test_fit_equals_single_process_training(mpiexec, batch_size, optimizer):
-    assert_same_as_single_process(scenario(mpiexec, "equal", batch_size, optimizer))
+    ranks = scenario(mpiexec, "equal", batch_size, optimizer)
+    assert_same_as_single_process(ranks)
+    assert ranks[0]["history"] == ranks[1]["history"]      # epoch times included: rank 0's
 
 
 def test_validation_schedule_clipping_and_early_stopping_decide_alike(mpiexec):

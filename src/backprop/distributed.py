@@ -278,23 +278,28 @@ def _train_batch(net, comm, X, y, rows, clip_grad_norm, where):
     return total / len(rows)
 
 
-def _validate(net, comm, validation_data, where, seconds):
-    """val_loss and val_accuracy over the whole validation set, each rank evaluating its
-    share; also hands every rank rank 0's epoch time, so the history is the same."""
-    X_val, y_val = validation_data
-    start, stop = share(len(X_val), comm.rank, comm.size)
-    failure, loss_sum, correct = None, 0.0, 0.0
-    if stop > start:
-        try:
-            scores = training.evaluate(net, X_val[start:stop], y_val[start:stop])
-            loss_sum = scores["loss"] * (stop - start)
-            correct = scores.get("accuracy", 0.0) * (stop - start)
-        except Exception as error:
-            failure = error
-    rank0_seconds = seconds if comm.rank == 0 else 0.0   # a sum with one term
+def _epoch_numbers(net, comm, validation_data, seconds, where):
+    """(val_loss, val_accuracy, seconds), the same on every rank: the validation scores
+    over the whole validation set (None without one), each rank evaluating its share, and
+    rank 0's epoch time, so that every rank keeps the same history."""
+    failure, loss_sum, correct, count = None, 0.0, 0.0, 0
+    if validation_data is not None:
+        X_val, y_val = validation_data
+        start, stop = share(len(X_val), comm.rank, comm.size)
+        count = len(X_val)
+        if stop > start:
+            try:
+                scores = training.evaluate(net, X_val[start:stop], y_val[start:stop])
+                loss_sum = scores["loss"] * (stop - start)
+                correct = scores.get("accuracy", 0.0) * (stop - start)
+            except Exception as error:
+                failure = error
+    rank0_seconds = seconds if comm.rank == 0 else 0.0      # a sum with one term
     loss_sum, correct, seconds = _agree(comm, failure, where, [loss_sum, correct, rank0_seconds])
-    accuracy = correct / len(X_val) if net.loss in training.CLASSIFIER_LOSSES else None
-    return loss_sum / len(X_val), accuracy, seconds
+    if not count:
+        return None, None, seconds
+    accuracy = correct / count if net.loss in training.CLASSIFIER_LOSSES else None
+    return loss_sum / count, accuracy, seconds
 
 
 def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_data=None,
@@ -313,8 +318,7 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
     _check_comm(comm)
     settings = dict(epochs=epochs, batch_size=batch_size, shuffle=shuffle,
                     validation_split=validation_split, early_stopping=early_stopping,
-                    clip_grad_norm=clip_grad_norm, lr_schedule=type(lr_schedule).__name__,
-                    callbacks=len(callbacks))
+                    clip_grad_norm=clip_grad_norm, lr_schedule=type(lr_schedule).__name__)
     with fail_together(comm, "checking fit's arguments"):
         X, y, validation_data = training.check_fit_arguments(
             net, X, y, epochs, batch_size, validation_data, validation_split, clip_grad_norm,
@@ -341,13 +345,11 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
                 bar.batches(1)
             average_buffers(net, comm)
             seconds = time.perf_counter() - started
-            logs = {"loss": total / n, "lr": net.optimizer.lr, "val_loss": None,
-                    "val_accuracy": None}
-            if validation_data is not None:
-                logs["val_loss"], logs["val_accuracy"], seconds = _validate(
-                    net, comm, validation_data, f"validating epoch {epoch}", seconds)
-            logs["seconds"] = seconds
-            logs["samples_per_second"] = n / seconds if seconds > 0 else float("inf")
+            val_loss, val_accuracy, seconds = _epoch_numbers(
+                net, comm, validation_data, seconds, f"validating epoch {epoch}")
+            logs = {"loss": total / n, "lr": net.optimizer.lr, "val_loss": val_loss,
+                    "val_accuracy": val_accuracy, "seconds": seconds,
+                    "samples_per_second": n / seconds if seconds > 0 else float("inf")}
             net.epoch = epoch
             with fail_together(comm, f"at the end of epoch {epoch}"):
                 history.append(logs, training._layer_grad_norms(net, X, y, rows))

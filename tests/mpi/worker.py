@@ -59,7 +59,7 @@ def compare(make, **fit_args):
     report(relative=relative_difference(parallel.params, single.params), checksum=checksum(parallel),
            epochs=[h1.epochs, h2.epochs], loss=[h1.loss, h2.loss],
            val_loss=[h1.val_loss, h2.val_loss], lr=[h1.lr, h2.lr],
-           grad_norms=[h1.grad_norms, h2.grad_norms])
+           grad_norms=[h1.grad_norms, h2.grad_norms], history=h2.to_dict())
 
 
 def scenario_equal(batch_size, optimizer):
