@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +44,16 @@ def mpirun(mpiexec, *args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    started = time.monotonic()
-    result = subprocess.run([*mpiexec, "-n", str(RANKS), *args], capture_output=True, text=True,
-                            timeout=TIMEOUT, env=env, cwd=cwd)
-    result.seconds = time.monotonic() - started
-    return result
+    process = subprocess.Popen([*mpiexec, "-n", str(RANKS), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets mpiexec end its ranks; SIGKILL would leave them running, orphaned.
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=30)
+        pytest.fail(f"no result after {TIMEOUT} s (a hang)\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def scenario(mpiexec, name, *args):
