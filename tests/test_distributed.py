@@ -155,6 +155,12 @@ def test_checkpoint_from_rank_0_resumes_on_every_rank(mpiexec, tmp_path):
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
 
 
+def test_memory_mapped_read_only_data(mpiexec, tmp_path):
+    ranks = scenario(mpiexec, "memmap", tmp_path)
+    assert all(r["memmap"] and r["relative"] <= 1e-10 for r in ranks)
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
 # ---- output on rank 0 only
 
 def test_progress_lines_come_from_rank_0_only(mpiexec):

@@ -150,6 +150,23 @@ def scenario_resume(directory):
            epochs=resumed.epoch)
 
 
+def scenario_memmap(directory):
+    """Every rank reads the same .npy files memory-mapped, read-only."""
+    X, y = data()
+    with fail_together(comm, "writing the data"):
+        if comm.rank == 0:
+            np.save(f"{directory}/X.npy", X)
+            np.save(f"{directory}/y.npy", y)
+    comm.Barrier()
+    X_map = np.load(f"{directory}/X.npy", mmap_mode="r")
+    y_map = np.load(f"{directory}/y.npy", mmap_mode="r")
+    single, parallel = network(), network()
+    single.fit(X, y, epochs=3, batch_size=8, progress=False)
+    parallel.fit(X_map, y_map, epochs=3, batch_size=8, comm=comm, progress=False)
+    report(relative=relative_difference(parallel.params, single.params), checksum=checksum(parallel),
+           memmap=isinstance(X_map, np.memmap) and not X_map.flags.writeable)
+
+
 def expect_failure(run):
     """Run a failing fit; report which error this rank raised, and its message."""
     try:
