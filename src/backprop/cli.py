@@ -102,6 +102,10 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--dataset", required=True)
+    demo = commands.add_parser("demo", help="demonstrations: vanishing-gradients")
+    demo.add_argument("name", choices=["vanishing-gradients"])
+    demo.add_argument("--epochs", type=int, default=5)
+    demo.add_argument("--plot", metavar="FILE.png")
     predict = commands.add_parser("predict", help="predictions of a saved model")
     predict.add_argument("--model", required=True)
     predict.add_argument("--input", required=True, help=".npz (array X) or .csv of features")
@@ -170,6 +174,13 @@ def train(args):
         print(f"saved the training curves to {args.plot}", file=sys.stderr)
 
 
+def demo(args):
+    from backprop.demos import vanishing_gradients
+    if args.epochs < 1:
+        raise UsageError("--epochs must be >= 1")
+    vanishing_gradients(epochs=args.epochs, plot=args.plot)
+
+
 def evaluate(args):
     net = bp.Network.load(args.model)
     X, y = load_dataset(args.dataset)
@@ -199,7 +210,7 @@ def predict(args):
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        {"train": train, "evaluate": evaluate, "predict": predict}[args.command](args)
+        {"train": train, "evaluate": evaluate, "predict": predict, "demo": demo}[args.command](args)
     except (UsageError, ValueError, TypeError, OSError, ImportError, ArithmeticError) as e:
         print(f"backprop: error: {e}", file=sys.stderr)
         return 2
