@@ -9,6 +9,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import backprop as bp  # noqa: E402
 from backprop.interop import to_onnx  # noqa: E402
+from backprop.plan import flatten  # noqa: E402
 
 ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus",
                "softmax"]
@@ -145,6 +146,80 @@ def test_what_cannot_be_exported(tmp_path):
     net.layers[1].weight[0, 0] = np.nan
     path = tmp_path / "m.onnx"
     path.write_bytes(b"kept")
-    with pytest.raises(ValueError, match="weights contain NaN or Inf"):
+    with pytest.raises(ValueError, match="weights or running statistics contain NaN or Inf"):
         to_onnx(net, path)
     assert path.read_bytes() == b"kept"
+
+
+def full_net(dtype="float32", seed=0, loss=None):
+    """Every layer type and option, with weights and running statistics away from their
+    first values (so that each one matters)."""
+    net = bp.Network([
+        bp.Dense(6, 8),
+        bp.BatchNorm(8),
+        bp.Activation("relu"),
+        bp.Dropout(0.4),
+        bp.Residual(bp.Dense(8, 8, activation="tanh"), bp.LayerNorm(8), bp.Dense(8, 8),
+                    bp.Dropout(0.1)),
+        bp.Activation("gelu"),
+        bp.BatchNorm(8, eps=1e-3, momentum=0.3, affine=False),
+        bp.LayerNorm(8, eps=1e-4, elementwise_affine=False),
+        bp.Residual(bp.Dropout(0.5)),          # x + x at inference
+        bp.Dense(8, 4, activation="softmax"),
+    ], dtype=dtype, seed=seed, loss=loss)
+    rng = np.random.default_rng(seed + 1)
+    for layer in flatten(net.layers):
+        for name, shape in layer.parameters():
+            if name == "bias":
+                getattr(layer, name)[...] = rng.normal(0, 0.3, shape)
+            elif layer.kind != "dense":
+                getattr(layer, name)[...] = rng.uniform(0.5, 1.5, shape)
+        if layer.kind == "batchnorm":
+            layer.running_mean[...] = rng.normal(0, 0.5, layer.num_features)
+            layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
+    return net
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_layer_type_in_eval_form(dtype, tmp_path):
+    net = full_net(dtype)                     # in train mode: the export is eval-mode anyway
+    model = to_onnx(net, tmp_path / "m.onnx")
+    assert net.training                       # the network's mode is left alone
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("BatchNormalization") == 2 and ops.count("LayerNormalization") == 2
+    assert ops.count("Add") == 2 + 1          # two residual sums, one in GELU
+    assert "Dropout" not in ops
+    for rows in (1, 2, 33):
+        x = inputs(rows, seed=rows)
+        np.testing.assert_allclose(run(tmp_path / "m.onnx", x), net.eval().forward(x),
+                                   **TOLERANCE)
+        net.train()
+
+
+def test_batchnorm_uses_the_running_statistics(tmp_path):
+    net = bp.Network([bp.Dense(6, 5), bp.BatchNorm(5)], seed=0)
+    net.layers[1].running_mean[...] = [1, -2, 3, 0.5, 0]
+    net.layers[1].running_var[...] = [4, 0.25, 1, 2, 9]
+    net.layers[1].weight[...] = [1, 2, 0.5, -1, 3]
+    to_onnx(net, tmp_path / "m.onnx")
+    x = inputs(4)
+    z = x @ net.layers[0].weight.T                      # the Dense output (zero bias)
+    layer = net.layers[1]
+    by_hand = (layer.weight * (z - layer.running_mean) / np.sqrt(layer.running_var + layer.eps)
+               + layer.bias)
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x), by_hand, **TOLERANCE)
+
+
+def test_classifier_with_every_layer_type_gives_predict_proba(tmp_path):
+    net = full_net(loss="cross_entropy")
+    to_onnx(net, tmp_path / "m.onnx")
+    x = inputs(40)
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x), net.predict_proba(x), **TOLERANCE)
+
+
+def test_non_finite_running_statistics_are_refused(tmp_path):
+    net = full_net()
+    net.layers[1].running_var[2] = np.inf
+    with pytest.raises(ValueError, match="running statistics contain NaN or Inf"):
+        to_onnx(net, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []

@@ -1,4 +1,7 @@
 """PyTorch interop: to_torch / from_torch round trips, and TorchModule's gradients and training."""
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -6,7 +9,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import backprop as bp  # noqa: E402
-from backprop.interop import TorchModule, from_torch, to_torch  # noqa: E402
+from backprop.interop import TorchModule, TorchResidual, from_torch, to_torch  # noqa: E402
+from backprop.plan import flatten  # noqa: E402
 
 ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus",
                "softmax"]
@@ -205,7 +209,8 @@ UNSUPPORTED = [
     (lambda: Custom(), r"module 1 \(Custom\) is not supported"),
     (lambda: nn.ModuleList([nn.ReLU()]), r"module 1 \(ModuleList\) is not supported"),
     (lambda: nn.ReLU6(), r"module 1 \(ReLU6\(\)\) is not supported"),
-    (lambda: nn.LeakyReLU(0.2), r"module 1 \(LeakyReLU\(negative_slope=0.2\)\).*negative_slope=0.01"),
+    (lambda: nn.LeakyReLU(0.2),
+     r"module 1 \(LeakyReLU\(negative_slope=0.2\)\).*negative_slope=0.01"),
     (lambda: nn.ELU(alpha=0.5), r"module 1 \(ELU\(alpha=0.5\)\).*alpha=1.0"),
     (lambda: nn.GELU(approximate="tanh"), r"module 1 .*approximate='none'"),
     (lambda: nn.Softplus(beta=2), r"module 1 \(Softplus\(beta=2.*beta=1 and threshold=20"),
@@ -249,14 +254,15 @@ def test_from_torch_refuses_non_finite_weights():
 
 
 def test_from_torch_activation_not_after_a_linear():
-    model = nn.Sequential(nn.Tanh(), nn.Linear(3, 2))
-    if hasattr(bp, "Activation"):
-        net = from_torch(model)
-        assert net.layers[0].name == "tanh"
-    else:
-        with pytest.raises(ValueError, match=r"module 0 \(Tanh\(\)\) not after a Linear needs "
-                                             "backprop.Activation"):
-            from_torch(model)
+    model = nn.Sequential(nn.Tanh(), nn.Linear(3, 2, dtype=torch.float64), nn.ReLU(), nn.Sigmoid())
+    net = from_torch(model)
+    assert [type(layer) for layer in net.layers] == [bp.Activation, bp.Dense, bp.Activation]
+    assert (net.layers[0].name, net.layers[1].activation, net.layers[2].name) == (
+        "tanh", "relu", "sigmoid")
+    x = randn(4, 3)
+    np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+    assert [type(m) for m in to_torch(net)] == [type(m) for m in model]
 
 
 # --------------------------------------------------------------------------- TorchModule
@@ -483,3 +489,271 @@ def test_conversions_that_would_cut_the_link_are_refused():
     assert module.double() is module and module.to("cpu") is module   # no-ops are fine
     for p in module.parameters():
         assert p.dtype == torch.float64 and np.shares_memory(p.detach().numpy(), net.params)
+
+
+# ------------------------------------------------- every layer type: BatchNorm, LayerNorm, ...
+
+def full_net(dtype="float64", p=0.2, seed=0, loss=None, optimizer=None):
+    """Every layer type and option the converters know, with weights and running
+    statistics away from their first values (so that each one matters)."""
+    net = bp.Network([
+        bp.Dense(6, 8),
+        bp.BatchNorm(8),
+        bp.Activation("relu"),
+        bp.Dropout(p),
+        bp.Residual(bp.Dense(8, 8, activation="tanh"), bp.LayerNorm(8), bp.Dense(8, 8)),
+        bp.Activation("gelu"),
+        bp.BatchNorm(8, eps=1e-3, momentum=0.3, affine=False),
+        bp.LayerNorm(8, eps=1e-4, elementwise_affine=False),
+        bp.Dense(8, 4, activation="softmax"),
+    ], dtype=dtype, seed=seed, loss=loss, optimizer=optimizer)
+    rng = np.random.default_rng(seed + 1)
+    for layer in flatten(net.layers):
+        for name, shape in layer.parameters():
+            if name == "bias":
+                getattr(layer, name)[...] = rng.normal(0, 0.3, shape)
+            elif layer.kind != "dense":
+                getattr(layer, name)[...] = rng.uniform(0.5, 1.5, shape)
+        if layer.kind == "batchnorm":
+            layer.running_mean[...] = rng.normal(0, 0.5, layer.num_features)
+            layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
+    return net
+
+
+FULL_NET_MODULES = [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, TorchResidual, nn.GELU,
+                    nn.BatchNorm1d, nn.LayerNorm, nn.Linear, nn.Softmax]
+
+
+def state(model):
+    # num_batches_tracked only serves BatchNorm1d(momentum=None), which backprop refuses.
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_to_torch_every_layer_type_in_eval_mode(dtype):
+    net = full_net(dtype).eval()
+    model = to_torch(net)
+    assert not model.training
+    assert [type(m) for m in model] == FULL_NET_MODULES
+    assert [type(m) for m in model[4]] == [nn.Linear, nn.Tanh, nn.LayerNorm, nn.Linear]
+    options = [(m.eps, m.momentum, m.affine) for m in model if isinstance(m, nn.BatchNorm1d)]
+    assert options == [(1e-5, 0.1, True), (1e-3, 0.3, False)]
+    assert (model[7].normalized_shape, model[7].eps, model[7].elementwise_affine) == ((8,), 1e-4,
+                                                                                     False)
+    assert model[3].p == 0.2
+    np.testing.assert_array_equal(model[1].running_var.numpy(), net.layers[1].running_var)
+    np.testing.assert_array_equal(model[4][2].weight.detach().numpy(),
+                                  net.layers[4].layers[1].weight)
+    x = randn(9, 6, dtype=dtype)
+    np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), net.forward(x),
+                               **TOLERANCE[dtype])
+
+
+def test_to_torch_in_train_mode_batch_statistics_and_running_statistics():
+    net = full_net(p=0.0)          # no dropout: train-mode outputs are deterministic
+    model = to_torch(net)
+    assert model.training
+    x = randn(9, 6)
+    np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), net.forward(x),
+                               rtol=1e-12, atol=1e-12)
+    # Both moved their running statistics by the same rule (momentum, unbiased variance).
+    for i in (1, 6):
+        for name in ("running_mean", "running_var"):
+            np.testing.assert_allclose(getattr(model[i], name).numpy(),
+                                       getattr(net.layers[i], name), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_every_layer_type_round_trips_exactly(training):
+    net = full_net().train(training)
+    back = from_torch(to_torch(net))
+    assert back.training == training
+    assert back.config()["layers"] == net.config()["layers"]
+    np.testing.assert_array_equal(back.params, net.params)
+    np.testing.assert_array_equal(back.buffers, net.buffers)
+
+    model = to_torch(net)
+    again = to_torch(from_torch(model))
+    assert again.training == training
+    assert repr(again) == repr(model)
+    expected = state(model)
+    assert list(state(again)) == list(expected)
+    for name, value in state(again).items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_from_torch_reads_a_model_written_in_torch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, momentum=0.2), nn.ELU(),
+                          nn.Dropout(0.1),
+                          TorchResidual(nn.LayerNorm(6), nn.Linear(6, 6), nn.Softplus()),
+                          nn.Linear(6, 3)).double()
+    model(torch.randn(16, 5, dtype=torch.float64))     # running statistics away from 0 and 1
+    model.eval()
+    net = from_torch(model)
+    assert [type(layer) for layer in net.layers] == [bp.Dense, bp.BatchNorm, bp.Activation,
+                                                     bp.Dropout, bp.Residual, bp.Dense]
+    assert [type(layer) for layer in net.layers[4].layers] == [bp.LayerNorm, bp.Dense]
+    assert net.layers[4].layers[1].activation == "softplus"
+    assert (net.layers[1].momentum, net.layers[3].p, net.training) == (0.2, 0.1, False)
+    np.testing.assert_array_equal(net.layers[1].running_mean, model[1].running_mean.numpy())
+    x = randn(7, 5)
+    np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: nn.BatchNorm1d(4, track_running_stats=False), "track_running_stats=True"),
+    (lambda: nn.BatchNorm1d(4, momentum=None), "momentum a number"),
+    (lambda: nn.BatchNorm1d(4, bias=False), "bias=False is not available"),
+    (lambda: nn.BatchNorm1d(5), r"num_features=5, but the module before it gives 4"),
+    (lambda: nn.LayerNorm((2, 2)), "normalizes one dimension"),
+    (lambda: nn.LayerNorm(4, bias=False), "bias=False is not available"),
+    (lambda: nn.LayerNorm(3), r"normalized_shape=3, but the module before it gives 4"),
+    (lambda: TorchResidual(nn.Linear(4, 3)), "maps 4 features to 3"),
+    (lambda: TorchResidual(nn.Linear(4, 4), nn.AlphaDropout()),
+     r"module 1\.1 \(AlphaDropout"),
+])
+def test_from_torch_refuses_options_backprop_does_not_compute(make, message):
+    with pytest.raises(ValueError, match=message):
+        from_torch(nn.Sequential(nn.Linear(3, 4), make(), nn.Linear(4, 2)))
+
+
+def test_module_shares_running_statistics_and_switches_the_mode():
+    net = full_net()
+    module = TorchModule(net)
+    assert [name for name, _ in module.named_buffers()] == [
+        f"layers.{i}.{name}" for i in (1, 6) for name in ("running_mean", "running_var")]
+    for buffer in module.buffers():
+        assert np.shares_memory(buffer.numpy(), net.buffers)
+    assert module.training and net.training
+    assert module.eval() is module and not net.training
+    module.train()
+    assert net.training
+    net.eval()                                           # either side switches both
+    assert not module.training
+    assert not TorchModule(full_net().eval()).training   # starts in the network's mode
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_every_layer_type(training):
+    # In train mode BatchNorm normalises with the batch's statistics (and gradcheck's many
+    # forwards move the running ones, restored when a forward is recomputed); dropout is
+    # off there (p = 0) since its masks change at every forward, and in eval mode it passes
+    # everything through.
+    net = full_net(p=0.0 if training else 0.5).train(training)
+    module = TorchModule(net)
+    x = tensor(randn(5, 6, seed=3), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: module(x), (x, *module.parameters()),
+                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_module_gradients_equal_the_torch_copys_in_train_mode():
+    net = full_net(p=0.0)
+    reference = to_torch(net)
+    module = TorchModule(net)
+    x = randn(9, 6)
+    xs = [tensor(x.copy(), requires_grad=True) for _ in range(2)]
+    g = torch.from_numpy(randn(9, 4, seed=4))
+    for model, xi in ((module, xs[0]), (reference, xs[1])):
+        (model(xi) * g).sum().backward()
+    np.testing.assert_allclose(xs[0].grad.numpy(), xs[1].grad.numpy(), rtol=1e-10, atol=1e-12)
+    ours = [p.grad.numpy() for p in module.parameters()]
+    theirs = [p.grad.numpy() for p in reference.parameters()]
+    assert len(ours) == len(theirs) == 12
+    for a, b in zip(ours, theirs):      # both list parameters in the network's order
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_module_with_dropout_is_the_network_itself():
+    # A copy of the network (same seed and dropout counter) draws the same masks.
+    net = full_net(p=0.5)
+    twin = copy.deepcopy(net)
+    module = TorchModule(net)
+    x = randn(9, 6)
+    g = randn(9, 4, seed=4)
+    xt = tensor(x.copy(), requires_grad=True)
+    out = module(xt)
+    np.testing.assert_array_equal(out.detach().numpy(), twin.forward(x))
+    out.backward(torch.from_numpy(g))
+    twin.backward(grad_output=g)
+    np.testing.assert_array_equal(xt.grad.numpy(), twin.input_grad)
+    np.testing.assert_array_equal(net.grads, twin.grads)
+    np.testing.assert_array_equal(net.buffers, twin.buffers)
+
+
+def test_an_earlier_forward_with_dropout_in_train_mode_is_refused():
+    net = full_net(p=0.5)
+    module = TorchModule(net)
+    first = module(tensor(randn(5, 6)))
+    module(tensor(randn(5, 6, seed=1)))
+    with pytest.raises(RuntimeError, match="with dropout in training mode that forward cannot "
+                                           "be recomputed"):
+        first.sum().backward()
+    module.eval()                      # in eval mode dropout is the identity: recomputed
+    x = tensor(randn(5, 6), requires_grad=True)
+    expected = torch.autograd.grad(module(x).sum(), x)
+    first = module(x)
+    module(tensor(randn(5, 6, seed=1)))
+    torch.testing.assert_close(torch.autograd.grad(first.sum(), x), expected, rtol=0, atol=0)
+
+
+def test_recomputing_a_train_mode_forward_leaves_the_running_statistics():
+    net = full_net(p=0.0)
+    module = TorchModule(net)
+    x1, x2 = randn(5, 6), randn(5, 6, seed=1)
+    reference = copy.deepcopy(net)
+    reference.forward(x1)
+    reference.forward(x2)
+    first = module(tensor(x1))
+    module(tensor(x2))
+    first.sum().backward()                   # recomputes the first forward
+    np.testing.assert_array_equal(net.buffers, reference.buffers)
+    assert net.training
+
+
+TRAINING_CASES = [
+    # (network, torch optimizer, backprop's, tolerance).  SGD's steps are proportional to
+    # the gradients: float64 rounding stays ~1e-16 relative.  Adam divides each gradient by
+    # its own running magnitude, so the tiniest gradients' relative rounding errors (~1e-9
+    # for gradients ~1e-8 here) come back as absolute errors of lr times that.
+    (lambda **kw: make_net("tanh", sizes=(4, 6, 2), **kw),
+     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda: bp.SGD(lr=0.1, momentum=0.9),
+     1e-12),
+    (lambda **kw: full_net(p=0.3, **kw),
+     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda: bp.SGD(lr=0.1, momentum=0.9),
+     1e-12),
+    (lambda **kw: full_net(p=0.3, **kw),
+     lambda p: torch.optim.Adam(p, lr=0.01), lambda: bp.Adam(lr=0.01), 1e-9),
+]
+
+
+@pytest.mark.parametrize("make, torch_optimizer, optimizer, atol", TRAINING_CASES)
+def test_training_with_a_torch_optimizer_equals_backprops_own(make, torch_optimizer, optimizer,
+                                                              atol):
+    # Same seed, same dropout counter: even the dropout masks are the same.
+    net, own = make(), make(loss="mse", optimizer=optimizer())
+    module = TorchModule(net)
+    torch_opt = torch_optimizer(module.parameters())
+    x, y = randn(8, net.n_inputs), randn(8, net.n_outputs, seed=1)
+    for _ in range(5):
+        torch_opt.zero_grad()
+        loss_of(module, x, y).backward()
+        torch_opt.step()
+        own.train_step(x, y)
+    assert not np.array_equal(net.params, make().params)
+    np.testing.assert_allclose(net.params, own.params, rtol=0, atol=atol)
+    np.testing.assert_allclose(net.buffers, own.buffers, rtol=0, atol=atol)   # batch statistics
+
+
+def test_deepcopy_and_pickle_wrap_a_copy_of_the_network():
+    net = full_net()
+    module = TorchModule(net)
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert isinstance(clone, TorchModule) and clone.net is not net
+        np.testing.assert_array_equal(clone.net.params, net.params)
+        for p in clone.parameters():
+            assert np.shares_memory(p.detach().numpy(), clone.net.params)
+        with torch.no_grad():
+            next(clone.parameters()).add_(1.0)
+        assert not np.array_equal(clone.net.params, net.params)   # independent

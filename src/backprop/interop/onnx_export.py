@@ -19,7 +19,7 @@ except ImportError as e:   # pragma: no cover - exercised only without onnx
 
 import backprop
 from backprop._atomic import write_atomically
-from backprop.interop._layers import check_network, kind_of
+from backprop.interop._layers import check_network
 
 MIN_OPSET = 17   # LayerNormalization's first opset
 
@@ -60,14 +60,12 @@ def to_onnx(net, path, opset=MIN_OPSET):
             or not MIN_OPSET <= opset <= newest:
         raise ValueError(f"to_onnx: opset must be an integer from {MIN_OPSET} to {newest} (the "
                          f"newest the installed onnx {onnx.__version__} knows), got {opset!r}")
-    if not np.isfinite(net.params).all():
-        raise ValueError("to_onnx: the network's weights contain NaN or Inf; nothing to export")
+    if not (np.isfinite(net.params).all() and np.isfinite(net.buffers).all()):
+        raise ValueError("to_onnx: the network's weights or running statistics contain NaN or "
+                         "Inf; nothing to export")
     graph = _GraphBuilder()
-    output = graph.add_layers(net.layers, "input", "layers")
-    if graph.nodes:
-        _rename(graph.nodes, output, "output")
-    else:   # every layer is the identity at inference
-        graph.node("Identity", ["input"], "output")
+    # Every network has a Dense, BatchNorm or LayerNorm layer, so at least one node.
+    _rename(graph.nodes, graph.add_layers(net.layers, "input", "layers"), "output")
     model = helper.make_model(
         helper.make_graph(
             graph.nodes, "backprop_network",
@@ -122,7 +120,7 @@ class _GraphBuilder:
         """Nodes computing `layers` on the value named `x`; returns the output's name."""
         for i, layer in enumerate(layers):
             here = f"{where}.{i}"
-            kind = kind_of(layer)
+            kind = layer.kind
             if kind == "dense":
                 inputs = [x, self.tensor(f"{here}.weight", layer.weight)]   # (out, in)
                 if layer.use_bias:

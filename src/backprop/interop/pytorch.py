@@ -23,9 +23,10 @@ try:
 except ImportError as e:   # pragma: no cover - exercised only without torch
     raise ImportError("backprop.interop's PyTorch functions need PyTorch: pip install torch") from e
 
-from backprop.interop._layers import check_network, kind_of, layer_class, network_training
-from backprop.layers import Dense
+from backprop.interop._layers import check_network
+from backprop.layers import Activation, BatchNorm, Dense, Dropout, LayerNorm, Residual
 from backprop.network import Network
+from backprop.plan import flatten
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -77,34 +78,30 @@ def to_torch(net):
     """
     check_network(net, "to_torch")
     model = nn.Sequential(*_modules_for(net.layers, _TORCH_DTYPES[net.dtype.name], "layers"))
-    return model.train(network_training(net))
+    return model.train(net.training)
 
 
 def _modules_for(layers, dtype, where):
     modules = []
     for i, layer in enumerate(layers):
-        kind = kind_of(layer)
+        kind = layer.kind
         if kind == "dense":
-            linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features,
-                                        bias=layer.use_bias, dtype=dtype)
-            _copy_to_tensor(linear.weight, layer.weight)
-            if layer.use_bias:
-                _copy_to_tensor(linear.bias, layer.bias)
-            modules.append(linear)
+            # skip_init: no draw from torch's random generator for weights replaced anyway
+            modules.append(_copy_arrays(nn.utils.skip_init(
+                nn.Linear, layer.in_features, layer.out_features, bias=layer.use_bias,
+                dtype=dtype), layer))
             if layer.activation != "identity":
                 modules.append(_ACTIVATION_MODULES[layer.activation]())
         elif kind == "activation":
             modules.append(_ACTIVATION_MODULES[layer.name]())
         elif kind == "batchnorm":
-            norm = nn.BatchNorm1d(layer.num_features, eps=layer.eps, momentum=layer.momentum,
-                                  affine=layer.affine, dtype=dtype)
-            _copy_arrays(norm, layer, ("weight", "bias", "running_mean", "running_var"))
-            modules.append(norm)
+            modules.append(_copy_arrays(nn.BatchNorm1d(
+                layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+                dtype=dtype), layer))
         elif kind == "layernorm":
-            norm = nn.LayerNorm(layer.normalized_shape, eps=layer.eps,
-                                elementwise_affine=layer.elementwise_affine, dtype=dtype)
-            _copy_arrays(norm, layer, ("weight", "bias"))
-            modules.append(norm)
+            modules.append(_copy_arrays(nn.LayerNorm(
+                layer.normalized_shape, eps=layer.eps,
+                elementwise_affine=layer.elementwise_affine, dtype=dtype), layer))
         elif kind == "dropout":
             modules.append(nn.Dropout(layer.p))
         elif kind == "residual":
@@ -115,16 +112,17 @@ def _modules_for(layers, dtype, where):
     return modules
 
 
-def _copy_to_tensor(tensor, array):
+def _array_names(layer):
+    # torch names its tensors as backprop does: weight, bias, running_mean, running_var.
+    return [name for name, _ in layer.parameters()] + [name for name, _, _ in layer.buffers()]
+
+
+def _copy_arrays(module, layer):
+    """`module` with copies of `layer`'s parameters and buffers; returns `module`."""
     with torch.no_grad():
-        tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)))
-
-
-def _copy_arrays(module, layer, names):
-    for name in names:
-        array = getattr(layer, name, None)
-        if array is not None:
-            _copy_to_tensor(getattr(module, name), array)
+        for name in _array_names(layer):
+            getattr(module, name).copy_(torch.from_numpy(np.array(getattr(layer, name))))
+    return module
 
 
 # -------------------------------------------------------------------------- from_torch
@@ -138,9 +136,9 @@ def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None):
     module : torch.nn.Sequential
         Of ``Linear``; ``ReLU``, ``Sigmoid``, ``Tanh``, ``LeakyReLU`` (negative_slope 0.01),
         ``ELU`` (alpha 1), ``GELU`` (approximate 'none'), ``Softplus`` (beta 1, threshold
-        20), ``Softmax`` (dim 1 or -1), ``Identity``; and, where backprop has them,
-        ``BatchNorm1d`` (affine or not, with running statistics and a momentum),
-        ``LayerNorm`` (one normalized dimension), ``Dropout`` and ``TorchResidual``.
+        20), ``Softmax`` (dim 1 or -1), ``Identity``; ``BatchNorm1d`` (affine or not, with
+        running statistics and a momentum), ``LayerNorm`` (one normalized dimension),
+        ``Dropout`` and ``TorchResidual``.
         Nested ``Sequential`` modules are read as if flattened.  An activation right after a
         ``Linear`` becomes that ``Dense`` layer's activation; elsewhere an
         ``Activation`` layer.
@@ -152,7 +150,7 @@ def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None):
     Returns
     -------
     Network
-        In the module's mode (``training`` or eval) where backprop has modes.
+        In the module's mode (train or eval).
 
     Raises
     ------
@@ -167,28 +165,26 @@ def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None):
     if type(module) is not nn.Sequential:
         raise TypeError(f"from_torch: module must be a torch.nn.Sequential, got "
                         f"{type(module).__name__}")
-    items = [(path, child) for path, child in _flatten(module, "")
-             if type(child) is not nn.Identity]   # computes nothing: nothing to build
+    items = list(_flatten(module, ""))
     if not items:
         raise ValueError("from_torch: the Sequential has no layers to convert")
     dtype = _dtype_of(module) if dtype is None else dtype
-    copies = []   # (layer, module, path): weights to copy once the network exists
+    copies = []   # (layer, module): arrays to copy once the network exists
     layers, _ = _layers_from(items, None, copies)
     net = Network(layers, loss=loss, optimizer=optimizer, dtype=dtype, seed=seed)
-    for layer, source, path in copies:
-        _copy_from_module(layer, source, path)
-    if hasattr(net, "train"):
-        net.train() if module.training else net.eval()
-    return net
+    for layer, source in copies:
+        _copy_from_module(layer, source)
+    return net.train(module.training)
 
 
 def _flatten(sequential, prefix):
     """(index path, module) for each child of a Sequential; plain nested Sequentials are
-    read through (their children get paths like "2.0")."""
+    read through (their children get paths like "2.0") and Identity modules, which compute
+    nothing, are left out."""
     for name, child in sequential.named_children():
         if type(child) is nn.Sequential:
             yield from _flatten(child, f"{prefix}{name}.")
-        else:
+        elif type(child) is not nn.Identity:
             yield f"{prefix}{name}", child
 
 
@@ -200,7 +196,7 @@ def _unsupported(path, module, reason):
 
 def _activation_name(path, module):
     """backprop's name for the activation `module` computes; None if it is no activation."""
-    simple = {nn.Identity: "identity", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu"}
+    simple = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu"}
     kind = type(module)
     if kind in simple:
         return simple[kind]
@@ -240,32 +236,30 @@ def _layers_from(items, width, copies):
                 i += 1
             layer = Dense(module.in_features, module.out_features, activation=activation,
                           bias=module.bias is not None)
-            copies.append((layer, module, path))
             width = module.out_features
         elif (name := _activation_name(path, module)) is not None:
-            layer = layer_class("Activation", f"module {path} ({module!r}) not after a Linear")(name)
+            layer = Activation(name)
         elif kind is nn.BatchNorm1d:
             layer = _batchnorm_from(path, module, width)
-            copies.append((layer, module, path))
             width = module.num_features
         elif kind is nn.LayerNorm:
             layer = _layernorm_from(path, module, width)
-            copies.append((layer, module, path))
             width = module.normalized_shape[0]
         elif kind is nn.Dropout:
-            layer = layer_class("Dropout", f"module {path} (Dropout)")(module.p)
+            layer = Dropout(module.p)
         elif kind is TorchResidual:
-            body = list(_flatten(module, f"{path}."))
-            body = [(p, m) for p, m in body if type(m) is not nn.Identity]
-            inner, out = _layers_from(body, width, copies)
+            inner, out = _layers_from(list(_flatten(module, f"{path}.")), width, copies)
             if out != width or not inner:
                 raise _unsupported(path, module, f"maps {width} features to {out}: a residual "
                                    "block must keep the width (out = x + body(x))")
-            layer = layer_class("Residual", f"module {path} (TorchResidual)")(*inner)
+            layer = Residual(*inner)
         else:
             raise _unsupported(path, module, "is not supported by backprop (supported: Linear, "
                                "activations, BatchNorm1d, LayerNorm, Dropout, Identity, "
                                "TorchResidual and nested Sequential)")
+        if layer.parameters() or layer.buffers():
+            _check_finite(module, path)
+            copies.append((layer, module))
         layers.append(layer)
         i += 1
     return layers, width
@@ -286,9 +280,8 @@ def _batchnorm_from(path, module, width):
     if module.affine and module.bias is None:
         raise _unsupported(path, module, "is not supported: backprop's BatchNorm has a bias "
                            "whenever it is affine (bias=False is not available)")
-    cls = layer_class("BatchNorm", f"module {path} (BatchNorm1d)")
-    return cls(module.num_features, eps=module.eps, momentum=module.momentum,
-               affine=module.affine)
+    return BatchNorm(module.num_features, eps=module.eps, momentum=module.momentum,
+                     affine=module.affine)
 
 
 def _layernorm_from(path, module, width):
@@ -299,9 +292,8 @@ def _layernorm_from(path, module, width):
     if module.elementwise_affine and module.bias is None:
         raise _unsupported(path, module, "is not supported: backprop's LayerNorm has a bias "
                            "whenever it is elementwise_affine (bias=False is not available)")
-    cls = layer_class("LayerNorm", f"module {path} (LayerNorm)")
-    return cls(module.normalized_shape[0], eps=module.eps,
-               elementwise_affine=module.elementwise_affine)
+    return LayerNorm(module.normalized_shape[0], eps=module.eps,
+                     elementwise_affine=module.elementwise_affine)
 
 
 def _dtype_of(module):
@@ -318,17 +310,16 @@ def _dtype_of(module):
                     "float32 or float64: pass dtype='float32' or 'float64' to convert them")
 
 
-def _copy_from_module(layer, module, path):
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        target = getattr(layer, name, None)
-        source = getattr(module, name, None)
-        if target is None or source is None:
-            continue
-        values = source.detach().cpu().numpy()
-        if not np.isfinite(values).all():
+def _check_finite(module, path):
+    for name, tensor in chain(module.named_parameters(), module.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"from_torch: module {path} ({type(module).__name__}) has NaN or "
                              f"Inf in its {name}")
-        target[...] = values
+
+
+def _copy_from_module(layer, module):
+    for name in _array_names(layer):
+        getattr(layer, name)[...] = getattr(module, name).detach().cpu().numpy()
 
 
 # ------------------------------------------------------------------------- TorchModule
@@ -369,7 +360,8 @@ class TorchModule(nn.Module):
       weights changed since that forward (``net.step()``, or in place from torch, as torch
       itself does).  Calling ``net.forward`` directly between a module's forward and its
       backward is not detected: use the module.
-    * ``train()`` / ``eval()`` switch the network's mode.  ``.to()``, ``.double()`` and the
+    * ``module.training`` is ``net.training``: ``train()`` / ``eval()`` on either switch
+      both.  ``.to()``, ``.double()`` and the
       like cannot move the shared memory and raise unless they change nothing.
     * Pickling and ``copy.deepcopy`` copy the network and wrap the copy.
     """
@@ -386,7 +378,18 @@ class TorchModule(nn.Module):
                     param = getattr(holder, name)
                     param.register_post_accumulate_grad_hook(functools.partial(_link_grad, grad))
                     self._grad_links.append((param, grad))
-        super().train(network_training(net))
+
+    # The module's mode IS the network's (train()/eval() on either side switch both).
+    @property
+    def training(self):
+        net = self.__dict__.get("net")
+        return True if net is None else net.training
+
+    @training.setter
+    def training(self, mode):
+        net = self.__dict__.get("net")   # None while nn.Module.__init__ runs
+        if net is not None:
+            net.train(mode)
 
     @property
     def dtype(self):
@@ -409,12 +412,6 @@ class TorchModule(nn.Module):
         """Clear ``net.grads`` and the Parameters' ``.grad`` (None, or zeros in place)."""
         self.net.zero_grad()
         super().zero_grad(set_to_none)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if hasattr(self.net, "train"):
-            self.net.train() if mode else self.net.eval()
-        return self
 
     def _apply(self, fn, recurse=True):
         # .to(), .double(), .cuda() ... swap every tensor for a converted copy, which would
@@ -445,16 +442,12 @@ class _SharedLayer(nn.Module):
     def __init__(self, layer, net):
         super().__init__()
         self.grad_views = {}
-        for name in ("weight", "bias"):
-            array = getattr(layer, name, None)
-            if isinstance(array, np.ndarray):
-                self.register_parameter(name, nn.Parameter(_shared(array, net.params)))
-                self.grad_views[name] = _shared(getattr(layer, f"{name}_grad"), net.grads)
-        for name in ("running_mean", "running_var"):
-            array = getattr(layer, name, None)
-            if isinstance(array, np.ndarray):
-                self.register_buffer(name, _shared(array, net.buffers))
-        if kind_of(layer) == "residual":
+        for name, _ in layer.parameters():
+            self.register_parameter(name, nn.Parameter(_shared(getattr(layer, name), net.params)))
+            self.grad_views[name] = _shared(getattr(layer, f"{name}_grad"), net.grads)
+        for name, _, _ in layer.buffers():
+            self.register_buffer(name, _shared(getattr(layer, name), net.buffers))
+        if layer.kind == "residual":
             self.layers = nn.ModuleList(_SharedLayer(inner, net) for inner in layer.layers)
 
 
@@ -488,7 +481,7 @@ class _RunNetwork(torch.autograd.Function):
         token = _last_forward[net] = object()
         ctx.module, ctx.token = module, token
         ctx.optimizer_steps = net.optimizer.steps
-        ctx.training = network_training(net)
+        ctx.training = net.training
         # Saved so torch refuses a backward after x or a weight changed in place.
         ctx.save_for_backward(x, *params)
         return torch.from_numpy(out)
@@ -522,32 +515,19 @@ class _RunNetwork(torch.autograd.Function):
 
 def _replay(net, ctx, x):
     """Recompute an earlier forward so its backward can run, when it is reproducible."""
-    if ctx.training and any(kind_of(layer) == "dropout" and layer.p > 0
-                            for layer in _all_layers(net.layers)):
+    if ctx.training and any(layer.kind == "dropout" and layer.p > 0
+                            for layer in flatten(net.layers)):
         raise RuntimeError(
             "TorchModule: backward through an earlier forward than the network's last one. "
             "backprop keeps only the last forward's activations, and with dropout in training "
             "mode that forward cannot be recomputed (its masks are gone). Call backward "
             "before the next forward (or sum the losses and call backward once).")
-    buffers = net.buffers.copy() if hasattr(net, "buffers") else None
-    mode = network_training(net)
-    _set_mode(net, ctx.training)
+    buffers = net.buffers.copy()
+    mode = net.training
+    net.train(ctx.training)
     try:
         net.forward(x.detach().numpy(force=True))
     finally:
-        _set_mode(net, mode)
-        if buffers is not None:
-            net.buffers[...] = buffers   # the recomputation must not count twice
+        net.train(mode)
+        net.buffers[...] = buffers   # batch-norm statistics must not move twice
     _last_forward[net] = ctx.token
-
-
-def _set_mode(net, training):
-    if hasattr(net, "train"):
-        net.train() if training else net.eval()
-
-
-def _all_layers(layers):
-    for layer in layers:
-        yield layer
-        if kind_of(layer) == "residual":
-            yield from _all_layers(layer.layers)
