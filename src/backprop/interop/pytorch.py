@@ -21,7 +21,8 @@ try:
     from torch import nn
     from torch.autograd.function import once_differentiable
 except ImportError as e:   # pragma: no cover - exercised only without torch
-    raise ImportError("backprop.interop's PyTorch functions need PyTorch: pip install torch") from e
+    raise ImportError("backprop.interop's PyTorch functions need PyTorch (its CPU build is "
+                      "enough): pip install torch") from e
 
 from backprop.interop._layers import check_network
 from backprop.layers import Activation, BatchNorm, Dense, Dropout, LayerNorm, Residual
