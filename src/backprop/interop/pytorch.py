@@ -521,8 +521,8 @@ def _replay(net, ctx, x):
         raise RuntimeError(
             "TorchModule: backward through an earlier forward than the network's last one. "
             "backprop keeps only the last forward's activations, and with dropout in training "
-            "mode that forward cannot be recomputed (its masks are gone). Call backward "
-            "before the next forward (or sum the losses and call backward once).")
+            "mode that forward cannot be recomputed (its masks are gone). Call each "
+            "forward's backward before the next train-mode forward.")
     buffers = net.buffers.copy()
     mode = net.training
     net.train(ctx.training)
