@@ -33,7 +33,8 @@ class GradientMonitor:
         if not net.history.grad_norms:
             return
         norms = np.array([np.nan if n is None else n for n in net.history.grad_norms[-1]])
-        names = [repr(layer) for layer in net._plan.layers if layer.kind == "dense"]
+        names = [f"{net._plan.names[id(layer)]} ({layer!r})"
+                 for layer in net._plan.layers if layer.kind == "dense"]
         largest = np.nanmax(norms) if np.isfinite(norms).any() else np.nan
         for name, norm in zip(names, norms):
             if largest > 0 and norm < self.vanishing * largest:

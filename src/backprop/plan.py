@@ -36,6 +36,7 @@ class Plan:
     params: list = field(default_factory=list)       # (layer, name, offset, shape)
     buffers: list = field(default_factory=list)      # (layer, name, offset, shape, first value)
     layer_slot: dict = field(default_factory=dict)   # id(layer) -> the slot of its output
+    names: dict = field(default_factory=dict)        # id(layer) -> "layers[2].layers[0]"
     layers: list = field(default_factory=list)       # every layer, nested ones included
     n_params: int = 0
     n_buffers: int = 0
@@ -51,10 +52,16 @@ class Plan:
 
 def flatten(layers):
     """Every layer, depth first (a Residual before the layers inside it)."""
-    for layer in layers:
+    for _, layer in named(layers):
         yield layer
+
+
+def named(layers, prefix="layers"):
+    """(path, layer) for every layer, depth first: ("layers[1].layers[0]", Dense(...))."""
+    for i, layer in enumerate(layers):
+        yield f"{prefix}[{i}]", layer
         if isinstance(layer, Residual):
-            yield from flatten(layer.layers)
+            yield from named(layer.layers, f"{prefix}[{i}].layers")
 
 
 def plan(layers, loss, seed):
@@ -80,7 +87,8 @@ def plan(layers, loss, seed):
                          f"or LayerNorm layer, got {layers!r}")
     chain_width(layers, n_in, "Network")
 
-    p = Plan(slots=[(n_in, 0)], layers=every)
+    p = Plan(slots=[(n_in, 0)], layers=every,
+             names={id(layer): path for path, layer in named(layers)})
     for layer in every:
         for name, shape in layer.parameters():
             p.params.append((layer, name, p.n_params, shape))
