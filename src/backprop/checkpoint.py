@@ -16,10 +16,11 @@ inside the file.  Nothing else in the archive is read, so neither a header claim
 huge layer nor an extra member costs memory.
 """
 import os
-import tempfile
 import zipfile
 
 import numpy as np
+
+from backprop._atomic import write_atomically
 
 # The JSON header of a network with a long history is a few hundred KB at most.
 MAX_HEADER_BYTES = 16 << 20
@@ -27,33 +28,7 @@ MAX_HEADER_BYTES = 16 << 20
 
 def write(path, arrays):
     """Write {name: ndarray} as an .npz at `path`, atomically."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot save to {path}: the folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory):
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomically(path, lambda f: np.savez(f, **arrays), suffix=".npz")
 
 
 class Archive:
