@@ -12,6 +12,7 @@
 # workspace holding every activation and gradient slot for the largest batch seen, and
 # the GEMM's packing scratch.  Parameters, gradients and buffers (running statistics)
 # live in flat arrays owned by the Network; the Engine only holds pointers into them.
+cimport cython
 cimport numpy as cnp
 from cython cimport floating
 from libc.stdint cimport int64_t, uint64_t
@@ -523,6 +524,9 @@ cdef class OptimizerBase:
     cdef void _end(self) noexcept:
         self._busy = 0
 
+    # The nogil methods below only ever run on `self`: Cython's debug None check
+    # of self would need the GIL, so it is off for them.
+    @cython.nonecheck(False)
     cdef bint _run_nogil(self, char* p, char* g, Py_ssize_t n, int n_threads, bint clear,
                          double clip) noexcept nogil:
         """One update (between _begin and _end); whether everything written is finite."""
@@ -969,6 +973,7 @@ cdef class Engine:
 
     # ---- the passes (nogil pieces first)
 
+    @cython.nonecheck(False)
     cdef double _pass(self, int parts, int nt, bint labels, double scale,
                       bint input_grad, bint from_logits) noexcept nogil:
         # The one place that picks the float32 or float64 kernels.
@@ -978,6 +983,7 @@ cdef class Engine:
         return run_pass(<float*>NULL, &self.tape, parts, nt, self.loss, labels, scale,
                         input_grad, from_logits)
 
+    @cython.nonecheck(False)
     cdef void _begin_forward(self) noexcept nogil:
         """A forward in the current mode: a train-mode one counts as a pass (Dropout draws
         a fresh mask) and may move BatchNorm's statistics, so they are saved first."""
@@ -987,6 +993,7 @@ cdef class Engine:
             if self.n_buffers:
                 memcpy(self.ws.backup, self.tape.buffers, self.n_buffers * self.dtype_size())
 
+    @cython.nonecheck(False)
     cdef void _undo_forward(self) noexcept nogil:
         """Take back what _begin_forward and the forward changed (a refused step)."""
         if self.tape.training:
@@ -994,19 +1001,23 @@ cdef class Engine:
             if self.n_buffers:
                 memcpy(self.tape.buffers, self.ws.backup, self.n_buffers * self.dtype_size())
 
+    @cython.nonecheck(False)
     cdef inline Py_ssize_t dtype_size(self) noexcept nogil:
         return 8 if self.is64 else 4
 
+    @cython.nonecheck(False)
     cdef double _sum_of_squares(self, int nt) noexcept nogil:
         if self.is64:
             return sum_of_squares(<double*>self.tape.grads, self.params.shape[0],
                                   self.block_sums, nt)
         return sum_of_squares(<float*>self.tape.grads, self.params.shape[0], self.block_sums, nt)
 
+    @cython.nonecheck(False)
     cdef bint _gradients_ok(self, double sum_sq) noexcept nogil:
         # Finite, and (float32) every squared gradient fits: no optimizer state overflows.
         return isfinite(sum_sq) and (self.is64 or sum_sq < FLOAT32_MAX)
 
+    @cython.nonecheck(False)
     cdef void _zero_grads(self) noexcept nogil:
         memset(self.tape.grads, 0, self.params.shape[0] * self.dtype_size())
 
@@ -1116,6 +1127,7 @@ cdef class Engine:
         finally:
             self.busy = False
 
+    @cython.nonecheck(False)
     cdef void _record_weight_norms(self, int nt) noexcept nogil:
         cdef int i, d = 0
         cdef Op* op
