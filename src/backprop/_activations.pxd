@@ -11,7 +11,7 @@ from cython cimport floating
 from libc.math cimport exp, expf, expm1, log, log1p, tanh, erf
 from libc.string cimport memcpy
 from cython.parallel cimport prange
-from backprop._parallel cimport share, team_for
+from backprop._parallel cimport part_start, team_for
 
 cdef enum Activation:
     IDENTITY = 0
@@ -212,7 +212,8 @@ cdef inline void activation_forward_threads(const floating* z, Py_ssize_t ldz, f
         activation_forward(z, ldz, a, lda, rows, cols, activation, lse)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        share(rows, t, team, 1, &lo, &hi)
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
         if lo < hi:
             activation_forward(z + lo * ldz, ldz, a + lo * lda, lda, hi - lo, cols, activation,
                                lse + lo if lse != NULL else NULL)
@@ -232,7 +233,8 @@ cdef inline void activation_backward_threads(floating* delta, Py_ssize_t ldd,
         activation_backward(delta, ldd, a, lda, z, ldz, rows, cols, activation)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        share(rows, t, team, 1, &lo, &hi)
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
         if lo < hi:
             activation_backward(delta + lo * ldd, ldd, a + lo * lda, lda,
                                 z + lo * ldz if z != NULL else NULL, ldz, hi - lo, cols,

@@ -18,7 +18,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 from backprop._activations cimport activate_tile
-from backprop._parallel cimport share, team_for
+from backprop._parallel cimport part_start, team_for
 
 
 cdef inline void _statistics(const floating* x, Py_ssize_t ldx, Py_ssize_t rows,
@@ -100,7 +100,8 @@ cdef inline void batchnorm_forward(const floating* x, Py_ssize_t ldx, floating* 
                           running_var, saved, width, eps, momentum, training, activation)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        share(width, t, team, 16, &lo, &hi)
+        lo = part_start(width, t, team, 16)
+        hi = part_start(width, t + 1, team, 16)
         _forward_features(x, ldx, y, ldy, rows, lo, hi, gamma, beta, running_mean,
                           running_var, saved, width, eps, momentum, training, activation)
 
@@ -162,6 +163,7 @@ cdef inline void batchnorm_backward(const floating* dy, Py_ssize_t ldd,
                            dx, lddx, accumulate, saved, width, training)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        share(width, t, team, 16, &lo, &hi)
+        lo = part_start(width, t, team, 16)
+        hi = part_start(width, t + 1, team, 16)
         _backward_features(dy, ldd, x, ldx, rows, lo, hi, gamma, gamma_grad, beta_grad,
                            dx, lddx, accumulate, saved, width, training)

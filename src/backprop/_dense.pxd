@@ -8,7 +8,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from backprop._gemm cimport gemm
 from backprop._activations cimport IDENTITY
-from backprop._parallel cimport share, team_for
+from backprop._parallel cimport part_start, team_for
 
 
 cdef inline void dense_forward(const floating* x, Py_ssize_t ldx, floating* out, Py_ssize_t ldo,
@@ -48,7 +48,8 @@ cdef inline void dense_backward(const floating* dz, Py_ssize_t ldd,
             column_sums(dz, ldd, rows, 0, n_out, bias_grad)
         else:
             for t in prange(team, num_threads=team, schedule="static"):
-                share(n_out, t, team, 16, &lo, &hi)
+                lo = part_start(n_out, t, team, 16)
+                hi = part_start(n_out, t + 1, team, 16)
                 column_sums(dz, ldd, rows, lo, hi, bias_grad)
     if dx != NULL:
         gemm(rows, n_in, n_out, dz, ldd, False, weight, n_in, False, dx, lddx, accumulate_dx,

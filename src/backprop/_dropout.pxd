@@ -12,7 +12,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport uint32_t, uint64_t
-from backprop._parallel cimport share, team_for
+from backprop._parallel cimport part_start, team_for
 
 cdef extern from *:
     """
@@ -79,5 +79,6 @@ cdef inline void dropout_apply(const floating* x, Py_ssize_t ldx, floating* y, P
         _dropout_rows(x, ldx, y, ldy, accumulate, 0, rows, cols, key, row_offset, threshold, scale)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        share(rows, t, team, 1, &lo, &hi)
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
         _dropout_rows(x, ldx, y, ldy, accumulate, lo, hi, cols, key, row_offset, threshold, scale)

@@ -23,7 +23,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, threadid
 from libc.string cimport memset
 from backprop._activations cimport activate_tile
-from backprop._parallel cimport share
+from backprop._parallel cimport part_start
 
 cdef extern from "_gemm_kernels.h" nogil:
     void bp_gemm_init()
@@ -224,12 +224,14 @@ cdef inline void gemm_part(Py_ssize_t part, Py_ssize_t parts, Py_ssize_t m, Py_s
     so float and double split alike; or MR rows), clamped to C (see _parallel.pxd)."""
     cdef Py_ssize_t lo, hi
     if n >= m:
-        share(n, part, parts, 16, &lo, &hi)
+        lo = part_start(n, part, parts, 16)
+        hi = part_start(n, part + 1, parts, 16)
         if lo < hi:
             gemm_block(0, m, lo, hi, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
                        bias, activation, scratch)
     else:
-        share(m, part, parts, MR, &lo, &hi)
+        lo = part_start(m, part, parts, MR)
+        hi = part_start(m, part + 1, parts, MR)
         if lo < hi:
             gemm_block(lo, hi, 0, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
                        bias, activation, scratch)

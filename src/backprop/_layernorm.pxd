@@ -15,7 +15,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 from backprop._activations cimport activate_tile
-from backprop._parallel cimport share, team_for
+from backprop._parallel cimport part_start, team_for
 
 
 cdef inline void _normalize_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
@@ -59,7 +59,8 @@ cdef inline void layernorm_forward(const floating* x, Py_ssize_t ldx, floating* 
                         saved, saved + capacity, activation)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        share(rows, t, team, 1, &lo, &hi)
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
         _normalize_rows(x, ldx, y, ldy, lo, hi, width, gamma, beta, eps,
                         saved, saved + capacity, activation)
 
@@ -127,7 +128,8 @@ cdef inline void layernorm_backward(const floating* dy, Py_ssize_t ldd,
                                  mean, inv_std, sums, sums + width)
         else:
             for t in prange(team, num_threads=team, schedule="static"):
-                share(width, t, team, 16, &lo, &hi)
+                lo = part_start(width, t, team, 16)
+                hi = part_start(width, t + 1, team, 16)
                 _param_grad_features(dy, ldd, x, ldx, rows, lo, hi, gamma_grad, beta_grad,
                                      mean, inv_std, sums, sums + width)
     if dx == NULL:
@@ -137,6 +139,7 @@ cdef inline void layernorm_backward(const floating* dy, Py_ssize_t ldd,
                          mean, inv_std)
     else:
         for t in prange(team, num_threads=team, schedule="static"):
-            share(rows, t, team, 1, &lo, &hi)
+            lo = part_start(rows, t, team, 1)
+            hi = part_start(rows, t + 1, team, 1)
             _input_grad_rows(dy, ldd, x, ldx, lo, hi, width, gamma, dx, lddx, accumulate,
                              mean, inv_std)

@@ -14,7 +14,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, pow, fmax, isfinite
 from libc.string cimport memset
-from backprop._parallel cimport share
+from backprop._parallel cimport part_start
 
 cdef enum OptimizerKind:
     SGD = 0
@@ -190,7 +190,8 @@ cdef inline bint optimizer_update(OptimConfig* c, floating* p, floating* g,
     if n < PARALLEL_MIN_PARAMS or n_threads <= 1:
         return update_range(c, p, g, s0, s1, s2, factor, 0, n, clear)
     for t in prange(n_threads, schedule="static", num_threads=n_threads):
-        share(n, t, n_threads, 16, &lo, &hi)
+        lo = part_start(n, t, n_threads, 16)
+        hi = part_start(n, t + 1, n_threads, 16)
         bad += 1 - update_range(c, p, g, s0, s1, s2, factor, lo, hi, clear)
     return bad == 0
 

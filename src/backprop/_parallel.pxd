@@ -1,12 +1,16 @@
 # How work is split between threads, in one place.
 #
 # Every parallel loop in the kernels cuts its range the same way: into `team` contiguous
-# parts of whole `unit`s, part t for virtual thread t.  The parts are clamped to the
-# range, so a team larger than the work (256 threads on 100 rows) leaves the extra
-# threads with empty parts instead of ranges that start past the end.  Loops run
-# `for t in prange(team)`, so each part is done exactly once however many OS threads
+# parts of whole `unit`s, part t being [part_start(t), part_start(t + 1)).  The parts are
+# clamped to the range, so a team larger than the work (256 threads on 100 rows) leaves
+# the extra threads with empty parts instead of ranges that start past the end.  Loops
+# run `for t in prange(team)`, so each part is done exactly once however many OS threads
 # OpenMP actually starts, and, since no part ever depends on another, the result is the
 # same for every team size.
+#
+# The bounds must be ASSIGNED in the loop body (lo = part_start(...)): that is how
+# Cython knows to make them private to each thread.  A variable only written through a
+# pointer inside a prange stays shared between the threads, a race.
 
 cdef enum:
     # Below this many elements an elementwise pass is faster on one thread than the few
@@ -15,13 +19,13 @@ cdef enum:
     PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
-cdef inline void share(Py_ssize_t n, Py_ssize_t t, Py_ssize_t team, Py_ssize_t unit,
-                       Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
-    """Part t of range(n) split among `team` threads in whole `unit`s: [lo, hi)."""
+cdef inline Py_ssize_t part_start(Py_ssize_t n, Py_ssize_t t, Py_ssize_t team,
+                                  Py_ssize_t unit) noexcept nogil:
+    """Where part t of range(n) starts when `team` threads split it in whole `unit`s
+    (part t ends where part t + 1 starts; part `team` starts at n)."""
     cdef Py_ssize_t units = (n + unit - 1) // unit
     cdef Py_ssize_t per = (units + team - 1) // team
-    lo[0] = min(n, t * per * unit)
-    hi[0] = min(n, (t + 1) * per * unit)
+    return min(n, t * per * unit)
 
 
 cdef inline int team_for(Py_ssize_t elements, int n_threads) noexcept nogil:

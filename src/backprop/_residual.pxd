@@ -6,7 +6,7 @@
 # path costs nothing.
 from cython cimport floating
 from cython.parallel cimport prange
-from backprop._parallel cimport share, team_for
+from backprop._parallel cimport part_start, team_for
 
 
 cdef inline void add_rows(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
@@ -42,7 +42,8 @@ cdef inline void residual_forward(const floating* skip, Py_ssize_t lds, const fl
         add_rows(skip, lds, fx, ldf, out, ldo, 0, rows, cols)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        share(rows, t, team, 1, &lo, &hi)
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
         add_rows(skip, lds, fx, ldf, out, ldo, lo, hi, cols)
 
 
@@ -56,5 +57,6 @@ cdef inline void pass_gradient(const floating* d, Py_ssize_t ldd, floating* dx, 
         copy_rows(d, ldd, dx, lddx, 0, rows, cols, accumulate)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        share(rows, t, team, 1, &lo, &hi)
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
         copy_rows(d, ldd, dx, lddx, lo, hi, cols, accumulate)
