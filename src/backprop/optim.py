@@ -44,8 +44,19 @@ class Optimizer(OptimizerBase):
         return {}
 
     def bind(self, size, dtype):
-        """Attach to a flat parameter buffer of `size` values; resets the state."""
+        """Attach to a flat parameter buffer of `size` values; resets the state (or takes
+        the state a copy of an attached optimizer carries, if it fits)."""
         self._bind(size, dtype, self.initial_state())
+        carried, self._carried = getattr(self, "_carried", None), None
+        if carried is not None and all(v.shape == (size,) and v.dtype == dtype
+                                       for v in carried["state"].values()):
+            self.load_state_dict(carried)
+
+    def __reduce__(self):
+        # A copy (pickle, deepcopy) is a new, free optimizer with the same settings; it
+        # carries its state to the first network of the same size that it is given to.
+        carried = self.state_dict() if self.attached else None
+        return (_rebuild, (type(self), self.hyperparameters(), carried))
 
     def hyperparameters(self):
         raise NotImplementedError
@@ -195,3 +206,9 @@ class Adagrad(Optimizer):
 
 
 OPTIMIZERS = {cls.__name__: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)}
+
+
+def _rebuild(cls, hyperparameters, carried):
+    optimizer = cls(**hyperparameters)
+    optimizer._carried = carried
+    return optimizer
