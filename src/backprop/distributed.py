@@ -128,10 +128,9 @@ def average_buffers(net, comm):
     """Average the network's buffers (BatchNorm running statistics) over the ranks, in
     place, so every rank evaluates alike.  Nothing to do for networks without buffers."""
     _check_comm(comm)
-    buffers = getattr(net, "buffers", None)
-    if buffers is not None and buffers.size and comm.size > 1:
-        comm.Allreduce(_mpi().IN_PLACE, buffers, op=_mpi().SUM)
-        buffers /= comm.size
+    if net.buffers.size and comm.size > 1:
+        comm.Allreduce(_mpi().IN_PLACE, net.buffers, op=_mpi().SUM)
+        net.buffers /= comm.size
 
 
 # ---- agreeing on failures
@@ -209,8 +208,10 @@ def _fingerprint(net, X, y, validation_data, settings):
         "validation data": None if validation_data is None else
             tuple((np.shape(a), _checksum(np.asarray(a)[sample])) for a in validation_data),
         "weights": _checksum(net.params),
+        "running statistics": _checksum(net.buffers),
         "optimizer": repr(net.optimizer),
         "rng": zlib.crc32(repr(net.rng.bit_generator.state).encode()),
+        "dropout passes": net._engine.passes,
         "epoch": net.epoch,
     })
     return facts
@@ -218,64 +219,58 @@ def _fingerprint(net, X, y, validation_data, settings):
 
 # ---- the training loop
 
-def _compute_gradients(net, X, y, rows, scale, row_offset):
-    """Add `scale` * the gradient of the mean loss over X[rows] to ``net.grads``; returns
-    that loss."""
-    if hasattr(net, "compute_gradients"):
-        return net.compute_gradients(X, y, rows=rows, scale=scale, row_offset=row_offset)
-    # Until Network.compute_gradients exists (docs: API-PLAN): the same on zeroed
-    # gradients, which fit guarantees.  (Without dropout, row_offset changes nothing.)
-    net.forward(X[rows])
-    loss = net.backward(y[rows])
-    net.grads *= scale
-    return loss
-
-
-def _train_batch(net, comm, X, y, rows, clip_grad_norm, where):
+def _train_batch(net, comm, X, y, rows, clip_grad_norm, where, keep_norms=False):
     """One global batch: this rank's gradients, the agreement, the gradient sum, the
-    update.  Returns the mean loss over the global batch (the same on every rank)."""
+    update.  Returns the mean loss over the global batch and (keep_norms) each weight
+    matrix's gradient norm before clipping, both the same on every rank."""
     start, stop = share(len(rows), comm.rank, comm.size)
+    # What a refused step must give back on every rank (the rank that failed has already
+    # undone its own forward): Dropout's pass counter and BatchNorm's statistics.
+    passes = net._engine.passes
+    buffers = net.buffers.copy() if net.buffers.size else None
     failure, loss_sum = None, 0.0
     try:
         if stop > start:
-            loss = _compute_gradients(net, X, y, rows[start:stop], (stop - start) / len(rows),
-                                      start)
+            loss = net.compute_gradients(X, y, rows[start:stop],
+                                         scale=(stop - start) / len(rows), row_offset=start)
             loss_sum = loss * (stop - start)
         else:
             # A batch with fewer rows than ranks leaves this rank without rows.  It still
             # runs one pass (on the batch's first row, its result discarded), so that every
             # rank counts the same training passes (dropout masks are keyed by that count)
             # and the network takes the summed gradients in step().
-            _compute_gradients(net, X, y, rows[:1], 0.0, 0)
+            net.compute_gradients(X, y, rows[:1], scale=0.0)
             net.grads[...] = 0
+    except FloatingPointError:
+        loss_sum = np.inf               # diverged: every rank raises FloatingPointError below
     except Exception as error:
         failure = error
     try:
         total, = _agree(comm, failure, where, [loss_sum])
-    except DistributedError:
-        net.zero_grad()     # a refused step changes nothing
+        if not np.isfinite(total):
+            diverged = [str(r) for r, value in enumerate(comm.allgather(loss_sum))
+                        if not np.isfinite(value)]
+            raise FloatingPointError(
+                f"training diverged {where}: the loss is not finite on rank "
+                f"{', '.join(diverged)} of {comm.size}.  The weights are those of the last "
+                "good step; lower the learning rate or set clip_grad_norm.")
+        allreduce_gradients(net, comm, average=False)
+        norms = list(net.layer_grad_norms().values()) if keep_norms else []
+        try:
+            # The same summed gradients on every rank: both refuse them everywhere or nowhere.
+            if clip_grad_norm is not None:
+                net.clip_grad_norm(clip_grad_norm)
+            net.step()
+        except FloatingPointError as error:
+            raise FloatingPointError(f"training diverged {where}: {error}") from None
+    except (DistributedError, FloatingPointError):
+        net.zero_grad()                             # a refused step changes nothing
+        net._engine.passes = passes
+        if buffers is not None:
+            net.buffers[...] = buffers
         raise
-    if not np.isfinite(total):
-        losses = comm.allgather(loss_sum)
-        net.zero_grad()
-        bad = ", ".join(f"{value} on rank {r}" for r, value in enumerate(losses)
-                        if not np.isfinite(value))
-        raise FloatingPointError(
-            f"training diverged {where}: the loss is not finite ({bad} of {comm.size}).  The "
-            "weights are those of the last good step; lower the learning rate or set "
-            "clip_grad_norm.")
-    allreduce_gradients(net, comm, average=False)
-    if clip_grad_norm is not None:
-        norm = net.grad_norm()        # of the summed gradients: the same on every rank
-        if norm > clip_grad_norm:
-            net.grads *= clip_grad_norm / norm
-    try:
-        net.step()
-    except FloatingPointError as error:     # identical gradients: raised on every rank
-        net.zero_grad()
-        raise FloatingPointError(f"training diverged {where}: {error}") from None
     net.zero_grad()
-    return total / len(rows)
+    return total / len(rows), norms
 
 
 def _epoch_numbers(net, comm, validation_data, seconds, where):
@@ -320,7 +315,7 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
                     validation_split=validation_split, early_stopping=early_stopping,
                     clip_grad_norm=clip_grad_norm, lr_schedule=type(lr_schedule).__name__)
     with fail_together(comm, "checking fit's arguments"):
-        X, y, validation_data = training.check_fit_arguments(
+        X, y, batch_size, validation_data, early_stopping = training.check_fit_arguments(
             net, X, y, epochs, batch_size, validation_data, validation_split, clip_grad_norm,
             early_stopping)
         facts = _fingerprint(net, X, y, validation_data, settings)
@@ -329,56 +324,63 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
     n, history, rng = len(X), net.history, net.rng
     steps_per_epoch = len(training._batches(n, batch_size))
     bar = Progress(epochs * steps_per_epoch, wanted(progress) and comm.rank == 0)
-    best_loss, best_params, waited = np.inf, None, 0
+    best_loss, best, waited = np.inf, None, 0
     last_epoch = net.epoch + epochs
     net.stop_training = False
     try:
-        for _ in range(epochs):
-            epoch = net.epoch + 1
-            started = time.perf_counter()
-            order = rng.permutation(n) if shuffle else np.arange(n)    # the same on every rank
-            total = 0.0
-            for step, start in enumerate(training._batches(n, batch_size)):
-                rows = order[start:start + batch_size]
-                total += _train_batch(net, comm, X, y, rows, clip_grad_norm,
-                                      f"at epoch {epoch}, step {step}") * len(rows)
-                bar.batches(1)
-            average_buffers(net, comm)
-            seconds = time.perf_counter() - started
-            val_loss, val_accuracy, seconds = _epoch_numbers(
-                net, comm, validation_data, seconds, f"validating epoch {epoch}")
-            logs = {"loss": total / n, "lr": net.optimizer.lr, "val_loss": val_loss,
-                    "val_accuracy": val_accuracy, "seconds": seconds,
-                    "samples_per_second": n / seconds if seconds > 0 else float("inf")}
-            net.epoch = epoch
-            with fail_together(comm, f"at the end of epoch {epoch}"):
-                history.append(logs, training._layer_grad_norms(net, X, y, rows))
-                bar.epoch(epoch, last_epoch, logs)
-                if lr_schedule is not None:
-                    monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
-                    lr_schedule.step(monitored if isinstance(lr_schedule, ReduceLROnPlateau)
-                                     else None)
-                for callback in callbacks:
-                    callback(net, epoch, logs)
-            # Every rank must still hold the same weights (the MPI library's sums are the
-            # same on every rank), and a callback on any rank may stop training for all.
-            stops, checksums = zip(*comm.allgather((net.stop_training, _checksum(net.params))))
-            if len(set(checksums)) > 1:
-                raise DistributedError(
-                    f"the ranks hold different weights after epoch {epoch} (checksums "
-                    f"{list(checksums)}): a callback changed them on some ranks only, or the "
-                    "MPI library's Allreduce does not give every rank the same sum")
-            net.stop_training = any(stops)
-            if early_stopping is not None and logs["val_loss"] is not None:
-                if logs["val_loss"] < best_loss:
-                    best_loss, best_params, waited = logs["val_loss"], net.params.copy(), 0
-                else:
-                    waited += 1
-                    if waited >= early_stopping:
-                        net.params[...] = best_params    # keep the best epoch's weights
-                        net.stop_training = True
-            if net.stop_training:
-                break
+        with training.mode(net, True):
+            for _ in range(epochs):
+                epoch = net.epoch + 1
+                started = time.perf_counter()
+                order = rng.permutation(n) if shuffle else np.arange(n)   # alike everywhere
+                total = 0.0
+                for step, start in enumerate(training._batches(n, batch_size)):
+                    rows = order[start:start + batch_size]
+                    loss, norms = _train_batch(net, comm, X, y, rows, clip_grad_norm,
+                                               f"at epoch {epoch}, step {step}",
+                                               keep_norms=start + batch_size >= n)
+                    total += loss * len(rows)
+                    bar.batches(1)
+                average_buffers(net, comm)
+                val_loss, val_accuracy, seconds = _epoch_numbers(
+                    net, comm, validation_data, time.perf_counter() - started,
+                    f"validating epoch {epoch}")
+                logs = {"loss": total / n, "lr": net.optimizer.lr, "seconds": seconds,
+                        "samples_per_second": n / seconds if seconds > 0 else None,
+                        "val_loss": val_loss, "val_accuracy": val_accuracy}
+                net.epoch = epoch
+                with fail_together(comm, f"at the end of epoch {epoch}"):
+                    history.append(logs, norms)
+                    bar.epoch(epoch, last_epoch, logs)
+                    if lr_schedule is not None:
+                        monitored = (logs["val_loss"] if logs["val_loss"] is not None
+                                     else logs["loss"])
+                        lr_schedule.step(monitored if isinstance(lr_schedule, ReduceLROnPlateau)
+                                         else None)
+                    for callback in callbacks:
+                        callback(net, epoch, logs)
+                # Every rank must still hold the same weights (the MPI library's sums are
+                # the same on every rank), and a callback on any rank may stop all of them.
+                stops, checksums = zip(*comm.allgather(
+                    (net.stop_training, (_checksum(net.params), _checksum(net.buffers)))))
+                if len(set(checksums)) > 1:
+                    raise DistributedError(
+                        f"the ranks hold different weights after epoch {epoch} (checksums "
+                        f"{list(checksums)}): a callback changed them on some ranks only, or "
+                        "the MPI library's Allreduce does not give every rank the same sum")
+                net.stop_training = any(stops)
+                if early_stopping is not None and logs["val_loss"] is not None:
+                    if logs["val_loss"] < best_loss:      # never true for NaN
+                        best_loss, waited = logs["val_loss"], 0
+                        best = (net.params.copy(), net.buffers.copy())
+                    else:
+                        waited += 1
+                        if waited >= early_stopping:
+                            if best is not None:          # keep the best epoch's weights
+                                net.params[...], net.buffers[...] = best
+                            net.stop_training = True
+                if net.stop_training:
+                    break
     finally:
         bar.close()
     return history

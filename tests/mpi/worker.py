@@ -192,7 +192,7 @@ def scenario_bad_data():
     net = network()
     expect_failure(lambda: net.fit(X, y, epochs=3, batch_size=8, comm=comm, progress=False,
                                    callbacks=[damage_after_epoch_1(X, np.nan)]))
-    report(epoch=net.epoch)
+    report(epoch=net.epoch, passes=net._engine.passes, checksum=checksum(net))
 
 
 def scenario_callback_raises():
@@ -219,7 +219,7 @@ def scenario_diverges():
     expect_failure(lambda: net.fit(X, y, epochs=3, batch_size=8, comm=comm, progress=False,
                                    callbacks=callbacks))
     report(epoch=net.epoch, unchanged=bool(np.array_equal(after_epoch_1[-1], net.params)),
-           grads_zero=not net.grads.any())
+           grads_zero=not net.grads.any(), passes=net._engine.passes)
 
 
 def scenario_different_seed():
