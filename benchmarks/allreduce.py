@@ -99,8 +99,7 @@ def measure(config, rounds, block):
 
     def forward_backward(b):
         def run():
-            net.forward(x[:b])
-            net.backward(y[:b])
+            net.compute_gradients(x[:b], y[:b])
             net.zero_grad()
         return run
 
@@ -120,8 +119,7 @@ def measure(config, rounds, block):
     counts = {name: block_count(fn, block, True) for name, fn in collective.items()}
     if comm.rank == 0:
         bp.set_num_threads(2)
-        net.forward(x)
-        net.backward(y)                  # step() needs gradients to update from
+        net.compute_gradients(x, y)      # step() needs gradients to update from
         counts.update({name: block_count(fn, block, False) for name, fn in alone.items()})
     sleeping_barrier()
     for _ in range(rounds):
@@ -130,8 +128,7 @@ def measure(config, rounds, block):
             samples[name].append(timed(fn, counts[name], True))
         if comm.rank == 0:
             bp.set_num_threads(2)
-            net.forward(x)
-            net.backward(y)
+            net.compute_gradients(x, y)
             for name, fn in alone.items():
                 samples[name].append(timed(fn, counts[name], False))
         sleeping_barrier()
