@@ -26,15 +26,17 @@ What is the same as single-process ``fit``, and what is not:
   DistributedDataParallel does without SyncBatchNorm, so with BatchNorm the result differs
   from single-process training; the running statistics (``net.buffers``) are averaged over
   the ranks at the end of every epoch, which makes the running mean that of all the data
-  (for equal shares) and every rank's evaluation identical.
+  (for equal shares) and every rank's evaluation identical.  Each rank's share of every
+  batch then needs at least 2 rows.
 
 Faults.  A rank that fails (bad data, an exception in a callback, ...) must not leave the
 others waiting forever in a collective.  Every step ends with a small ``Allreduce`` that
 carries each rank's loss sum (needed anyway for the epoch's loss) and a failure flag; if
 any rank failed, every rank raises ``DistributedError`` naming the failing ranks and their
 errors, so all ranks stop together, run their ``finally`` blocks and can catch the error.
-A loss that stops being finite raises ``FloatingPointError`` on every rank, with the last
-good weights.  ``MPI_Abort`` would also stop every rank, but without unwinding anything,
+A loss that stops being finite raises ``FloatingPointError`` on every rank.  Either way
+the refused step changes nothing on any rank (weights, optimizer state, BatchNorm's
+statistics, Dropout's pass counter).  ``MPI_Abort`` would also stop every rank, but without unwinding anything,
 with the reason known only to the failing rank, and with no way for a program to catch it:
 it remains the tool for errors outside these collectives (run your script with
 ``python -m mpi4py script.py`` to get it for uncaught exceptions, or wrap rank-local code in
