@@ -150,6 +150,10 @@ def tables(results, latency):
         "| config | parameters | gradient MB | 1 process, 2 threads: step ms | 2 ranks x 1 thread: "
         "step ms | of which gradient allreduce ms | flag allreduce µs | allreduce / step |",
         "|---|---|---|---|---|---|---|---|"]
+    compute = [
+        "| config | update ms | " + " | ".join(f"forward + backward on batch/{n} ms"
+                                               for n in (1, *MACHINES)) + " |",
+        "|---|---|" + "---|" * (1 + len(MACHINES))]
     projected = [
         "| config | gradient MB | forward + backward + update ms, 1 machine | "
         + " | ".join(f"N={n} {g} Gbit/s" for g in BANDWIDTHS_GBIT for n in MACHINES) + " |",
@@ -161,12 +165,14 @@ def tables(results, latency):
             f"| {name} | {m['gradient bytes'] // 4:,} | {mb:.3g} | {m['train_step'] * 1e3:.3g} | "
             f"{m['distributed step'] * 1e3:.3g} | {m['allreduce'] * 1e3:.3g} | "
             f"{m['flag'] * 1e6:.3g} | {m['allreduce'] / m['distributed step']:.0%} |")
+        compute.append(f"| {name} | {m['update'] * 1e3:.3g} | " + " | ".join(
+            f"{m[('fb', math.ceil(config.batch / n))] * 1e3:.3g}" for n in (1, *MACHINES)) + " |")
         one = projected_step(m, config, 1, 1, latency)
         speedups = [one / projected_step(m, config, n, g, latency)
                     for g in BANDWIDTHS_GBIT for n in MACHINES]
         projected.append(f"| {name} | {mb:.3g} | {one * 1e3:.3g} | "
                          + " | ".join(f"{s:.2f}×" for s in speedups) + " |")
-    return measured, projected
+    return measured, compute, projected
 
 
 def main(argv=None):
@@ -191,10 +197,11 @@ def main(argv=None):
             print(f"measured {name}", file=sys.stderr, flush=True)
     if comm.rank != 0:
         return
-    measured, projected = tables(results, args.latency_us * 1e-6)
+    measured, compute, projected = tables(results, args.latency_us * 1e-6)
     lines = [f"Machine: {machine()}", f"MPI: {MPI.Get_library_version().splitlines()[0]}",
              f"Median of {args.rounds} interleaved rounds; load average before "
              f"{load[0]:.1f}, after {os.getloadavg()[0]:.1f} (1 minute).", "", *measured, "",
+             "One process, 2 threads (the inputs of the projection):", "", *compute, "",
              f"Projected speed-up on N machines like this one (latency {args.latency_us:g} µs "
              "per message; see the model in benchmarks/allreduce.py):", "", *projected]
     print("\n".join(lines), flush=True)
