@@ -12,7 +12,7 @@
 # refused with nothing changed.
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt, pow, fmax, isfinite
+from libc.math cimport sqrt, sqrtf, pow
 from libc.string cimport memset
 from backprop._parallel cimport part_start
 
@@ -46,13 +46,33 @@ cdef struct OptimConfig:
     double lr_decay        # Adagrad
 
 
+cdef inline floating root(floating x) noexcept nogil:
+    # sqrtf for float32: a float32 update needs no double precision (torch computes it in
+    # float32 too), and float lanes are twice as many per vector.
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+# Each rule below is a few straight loops, one per combination of its options, so the
+# compiler vectorises every one: options are loop constants, and an option that only
+# changes a coefficient is folded into it (x * 1 and x + 0 * y are exact for finite
+# values).  `finite` collects, without a branch, whether every value written is finite
+# (v - v is 0 for finite v, NaN for NaN and +-Inf).  `keep` is 0 when the gradients are
+# cleared as they are used (train_step), else 1.
+
 cdef inline int sgd_range(OptimConfig c, floating* p, floating* g, floating* buf,
-                          floating clip, Py_ssize_t lo, Py_ssize_t hi, bint clear) noexcept nogil:
+                          floating clip, Py_ssize_t lo, Py_ssize_t hi, floating keep) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating d, b, pn
-    cdef floating lr = <floating>c.lr, wd = <floating>c.weight_decay
-    cdef floating mom = <floating>c.momentum, keep = <floating>(1.0 - c.dampening)
-    cdef bint first = c.step == 1, nesterov = c.nesterov
+    cdef floating lr = <floating>c.lr, wd = <floating>c.weight_decay, mom = <floating>c.momentum
+    # PyTorch starts the buffer at the first gradient itself, undamped: b = 0 * buf + 1 * d.
+    cdef floating carry = 0 if c.step == 1 else mom
+    cdef floating fresh = 1 if c.step == 1 else <floating>(1.0 - c.dampening)
+    # nesterov: step = d + mom * b; otherwise step = 0 * d + 1 * b.
+    cdef floating with_d = 1 if c.nesterov else 0
+    cdef floating with_b = mom if c.nesterov else 1
     cdef int finite = 1
     if c.momentum == 0:
         for i in range(lo, hi):
@@ -60,93 +80,93 @@ cdef inline int sgd_range(OptimConfig c, floating* p, floating* g, floating* buf
             pn = p[i] - lr * d
             finite &= pn - pn == 0
             p[i] = pn
-            if clear:
-                g[i] = 0
+            g[i] = g[i] * keep
         return finite
     for i in range(lo, hi):
         d = g[i] * clip + wd * p[i]
-        # PyTorch starts the buffer at the first gradient itself, undamped.
-        b = d if first else mom * buf[i] + keep * d
-        buf[i] = b
-        pn = p[i] - lr * (d + mom * b if nesterov else b)
+        b = carry * buf[i] + fresh * d
+        pn = p[i] - lr * (with_d * d + with_b * b)
         finite &= (pn - pn == 0) & (b - b == 0)
+        buf[i] = b
         p[i] = pn
-        if clear:
-            g[i] = 0
+        g[i] = g[i] * keep
     return finite
 
 
 cdef inline int adam_range(OptimConfig c, floating* p, floating* g, floating* m, floating* v,
                            floating* v_max, floating clip, Py_ssize_t lo, Py_ssize_t hi,
-                           bint clear) noexcept nogil:
+                           floating keep) noexcept nogil:
     cdef Py_ssize_t i
-    cdef floating d, pi, mi, vi, den, pn
+    cdef floating d, pi, mi, vi, pn
     cdef floating one_minus_beta1 = <floating>(1.0 - c.beta1), beta2 = <floating>c.beta2
     cdef floating one_minus_beta2 = <floating>(1.0 - c.beta2), eps = <floating>c.eps
-    cdef floating wd = <floating>c.weight_decay, shrink = <floating>(1.0 - c.lr * c.weight_decay)
+    # Adam adds the decay to the gradient, AdamW shrinks the weights instead.
+    cdef floating coupled = 0 if c.decoupled else <floating>c.weight_decay
+    cdef floating shrink = <floating>(1.0 - c.lr * c.weight_decay) if c.decoupled else 1
     cdef floating step_size = <floating>(c.lr / (1.0 - pow(c.beta1, <double>c.step)))
     cdef floating bias_correction2_sqrt = <floating>sqrt(1.0 - pow(c.beta2, <double>c.step))
-    cdef bint decoupled = c.decoupled, amsgrad = c.amsgrad
     cdef int finite = 1
+    if c.amsgrad:
+        for i in range(lo, hi):
+            d = g[i] * clip + coupled * p[i]
+            pi = p[i] * shrink
+            mi = m[i] + one_minus_beta1 * (d - m[i])
+            vi = beta2 * v[i] + one_minus_beta2 * d * d
+            m[i] = mi
+            v[i] = vi
+            vi = v_max[i] if v_max[i] > vi else vi
+            v_max[i] = vi
+            pn = pi - step_size * mi / (root(vi) / bias_correction2_sqrt + eps)
+            finite &= (pn - pn == 0) & (vi - vi == 0)
+            p[i] = pn
+            g[i] = g[i] * keep
+        return finite
     for i in range(lo, hi):
-        d = g[i] * clip
-        pi = p[i]
-        if decoupled:
-            pi = pi * shrink
-        else:
-            d = d + wd * pi
+        d = g[i] * clip + coupled * p[i]
+        pi = p[i] * shrink
         mi = m[i] + one_minus_beta1 * (d - m[i])
         vi = beta2 * v[i] + one_minus_beta2 * d * d
         m[i] = mi
         v[i] = vi
-        if amsgrad:
-            vi = v_max[i] if v_max[i] > vi else vi
-            v_max[i] = vi
-        den = sqrt(vi) / bias_correction2_sqrt + eps
-        pn = pi - step_size * mi / den
+        pn = pi - step_size * mi / (root(vi) / bias_correction2_sqrt + eps)
         finite &= (pn - pn == 0) & (vi - vi == 0)
         p[i] = pn
-        if clear:
-            g[i] = 0
+        g[i] = g[i] * keep
     return finite
 
 
 cdef inline int rmsprop_range(OptimConfig c, floating* p, floating* g, floating* square_avg,
                               floating* grad_avg, floating* buf, floating clip,
-                              Py_ssize_t lo, Py_ssize_t hi, bint clear) noexcept nogil:
+                              Py_ssize_t lo, Py_ssize_t hi, floating keep) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating d, s, a, avg, b, pn
     cdef floating lr = <floating>c.lr, wd = <floating>c.weight_decay, eps = <floating>c.eps
     cdef floating alpha = <floating>c.alpha, one_minus_alpha = <floating>(1.0 - c.alpha)
     cdef floating mom = <floating>c.momentum
-    cdef bint centered = c.centered, with_momentum = c.momentum > 0
+    # Not centered: a = 0 (grad_avg stays 0); no momentum: b = 0 (the buffer stays 0) and
+    # the step is d / avg.
+    cdef floating centered = 1 if c.centered else 0
+    cdef floating with_b = 1 if c.momentum > 0 else 0
     cdef int finite = 1
     for i in range(lo, hi):
         d = g[i] * clip + wd * p[i]
         s = alpha * square_avg[i] + one_minus_alpha * d * d
-        square_avg[i] = s
-        if centered:
-            a = grad_avg[i] + one_minus_alpha * (d - grad_avg[i])
-            grad_avg[i] = a
-            avg = sqrt(s - a * a) + eps
-        else:
-            avg = sqrt(s) + eps
-        if with_momentum:
-            b = mom * buf[i] + d / avg
-            buf[i] = b
-            pn = p[i] - lr * b
-        else:
-            pn = p[i] - lr * d / avg
+        a = centered * (grad_avg[i] + one_minus_alpha * (d - grad_avg[i]))
+        avg = root(s - a * a) + eps
+        b = with_b * (mom * buf[i] + d / avg)
+        pn = p[i] - lr * (b + (1 - with_b) * (d / avg))
         finite &= (pn - pn == 0) & (s - s == 0)
+        square_avg[i] = s
+        grad_avg[i] = a
+        buf[i] = b
         p[i] = pn
-        if clear:
-            g[i] = 0
+        g[i] = g[i] * keep
     return finite
 
 
 cdef inline int adagrad_range(OptimConfig c, floating* p, floating* g, floating* sum_sq,
                               floating clip, Py_ssize_t lo, Py_ssize_t hi,
-                              bint clear) noexcept nogil:
+                              floating keep) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating d, s, pn
     cdef floating wd = <floating>c.weight_decay, eps = <floating>c.eps
@@ -156,24 +176,24 @@ cdef inline int adagrad_range(OptimConfig c, floating* p, floating* g, floating*
         d = g[i] * clip + wd * p[i]
         s = sum_sq[i] + d * d
         sum_sq[i] = s
-        pn = p[i] - clr * d / (sqrt(s) + eps)
+        pn = p[i] - clr * d / (root(s) + eps)
         finite &= (pn - pn == 0) & (s - s == 0)
         p[i] = pn
-        if clear:
-            g[i] = 0
+        g[i] = g[i] * keep
     return finite
 
 
 cdef inline int update_range(const OptimConfig* c, floating* p, floating* g,
                              floating* s0, floating* s1, floating* s2, floating clip,
                              Py_ssize_t lo, Py_ssize_t hi, bint clear) noexcept nogil:
+    cdef floating keep = 0 if clear else 1
     if c.kind == SGD:
-        return sgd_range(c[0], p, g, s0, clip, lo, hi, clear)
+        return sgd_range(c[0], p, g, s0, clip, lo, hi, keep)
     if c.kind == ADAM:
-        return adam_range(c[0], p, g, s0, s1, s2, clip, lo, hi, clear)
+        return adam_range(c[0], p, g, s0, s1, s2, clip, lo, hi, keep)
     if c.kind == RMSPROP:
-        return rmsprop_range(c[0], p, g, s0, s1, s2, clip, lo, hi, clear)
-    return adagrad_range(c[0], p, g, s0, clip, lo, hi, clear)
+        return rmsprop_range(c[0], p, g, s0, s1, s2, clip, lo, hi, keep)
+    return adagrad_range(c[0], p, g, s0, clip, lo, hi, keep)
 
 
 cdef inline bint optimizer_update(OptimConfig* c, floating* p, floating* g,
@@ -198,10 +218,23 @@ cdef inline bint optimizer_update(OptimConfig* c, floating* p, floating* g,
 
 cdef inline double _block_sum_of_squares(const floating* g, Py_ssize_t lo,
                                          Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t i
+    # Eight running sums (element i goes to sum i % 8), added at the end in a fixed
+    # order: one sum would make every addition wait for the last, eight fill a vector.
+    cdef Py_ssize_t i, j
+    cdef double lanes[8]
     cdef double total = 0.0
-    for i in range(lo, hi):
-        total += <double>g[i] * g[i]
+    for j in range(8):
+        lanes[j] = 0.0
+    i = lo
+    while i + 8 <= hi:
+        for j in range(8):
+            lanes[j] += <double>g[i + j] * g[i + j]
+        i += 8
+    while i < hi:
+        lanes[i - lo & 7] += <double>g[i] * g[i]
+        i += 1
+    for j in range(8):
+        total += lanes[j]
     return total
 
 
