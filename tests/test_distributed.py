@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,9 @@ def mpiexec():
     return [command, "--oversubscribe"] if "Open MPI" in version else [command]
 
 
-def mpirun(mpiexec, *args, cwd=None):
+def mpirun(mpiexec, *args, cwd=None, env=None):
     """Run `args` on RANKS ranks, one OpenMP thread each (2 ranks x 1 thread on 2 cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     process = subprocess.Popen([*mpiexec, "-n", str(RANKS), *args], stdout=subprocess.PIPE,
@@ -57,13 +58,15 @@ def mpirun(mpiexec, *args, cwd=None):
 
 
 def scenario(mpiexec, name, *args):
-    """Every rank's RESULT lines, merged into one dict per rank: [rank 0's, rank 1's]."""
-    result = mpirun(mpiexec, sys.executable, str(WORKER), name, *map(str, args))
+    """What every rank reported, merged into one dict per rank: [rank 0's, rank 1's]."""
     ranks = [{} for _ in range(RANKS)]
-    for line in result.stdout.splitlines():
-        if line.startswith("RESULT "):
-            values = json.loads(line[len("RESULT "):])
-            ranks[values["rank"]].update(values)
+    with tempfile.TemporaryDirectory() as results:
+        result = mpirun(mpiexec, sys.executable, str(WORKER), name, *map(str, args),
+                        env={"BACKPROP_MPI_RESULTS": results})
+        for rank, values in enumerate(ranks):
+            path = Path(results) / f"rank{rank}.jsonl"
+            for line in path.read_text().splitlines() if path.exists() else []:
+                values.update(json.loads(line))
     assert result.returncode == 0 and all(ranks), \
         f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return ranks
@@ -244,8 +247,10 @@ def test_bad_arguments_raise_typeerror_before_any_collective(mpiexec):
 def test_an_uncaught_error_ends_every_rank(mpiexec):
     result = mpirun(mpiexec, sys.executable, str(WORKER), "uncaught")
     assert result.returncode != 0
-    assert result.stderr.count("DistributedError: rank 1 of 2 failed at the end of epoch 1: "
-                               "RuntimeError: callback failed") == RANKS
+    # Once a rank has exited non-zero, mpiexec may end the others before they have written
+    # everything (Open MPI 4 does), so only one copy of the message is sure to arrive.
+    assert "DistributedError: rank 1 of 2 failed at the end of epoch 1: RuntimeError: " \
+           "callback failed" in result.stderr
 
 
 def test_a_rank_that_dies_ends_the_job(mpiexec):
@@ -258,5 +263,7 @@ def test_cli_error_on_every_rank_is_one_line_each(mpiexec, tmp_path):
                     "--dataset", "missing.npz", cwd=tmp_path)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("backprop: error:")]
-    assert len(lines) == RANKS and "failed loading the data" in lines[0]
+    assert 1 <= len(lines) <= RANKS      # as above: mpiexec may end a rank before it prints
+    assert all("ranks 0, 1 of 2 failed loading the data: FileNotFoundError" in line
+               for line in lines)
     assert "Traceback" not in result.stderr

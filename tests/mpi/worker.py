@@ -1,11 +1,13 @@
 """Scenarios for tests/test_distributed.py, run on every rank by
 ``mpiexec -n 2 python tests/mpi/worker.py SCENARIO [DIR]``.
 
-Each rank prints one line ``RESULT {json}`` with what the test asserts on.  Every rank
+Each rank writes what the test asserts on as JSON lines to
+``$BACKPROP_MPI_RESULTS/rank<r>.jsonl``.  Every rank
 also trains the single-process reference itself (the same seed and data give the same
 result on any rank), so the comparison needs no communication.
 """
 import json
+import os
 import sys
 
 import numpy as np
@@ -19,7 +21,11 @@ comm = MPI.COMM_WORLD
 
 
 def report(**values):
-    print("RESULT " + json.dumps({"rank": comm.rank, "size": comm.size, **values}), flush=True)
+    """One JSON line for the test, in this rank's own file: the ranks' stdout streams are
+    merged by mpiexec, and some MPIs cut long lines apart when they do."""
+    path = os.path.join(os.environ["BACKPROP_MPI_RESULTS"], f"rank{comm.rank}.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"rank": comm.rank, "size": comm.size, **values}) + "\n")
 
 
 def data(n=103, features=10, classes=3, seed=7):
@@ -263,7 +269,6 @@ def scenario_progress():
     backprop.progress.tqdm = None
     X, y = data()
     network().fit(X, y, epochs=3, batch_size=8, comm=comm, progress=True)
-    report()
 
 
 def scenario_killed():
