@@ -20,7 +20,8 @@ from libc.math cimport sqrt, isfinite
 
 import numpy as np
 
-from backprop._gemm cimport gemm, gemm_workspace_bytes, bp_gemm_init, bp_gemm_kernel_name
+from backprop._gemm cimport (gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name,
+                             bp_ctx, bp_ctx_caches)
 from backprop._activations cimport (
     Activation, IDENTITY, SOFTMAX, activate_tile, softmax_rows, activation_backward,
     needs_preactivation)
@@ -67,9 +68,26 @@ LOSSES = {"mse": MSE, "binary_cross_entropy": BINARY_CROSS_ENTROPY,
 # --------------------------------------------------------------------------- threads
 
 def simd_kernel():
-    """The GEMM micro-kernel in use: "avx2+fma", or "generic" (no AVX2/FMA on this CPU,
-    or BACKPROP_SIMD=generic in the environment at import)."""
+    """The GEMM micro-kernels in use: "avx512" (AVX-512 F/VL/DQ), "avx2+fma", or
+    "generic" (portable C).  The best level the CPU has is chosen at import;
+    BACKPROP_SIMD=avx512|avx2|generic set before import caps it (it never raises it
+    past what the CPU has), and any other value is ignored."""
     return bp_gemm_kernel_name().decode()
+
+
+def _gemm_config():
+    """The GEMM's run-time configuration, for tests and benchmarks: the level, the cache
+    sizes its blocking was derived from (bytes, by level), and per dtype the micro-tile
+    (mr x nr) and the blocking (kc, mc, nc)."""
+    return {"kernel": simd_kernel(),
+            "caches": {"L1": bp_ctx_caches.size[1], "L2": bp_ctx_caches.size[2],
+                       "L3": bp_ctx_caches.size[3]},
+            "float32": bp_ctx.s.blk, "float64": bp_ctx.d.blk}   # structs become dicts
+
+
+def _gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads, dtype):
+    """The packing scratch one m x n x k product of `dtype` needs on `n_threads` threads."""
+    return gemm_scratch_bytes(m, n, k, n_threads, np.dtype(dtype).itemsize)
 
 
 def openmp_enabled():
@@ -340,7 +358,7 @@ cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
     cdef const floating* pb = <const floating*>cnp.PyArray_DATA(b)
     cdef floating* pc = <floating*>cnp.PyArray_DATA(out)
     cdef int nt = _num_threads()
-    cdef void* scratch = bp_aligned_alloc(gemm_workspace_bytes(nt))
+    cdef void* scratch = bp_aligned_alloc(gemm_scratch_bytes(m, n, k, nt, sizeof(floating)))
     if scratch == NULL:
         raise MemoryError("cannot allocate the GEMM packing buffers")
     with nogil:
@@ -484,7 +502,7 @@ cdef struct Net:
     int64_t* labels            # integer class labels
     double* lse                # log-sum-exp of each output row (softmax outputs)
     void* gemm_scratch
-    int scratch_threads        # how many threads the scratch was sized for
+    Py_ssize_t scratch_bytes   # its size: what the largest product of a pass needs
 
 
 cdef Py_ssize_t _padded(Py_ssize_t n, Py_ssize_t itemsize):
@@ -627,6 +645,7 @@ cdef class Engine:
     def __cinit__(self):
         self.net.layers = NULL
         self.net.gemm_scratch = NULL
+        self.net.scratch_bytes = 0
 
     def __init__(self, list shapes, list activations, list offsets, str loss,
                  cnp.ndarray params, cnp.ndarray grads):
@@ -663,7 +682,7 @@ cdef class Engine:
     cdef int _reserve(self, Py_ssize_t rows) except -1:
         """Make the workspace hold `rows` rows; it only ever grows, so steps after the
         first (and any smaller last batch of an epoch) allocate nothing."""
-        cdef int l, n = self.net.n_layers, threads
+        cdef int l, n = self.net.n_layers
         cdef Py_ssize_t item = self.dtype.itemsize, widest = 1
         cdef LayerBuffers* L
         if rows <= self.capacity:
@@ -688,13 +707,6 @@ cdef class Engine:
         self.net.target = self._buffer("target", rows, L.n_out)
         self.net.labels = <int64_t*>self._buffer("labels", rows, 1, np.int64)
         self.net.lse = <double*>self._buffer("lse", rows, 1, np.float64)
-        threads = max(1, bp_omp_max_threads(), _requested_threads)
-        if self.net.gemm_scratch == NULL or threads > self.net.scratch_threads:
-            free(self.net.gemm_scratch)
-            self.net.gemm_scratch = bp_aligned_alloc(gemm_workspace_bytes(threads))
-            if self.net.gemm_scratch == NULL:
-                raise MemoryError("cannot allocate the GEMM packing buffers")
-            self.net.scratch_threads = threads
         self.capacity = rows
         return 0
 
@@ -709,8 +721,24 @@ cdef class Engine:
         view.flags.writeable = False
         return view
 
-    cdef inline int _threads(self) noexcept:
-        return min(_num_threads(), self.net.scratch_threads)
+    cdef int _threads(self) except -1:
+        """The team for the next pass, with the GEMM scratch grown (never shrunk) to what
+        every product of a pass over the current batch needs with that team."""
+        cdef int nt = _num_threads(), l
+        cdef Py_ssize_t B = self.net.batch, item = self.dtype.itemsize, need = 0
+        cdef LayerBuffers* L
+        for l in range(self.net.n_layers):
+            L = &self.net.layers[l]
+            need = max(need, gemm_scratch_bytes(B, L.n_out, L.n_in, nt, item),   # forward
+                       gemm_scratch_bytes(L.n_out, L.n_in, B, nt, item),         # dW
+                       gemm_scratch_bytes(B, L.n_in, L.n_out, nt, item))         # dX
+        if need > self.net.scratch_bytes:
+            free(self.net.gemm_scratch)
+            self.net.gemm_scratch = bp_aligned_alloc(need)
+            self.net.scratch_bytes = need if self.net.gemm_scratch != NULL else 0
+            if self.net.gemm_scratch == NULL:
+                raise MemoryError("cannot allocate the GEMM packing buffers")
+        return nt
 
     # ---- loading inputs and targets (all validation happens here)
 
