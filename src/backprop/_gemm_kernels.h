@@ -32,7 +32,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -253,6 +255,16 @@ static bp_caches bp_detect_caches(void)
     return caches;
 }
 
+static long bp_online_cpus(void)
+{
+#ifdef _SC_NPROCESSORS_ONLN
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? n : 1;
+#else
+    return 1;
+#endif
+}
+
 static ptrdiff_t bp_clamp(ptrdiff_t x, ptrdiff_t lo, ptrdiff_t hi)
 {
     return x < lo ? lo : x > hi ? hi : x;
@@ -287,7 +299,7 @@ static bp_blocking bp_blocking_for(bp_blocking blk, int level, size_t size, bp_c
         ptrdiff_t kc_bytes = bp_clamp(c.size[2] / 256, 1024, 4096);
         kc = kc_bytes / (ptrdiff_t)size;
         mc = c.size[2] * 3 / 4 / kc_bytes;
-        nc = bp_clamp(c.size[3] / (n_cpus > 0 ? n_cpus : 1) / kc_bytes, 512, 4096);
+        nc = bp_clamp(c.size[3] / n_cpus / kc_bytes, 512, 4096);
     } else {
         kc = bp_clamp(c.size[1] / 128, 128, 512) / 8 * 8;
         mc = c.size[2] * 3 / 16 / (kc * 4);
@@ -313,7 +325,7 @@ static void bp_gemm_init(void)
         level = requested;
     bp_ctx = bp_levels[level];
     bp_ctx_caches = bp_sane_caches(bp_detect_caches());
-    long n_cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    long n_cpus = bp_online_cpus();
     bp_ctx.s.blk = bp_blocking_for(bp_ctx.s.blk, level, sizeof(float), bp_ctx_caches, n_cpus);
     bp_ctx.d.blk = bp_blocking_for(bp_ctx.d.blk, level, sizeof(double), bp_ctx_caches, n_cpus);
 }
