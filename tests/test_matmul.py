@@ -350,6 +350,11 @@ def test_scratch_per_thread_shrinks_and_stops_at_the_strip_count():
         per_thread = [scratch(m, n, k, t) / min(t, strips) for t in range(1, 300)]
         assert all(x >= y for x, y in zip(per_thread, per_thread[1:])), (m, n, k)
         assert scratch(m, n, k, 100000) == scratch(m, n, k, strips) == scratch(m, n, k, 10**9)
+    # more strips than the largest team a product uses: that many shares, no more
+    max_team = bp._core._gemm_config()["max_team"]
+    assert max_team >= 256
+    n = (max_team + 50) * b["nr"]
+    assert scratch(9, n, 30, 100000) == scratch(9, n, 30, max_team) < scratch(9, n, 30, 1) * 300
     # below 2^20 multiply-adds one thread runs it, whatever the team
     assert scratch(32, 32, 64, 256) == scratch(32, 32, 64, 1)
 
@@ -364,6 +369,25 @@ def test_a_huge_team_allocates_little_and_changes_nothing(rng):
         expected = bp.ops.matmul(x, w, trans_b=True)
     with threads(100000):
         np.testing.assert_array_equal(bp.ops.matmul(x, w, trans_b=True), expected)
+    # more strips than the largest team: libgomp is never asked for 100000 threads
+    wide = rng.normal(size=(300 * blocking(np.float32)["nr"], 784)).astype(np.float32)
+    with threads(1):
+        expected = bp.ops.matmul(x[:8], wide, trans_b=True)
+    with threads(100000):
+        np.testing.assert_array_equal(bp.ops.matmul(x[:8], wide, trans_b=True), expected)
+    # a network sizes its one scratch for every product of its passes with that team
+    # (forward and backward only: the optimizer's own threads are not the GEMM's)
+    y = rng.integers(0, 10, 64)
+    results = []
+    for team in (1, 100000):
+        net = bp.Network([bp.Dense(784, 128, "relu"), bp.Dense(128, 10, "softmax")],
+                         loss="cross_entropy", seed=0)
+        with threads(team):
+            out = net.forward(x)
+            net.backward(y)
+        results.append((out, net.grads.copy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
 def test_a_smaller_team_than_asked_runs_every_share():

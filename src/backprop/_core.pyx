@@ -77,9 +77,9 @@ def simd_kernel():
 
 def _gemm_config():
     """The GEMM's run-time configuration, for tests and benchmarks: the level, the cache
-    sizes its blocking was derived from (bytes, by level), and per dtype the micro-tile
-    (mr x nr) and the blocking (kc, mc, nc)."""
-    return {"kernel": simd_kernel(),
+    sizes its blocking was derived from (bytes, by level), the most threads one product
+    uses, and per dtype the micro-tile (mr x nr) and the blocking (kc, mc, nc)."""
+    return {"kernel": simd_kernel(), "max_team": bp_ctx.max_team,
             "caches": {"L1": bp_ctx_caches.size[1], "L2": bp_ctx_caches.size[2],
                        "L3": bp_ctx_caches.size[3]},
             "float32": bp_ctx.s.blk, "float64": bp_ctx.d.blk}   # structs become dicts

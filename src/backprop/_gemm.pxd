@@ -55,6 +55,7 @@ cdef extern from "_gemm_kernels.h" nogil:
         const char* name
         bp_sgemm_ops s
         bp_dgemm_ops d
+        int max_team
     ctypedef struct bp_caches:
         long size[4]
     const bp_context bp_ctx
@@ -105,8 +106,9 @@ cdef inline GemmPlan plan_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_t
     plan.units = (m + blk.mr - 1) // blk.mr if plan.by_rows else (n + blk.nr - 1) // blk.nr
     if <double>m * n * k < PARALLEL_MIN_WORK:
         n_threads = 1
-    # Never more shares than strips: whatever the team, no share is empty.
-    plan.workers = <int>max(1, min(<Py_ssize_t>n_threads, plan.units))
+    # Never more shares than strips (whatever the team, no share is empty), nor than
+    # bp_ctx.max_team (at least 256; the number of CPUs if larger).
+    plan.workers = <int>max(1, min(<Py_ssize_t>min(n_threads, bp_ctx.max_team), plan.units))
     share = (plan.units + plan.workers - 1) // plan.workers      # strips in the largest share
     if plan.by_rows:
         rows = min(blk.mc, share * blk.mr)
@@ -124,7 +126,8 @@ cdef inline Py_ssize_t gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t
     """The scratch gemm() needs for this shape, element size and thread count: each share
     packs only its own strip of C's operands, so the need per thread shrinks as the team
     grows, and a team larger than the number of strips costs nothing more.  A caller
-    sizes one allocation as the maximum over all the products it will run."""
+    sizes one allocation as the maximum over all the products it will run.  Never more
+    than bp_ctx.max_team shares: a huge team costs at most that many slots."""
     cdef GemmPlan plan = plan_gemm(m, n, k, n_threads, itemsize)
     return plan.workers * plan.slot_bytes
 
