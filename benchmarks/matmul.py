@@ -157,8 +157,8 @@ def main():
               + " (NumPy is not at its best)")
     print(f"float32, {args.rounds} interleaved rounds of ~{args.block} s blocks, "
           f"{args.pause} s pauses; GFLOP/s are medians over rounds\n")
-    print(f"| {'shape':<27} | thr | backprop GF/s | numpy GF/s | ratio (min-max) | target |")
-    print(f"|{'-' * 29}|-----|---------------|------------|-----------------|--------|")
+    print(f"| {'shape':<27} | thr | backprop GF/s | numpy GF/s | ratio (min-max)    | target |")
+    print(f"|{'-' * 29}|-----|---------------|------------|--------------------|--------|")
     rng = np.random.default_rng(0)
     misses = 0
     for threads in args.threads:
@@ -168,7 +168,7 @@ def main():
             met = ratio >= target
             misses += not met
             print(f"| {name:<27} | {threads:>3} | {gflops['backprop']:>13.0f} | "
-                  f"{gflops['numpy']:>10.0f} | {ratio:5.2f} ({low:.2f}-{high:.2f}) | "
+                  f"{gflops['numpy']:>10.0f} | {ratio:5.3f} ({low:.2f}-{high:.2f}) | "
                   f">= {target:<4}{'' if met else ' MISS'} |", flush=True)
     print(f"\n{misses} of {len(shapes) * len(args.threads)} below target "
           "(a shared machine: rerun before believing a single miss)")
