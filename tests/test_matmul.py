@@ -347,47 +347,46 @@ def test_scratch_per_thread_shrinks_and_stops_at_the_strip_count():
     b = blocking(np.float32)
     for m, n, k in [(1024, 1024, 1024), (64, 128, 784), (4000, 50, 300), (9, 9000, 200)]:
         strips = -(-m // b["mr"]) if m > n else -(-n // b["nr"])
-        per_thread = [scratch(m, n, k, t) / min(t, strips) for t in range(1, 300)]
+
+        def shares(team):          # shares of ceil(strips / team) strips (part_start's split)
+            per_share = -(-strips // min(team, strips))
+            return -(-strips // per_share)
+
+        per_thread = [scratch(m, n, k, t) / shares(t) for t in range(1, 300)]
         assert all(x >= y for x, y in zip(per_thread, per_thread[1:])), (m, n, k)
         assert scratch(m, n, k, 100000) == scratch(m, n, k, strips) == scratch(m, n, k, 10**9)
-    # more strips than the largest team a product uses: that many shares, no more
-    max_team = bp._core._gemm_config()["max_team"]
-    assert max_team >= 256
-    n = (max_team + 50) * b["nr"]
-    assert scratch(9, n, 30, 100000) == scratch(9, n, 30, max_team) < scratch(9, n, 30, 1) * 300
     # below 2^20 multiply-adds one thread runs it, whatever the team
     assert scratch(32, 32, 64, 256) == scratch(32, 32, 64, 1)
 
 
-def test_a_huge_team_allocates_little_and_changes_nothing(rng):
-    """set_num_threads(100000) used to size 4 MB of scratch per thread (gigabytes); now a
-    product needs at most one share per strip of C."""
-    assert scratch(64, 128, 784, 100000) < 4 << 20
+def test_the_largest_team_allocates_little_and_changes_nothing(rng):
+    """set_num_threads(n) used to size 4 MB of scratch per thread, whatever the product
+    (gigabytes for a large n); now a product needs at most one share per strip of C."""
+    team = bp.MAX_THREADS
+    assert scratch(64, 128, 784, team) == scratch(64, 128, 784, 4) < 4 << 20   # 4 strips
     x = rng.normal(size=(64, 784)).astype(np.float32)
     w = rng.normal(size=(128, 784)).astype(np.float32)
-    with threads(1):
-        expected = bp.ops.matmul(x, w, trans_b=True)
-    with threads(100000):
-        np.testing.assert_array_equal(bp.ops.matmul(x, w, trans_b=True), expected)
-    # more strips than the largest team: libgomp is never asked for 100000 threads
     wide = rng.normal(size=(300 * blocking(np.float32)["nr"], 784)).astype(np.float32)
     with threads(1):
-        expected = bp.ops.matmul(x[:8], wide, trans_b=True)
-    with threads(100000):
-        np.testing.assert_array_equal(bp.ops.matmul(x[:8], wide, trans_b=True), expected)
+        expected = bp.ops.matmul(x, w, trans_b=True)
+        expected_wide = bp.ops.matmul(x[:8], wide, trans_b=True)     # 300 strips
+    with threads(team):
+        np.testing.assert_array_equal(bp.ops.matmul(x, w, trans_b=True), expected)
+        np.testing.assert_array_equal(bp.ops.matmul(x[:8], wide, trans_b=True), expected_wide)
     # a network sizes its one scratch for every product of its passes with that team
-    # (forward and backward only: the optimizer's own threads are not the GEMM's)
     y = rng.integers(0, 10, 64)
     results = []
-    for team in (1, 100000):
+    for count in (1, team):
         net = bp.Network([bp.Dense(784, 128, "relu"), bp.Dense(128, 10, "softmax")],
                          loss="cross_entropy", seed=0)
-        with threads(team):
+        with threads(count):
             out = net.forward(x)
             net.backward(y)
-        results.append((out, net.grads.copy()))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    np.testing.assert_array_equal(results[0][1], results[1][1])
+            net.step()
+            out_after_step = net.forward(x)
+        results.append((out, net.grads.copy(), out_after_step))
+    for got, expected in zip(results[1], results[0]):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_a_smaller_team_than_asked_runs_every_share():

@@ -30,6 +30,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, threadid
 from libc.string cimport memset
 from backprop._activations cimport activate_tile
+from backprop._parallel cimport part_start
 
 cdef extern from "_gemm_kernels.h" nogil:
     ctypedef void (*bp_skernel_t)(Py_ssize_t k, const float* a, const float* b, float* c,
@@ -55,7 +56,6 @@ cdef extern from "_gemm_kernels.h" nogil:
         const char* name
         bp_sgemm_ops s
         bp_dgemm_ops d
-        int max_team
     ctypedef struct bp_caches:
         long size[4]
     const bp_context bp_ctx
@@ -76,7 +76,7 @@ cdef struct GemmPlan:
                            # with KC = 256, not 3 x 256 + 16: no short, inefficient block)
     bint by_rows           # threads split C's rows, else its columns
     Py_ssize_t units       # MR-tall (by rows) or NR-wide (by columns) strips to share out
-    int workers            # shares: each is one thread's work and one scratch slot
+    int workers            # shares, none empty: each one thread's work and one scratch slot
     Py_ssize_t a_elems     # the packed A block of a slot; the packed B block follows it
     Py_ssize_t slot_bytes  # one share's scratch, a multiple of 64 bytes
 
@@ -106,10 +106,12 @@ cdef inline GemmPlan plan_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_t
     plan.units = (m + blk.mr - 1) // blk.mr if plan.by_rows else (n + blk.nr - 1) // blk.nr
     if <double>m * n * k < PARALLEL_MIN_WORK:
         n_threads = 1
-    # Never more shares than strips (whatever the team, no share is empty), nor than
-    # bp_ctx.max_team (at least 256; the number of CPUs if larger).
-    plan.workers = <int>max(1, min(<Py_ssize_t>min(n_threads, bp_ctx.max_team), plan.units))
-    share = (plan.units + plan.workers - 1) // plan.workers      # strips in the largest share
+    # Shares of `share` strips each (part_start's split; the last may be shorter), as many
+    # as the team needs to cover C, so that none is empty whatever the team.  (The team
+    # itself is capped by the caller: MAX_THREADS in _core.pyx.)
+    share = max(1, min(<Py_ssize_t>n_threads, plan.units))
+    share = (plan.units + share - 1) // share
+    plan.workers = <int>((plan.units + share - 1) // share)
     if plan.by_rows:
         rows = min(blk.mc, share * blk.mr)
         cols = min(blk.nc, _round_up(n, blk.nr))
@@ -126,8 +128,7 @@ cdef inline Py_ssize_t gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t
     """The scratch gemm() needs for this shape, element size and thread count: each share
     packs only its own strip of C's operands, so the need per thread shrinks as the team
     grows, and a team larger than the number of strips costs nothing more.  A caller
-    sizes one allocation as the maximum over all the products it will run.  Never more
-    than bp_ctx.max_team shares: a huge team costs at most that many slots."""
+    sizes one allocation as the maximum over all the products it will run."""
     cdef GemmPlan plan = plan_gemm(m, n, k, n_threads, itemsize)
     return plan.workers * plan.slot_bytes
 
@@ -244,16 +245,16 @@ cdef inline void gemm_share(const GemmPlan* plan, int share, Py_ssize_t m, Py_ss
                             const floating* b, Py_ssize_t ldb, bint trans_b,
                             floating* c, Py_ssize_t ldc, bint accumulate,
                             const floating* bias, int activation, char* slot) noexcept nogil:
-    """Share `share` of plan.workers: a run of whole strips, never past C's edge (each
-    share has at least one strip, since there are no more shares than strips)."""
+    """Share `share` of plan.workers: a run of whole strips, clamped to C (see
+    _parallel.pxd); plan_gemm chose the count so that none is empty."""
     cdef const bp_blocking* blk = _blocking(sizeof(floating))
-    cdef Py_ssize_t lo = share * plan.units // plan.workers
-    cdef Py_ssize_t hi = (share + 1) * plan.units // plan.workers
     if plan.by_rows:
-        gemm_block(plan, lo * blk.mr, min(m, hi * blk.mr), 0, n, k, a, lda, trans_a,
+        gemm_block(plan, part_start(m, share, plan.workers, blk.mr),
+                   part_start(m, share + 1, plan.workers, blk.mr), 0, n, k, a, lda, trans_a,
                    b, ldb, trans_b, c, ldc, accumulate, bias, activation, slot)
     else:
-        gemm_block(plan, 0, m, lo * blk.nr, min(n, hi * blk.nr), k, a, lda, trans_a,
+        gemm_block(plan, 0, m, part_start(n, share, plan.workers, blk.nr),
+                   part_start(n, share + 1, plan.workers, blk.nr), k, a, lda, trans_a,
                    b, ldb, trans_b, c, ldc, accumulate, bias, activation, slot)
 
 
@@ -293,4 +294,4 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
         while share < plan.workers:
             gemm_share(&plan, share, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
                        accumulate, bias, activation, <char*>scratch + tid * plan.slot_bytes)
-            share = share + team
+            share = share + team      # (not +=, which Cython reads as a reduction)

@@ -76,7 +76,6 @@ typedef struct {
     const char *name;
     bp_sgemm_ops s;
     bp_dgemm_ops d;
-    int max_team;   /* most threads one product uses: see bp_gemm_init */
 } bp_context;
 
 /* The largest MR x NR any level uses, for scratch tiles. */
@@ -329,11 +328,6 @@ static void bp_gemm_init(void)
     long n_cpus = bp_online_cpus();
     bp_ctx.s.blk = bp_blocking_for(bp_ctx.s.blk, level, sizeof(float), bp_ctx_caches, n_cpus);
     bp_ctx.d.blk = bp_blocking_for(bp_ctx.d.blk, level, sizeof(double), bp_ctx_caches, n_cpus);
-    /* However many threads a caller asks for, one product never uses more than this:
-     * libgomp aborts or overflows its stack starting tens of thousands of threads, and
-     * every share packs its own copy of an operand block (~1 MB).  256 keeps teams
-     * larger than the machine possible (the tests force them to reach every split). */
-    bp_ctx.max_team = n_cpus > 256 ? (int)n_cpus : 256;
 }
 
 static const char *bp_gemm_kernel_name(void) { return bp_ctx.name; }
