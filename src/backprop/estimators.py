@@ -727,12 +727,14 @@ class _BaseMLP(BaseEstimator):
         return _output(self.out_activation_, np.concatenate(chunks))
 
     def _predict_outputs(self, X):
+        """Outputs for new X, in X's precision (float32 for float32 X, else float64) as
+        scikit-learn returns them, whatever precision the network computes in."""
         check_is_fitted(self)
         X = validate_data(self, X, accept_sparse=["csr"], dtype=(np.float64, np.float32),
                           reset=False)
-        X = X.astype(self.dtype, copy=False)
+        out_dtype = X.dtype
         with _threads(self.n_threads):
-            return self._forward(X)
+            return self._forward(X.astype(self.dtype, copy=False)).astype(out_dtype, copy=False)
 
     def _validate_X_y(self, X, y, reset, y_numeric):
         X, y = validate_data(self, X, y, accept_sparse=["csr"], multi_output=True,
