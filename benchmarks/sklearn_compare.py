@@ -1,0 +1,118 @@
+"""Fit time and score: backprop.estimators vs sklearn.neural_network, same parameters.
+
+Each configuration fits scikit-learn's MLP and backprop's drop-in replacement with the
+same parameters on the same split, for the same number of epochs (tol=0 and
+n_iter_no_change=max_iter, so neither stops early), in interleaved rounds; the table
+gives the median fit time of the rounds, the test score, and the speed-up.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/sklearn_compare.py
+    python benchmarks/sklearn_compare.py --rounds 3 --configs digits friedman1
+
+Unset OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on the machines here) so that NumPy, and
+so scikit-learn, runs at its best.  On a machine shared with other jobs, the load average
+printed before and after tells whether the numbers can be trusted; OMP_WAIT_POLICY=passive
+keeps backprop's threads from spinning against other processes (see the README).
+"""
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+
+import numpy as np
+
+import backprop
+from backprop import datasets, estimators
+
+
+def _digits():
+    X, y = datasets.load_digits()
+    return datasets.train_test_split(X, y, seed=0, stratify=True)
+
+
+def _mnist_sample():
+    X, y = datasets.load_mnist_sample()
+    return datasets.train_test_split(X, y, seed=0, stratify=True)
+
+
+def _friedman1():
+    from sklearn.datasets import make_friedman1
+    X, y = make_friedman1(n_samples=5000, noise=0.5, random_state=0)
+    y = (y - y.mean()) / y.std()
+    return datasets.train_test_split(X, y, seed=0)
+
+
+# name: (task, data, parameters shared by both libraries)
+CONFIGS = {
+    "digits": ("classifier", _digits, dict(max_iter=100)),
+    "digits-batch32": ("classifier", _digits, dict(max_iter=30, batch_size=32)),
+    "mnist-sample": ("classifier", _mnist_sample, dict(max_iter=30)),
+    "friedman1": ("regressor", _friedman1, dict(max_iter=100, learning_rate_init=0.01)),
+}
+
+
+def _fit_and_score(cls, params, data):
+    X_train, X_test, y_train, y_test = data
+    model = cls(random_state=0, tol=0.0, n_iter_no_change=params["max_iter"], **params)
+    started = time.perf_counter()
+    model.fit(X_train, y_train)
+    seconds = time.perf_counter() - started
+    return seconds, model.score(X_test, y_test), model.n_iter_
+
+
+def _machine():
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                     if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    try:
+        flags = open("/proc/cpuinfo").read()
+        avx512 = sorted({w for w in flags.split() if w.startswith("avx512")})
+    except OSError:
+        avx512 = []
+    return (f"{model}, {os.cpu_count()} logical CPUs, avx512: {' '.join(avx512) or 'none'}, "
+            f"backprop {backprop.__version__} ({backprop.simd_kernel()}, "
+            f"{backprop.get_num_threads()} threads)")
+
+
+def main():
+    import sklearn
+    from sklearn import neural_network
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    args = parser.parse_args()
+    print(f"machine: {_machine()}; scikit-learn {sklearn.__version__}, numpy {np.__version__}")
+    print(f"load average before: {os.getloadavg()}")
+    print("| config | parameters | epochs | scikit-learn s | backprop s | speed-up "
+          "| scikit-learn score | backprop score |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.configs:
+        task, load, params = CONFIGS[name]
+        data = load()
+        ours = estimators.MLPClassifier if task == "classifier" else estimators.MLPRegressor
+        theirs = (neural_network.MLPClassifier if task == "classifier"
+                  else neural_network.MLPRegressor)
+        times = {"sklearn": [], "backprop": []}
+        scores = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(args.rounds):            # interleaved: both see the same load
+                for label, cls in (("sklearn", theirs), ("backprop", ours)):
+                    seconds, scores[label], epochs = _fit_and_score(cls, params, data)
+                    times[label].append(seconds)
+        a, b = statistics.median(times["sklearn"]), statistics.median(times["backprop"])
+        shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "max_iter")
+        print(f"| {name} {data[0].shape} | {shown or 'defaults'} | {epochs} | {a:.3f} | "
+              f"{b:.3f} | {a / b:.1f}x | {scores['sklearn']:.4f} | {scores['backprop']:.4f} |",
+              flush=True)
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
