@@ -27,6 +27,9 @@ def _network_pickles():
         return False
 
 
+# Runs that stop at max_iter on purpose warn as scikit-learn does; the warning is tested once.
+pytestmark = pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
+
 NETWORK_PICKLES = _network_pickles()
 WAITING_FOR_PICKLE = ("a fitted estimator holds a backprop.Network, which pickles once "
                       "Network.__reduce__ (issue 11, part 1) is on main")
@@ -46,9 +49,7 @@ def test_classifier_learns_digits_with_arbitrary_labels():
     names = np.array(list("abcdefghij"))[y]                 # labels need not be 0..k-1
     X_train, X_test, y_train, y_test = datasets.train_test_split(X, names, seed=0, stratify=True)
     clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=150, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(X_train, y_train)
+    clf.fit(X_train, y_train)
     assert list(clf.classes_) == list("abcdefghij")
     assert clf.predict(X_test).dtype == names.dtype
     assert clf.score(X_test, y_test) > 0.95
@@ -218,9 +219,7 @@ def test_initialisation_is_scikit_learns_glorot_uniform():
     for activation, factor in (("relu", 6.0), ("logistic", 2.0)):
         clf = MLPClassifier(hidden_layer_sizes=(7,), activation=activation, max_iter=1,
                             learning_rate_init=1e-300, dtype="float64", random_state=3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(X, y)                        # one step of size 1e-300: nothing moves
+        clf.fit(X, y)                        # one step of size 1e-300: nothing moves
         rs = np.random.RandomState(3)
         for (fan_in, fan_out), W, b in zip([(4, 7), (7, 3)], clf.coefs_, clf.intercepts_):
             bound = np.sqrt(factor / (fan_in + fan_out))
@@ -236,9 +235,7 @@ def test_partial_fit_keeps_the_adam_state():
     X, y = _blobs()
     kw = dict(hidden_layer_sizes=(8,), batch_size=16, shuffle=False, random_state=0)
     fitted = MLPClassifier(max_iter=2, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        fitted.fit(X, y)
+    fitted.fit(X, y)
     online = MLPClassifier(**kw).partial_fit(X, y, classes=[0, 1, 2]).partial_fit(X, y)
     for a, b in zip(fitted.coefs_ + fitted.intercepts_, online.coefs_ + online.intercepts_):
         np.testing.assert_array_equal(a, b)
@@ -255,18 +252,16 @@ def test_partial_fit_keeps_the_adam_state():
 def test_warm_start_continues_and_cold_start_restarts():
     X, y = _blobs()
     kw = dict(hidden_layer_sizes=(8,), max_iter=5, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier(warm_start=True, **kw).fit(X, y)
-        first = clf.loss_curve_[-1]
-        clf.fit(X, y)
-        assert len(clf.loss_curve_) == 10 and clf.n_iter_ == 5 and clf.t_ == 10 * len(X)
-        assert clf.loss_curve_[5] < first                 # it went on from the trained weights
-        assert clf.network_.optimizer.steps == 5          # a fresh optimizer for each fit
-        cold = MLPClassifier(**kw).fit(X, y)
-        assert cold.fit(X, y).loss_curve_ == MLPClassifier(**kw).fit(X, y).loss_curve_
-        with pytest.raises(ValueError, match="same layer sizes"):
-            clf.set_params(hidden_layer_sizes=(9,)).fit(X, y)
+    clf = MLPClassifier(warm_start=True, **kw).fit(X, y)
+    first = clf.loss_curve_[-1]
+    clf.fit(X, y)
+    assert len(clf.loss_curve_) == 10 and clf.n_iter_ == 5 and clf.t_ == 10 * len(X)
+    assert clf.loss_curve_[5] < first                 # it went on from the trained weights
+    assert clf.network_.optimizer.steps == 5          # a fresh optimizer for each fit
+    cold = MLPClassifier(**kw).fit(X, y)
+    assert cold.fit(X, y).loss_curve_ == MLPClassifier(**kw).fit(X, y).loss_curve_
+    with pytest.raises(ValueError, match="same layer sizes"):
+        clf.set_params(hidden_layer_sizes=(9,)).fit(X, y)
 
 
 def test_tol_and_n_iter_no_change_stop_training():
@@ -298,9 +293,7 @@ def test_invscaling_learning_rate():
     X, y = _blobs()
     clf = MLPRegressor(hidden_layer_sizes=(8,), solver="sgd", learning_rate="invscaling",
                        learning_rate_init=0.05, power_t=0.25, max_iter=3, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(X, y)
+    clf.fit(X, y)
     # lr = learning_rate_init / (t + 1) ** power_t after each epoch, t = samples seen
     assert clf.t_ == 360
     assert clf.network_.optimizer.lr == pytest.approx(0.05 / 361 ** 0.25)
@@ -333,12 +326,10 @@ def test_sample_weights_equal_repeated_rows():
     # row w times (zero: dropping it); in float64 the fits agree to rounding.
     X, y = _blobs(n=30)
     w = np.random.default_rng(0).integers(0, 3, size=30)
-    kw = dict(hidden_layer_sizes=(5,), batch_size=200, max_iter=30, dtype="float64",
+    kw = dict(hidden_layer_sizes=(5,), max_iter=30, dtype="float64",     # one batch: "auto"
               random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        weighted = MLPClassifier(**kw).fit(X, y, sample_weight=w)
-        repeated = MLPClassifier(**kw).fit(np.repeat(X, w, axis=0), np.repeat(y, w))
+    weighted = MLPClassifier(**kw).fit(X, y, sample_weight=w)
+    repeated = MLPClassifier(**kw).fit(np.repeat(X, w, axis=0), np.repeat(y, w))
     np.testing.assert_allclose(weighted.predict_proba(X), repeated.predict_proba(X), rtol=1e-9)
     for bad, match in ((np.ones(5), "shape"), (-np.ones(30), "non-negative"),
                        (np.zeros(30), "non-zero")):
@@ -349,11 +340,9 @@ def test_sample_weights_equal_repeated_rows():
 def test_dtype_and_threads():
     X, y = _blobs()
     kw = dict(hidden_layer_sizes=(16,), max_iter=20, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        one = MLPClassifier(n_threads=1, **kw).fit(X, y)
-        two = MLPClassifier(n_threads=2, **kw).fit(X, y)
-        wide = MLPClassifier(dtype="float64", **kw).fit(X, y)
+    one = MLPClassifier(n_threads=1, **kw).fit(X, y)
+    two = MLPClassifier(n_threads=2, **kw).fit(X, y)
+    wide = MLPClassifier(dtype="float64", **kw).fit(X, y)
     assert one.network_.dtype == np.float32 and wide.network_.dtype == np.float64
     for a, b in zip(one.coefs_, two.coefs_):                # bit-identical for any threads
         np.testing.assert_array_equal(a, b)
@@ -391,9 +380,7 @@ BAD_PARAMS = [
 def test_bad_parameters_are_named_and_change_nothing(name, value, error):
     X, y = _blobs()
     clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(X, y)
+    clf.fit(X, y)
     before = {k: v for k, v in vars(clf).items()}
     weights = clf.network_.params.copy()
     clf.set_params(**{name: value})
@@ -413,9 +400,7 @@ def test_bad_input_is_refused_and_changes_nothing():
     clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, random_state=0)
     with pytest.raises(NotFittedError):
         clf.predict(X)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(X, y)
+    clf.fit(X, y)
     state = dict(vars(clf))
     bad_X = X.copy()
     bad_X[3, 1] = np.nan
@@ -455,9 +440,7 @@ def test_unfitted_estimators_pickle():
 def test_fitted_estimators_pickle_and_go_on_training():
     X, y = _blobs()
     clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, shuffle=False, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(X, y)
+    clf.fit(X, y)
     copy = pickle.loads(pickle.dumps(clf))
     np.testing.assert_array_equal(copy.predict_proba(X), clf.predict_proba(X))
     clf.partial_fit(X, y)
