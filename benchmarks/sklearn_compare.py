@@ -3,7 +3,9 @@
 Each configuration fits scikit-learn's MLP and backprop's drop-in replacement with the
 same parameters on the same split, for the same number of epochs (tol=0 and
 n_iter_no_change=max_iter, so neither stops early), in interleaved rounds; the table
-gives the median fit time of the rounds, the test score, and the speed-up.
+gives the median wall-clock fit time of the rounds, the speed-up, the median CPU time
+(all threads of the process; it is what a fit costs when other jobs share the cores),
+and the test scores.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/sklearn_compare.py
     python benchmarks/sklearn_compare.py --rounds 3 --configs digits friedman1
@@ -56,10 +58,10 @@ CONFIGS = {
 def _fit_and_score(cls, params, data):
     X_train, X_test, y_train, y_test = data
     model = cls(random_state=0, tol=0.0, n_iter_no_change=params["max_iter"], **params)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     model.fit(X_train, y_train)
-    seconds = time.perf_counter() - started
-    return seconds, model.score(X_test, y_test), model.n_iter_
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return seconds, cpu, model.score(X_test, y_test), model.n_iter_
 
 
 def _machine():
@@ -90,8 +92,9 @@ def main():
     print(f"machine: {_machine()}; scikit-learn {sklearn.__version__}, numpy {np.__version__}")
     print(f"load average before: {os.getloadavg()}")
     print("| config | parameters | epochs | scikit-learn s | backprop s | speed-up "
-          "| scikit-learn score | backprop score |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| scikit-learn CPU s | backprop CPU s | CPU ratio | scikit-learn score "
+          "| backprop score |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         task, load, params = CONFIGS[name]
         data = load()
@@ -99,18 +102,21 @@ def main():
         theirs = (neural_network.MLPClassifier if task == "classifier"
                   else neural_network.MLPRegressor)
         times = {"sklearn": [], "backprop": []}
+        cpu = {"sklearn": [], "backprop": []}
         scores = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(args.rounds):            # interleaved: both see the same load
                 for label, cls in (("sklearn", theirs), ("backprop", ours)):
-                    seconds, scores[label], epochs = _fit_and_score(cls, params, data)
+                    seconds, used, scores[label], epochs = _fit_and_score(cls, params, data)
                     times[label].append(seconds)
+                    cpu[label].append(used)
         a, b = statistics.median(times["sklearn"]), statistics.median(times["backprop"])
+        c, d = statistics.median(cpu["sklearn"]), statistics.median(cpu["backprop"])
         shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "max_iter")
         print(f"| {name} {data[0].shape} | {shown or 'defaults'} | {epochs} | {a:.3f} | "
-              f"{b:.3f} | {a / b:.1f}x | {scores['sklearn']:.4f} | {scores['backprop']:.4f} |",
-              flush=True)
+              f"{b:.3f} | {a / b:.1f}x | {c:.3f} | {d:.3f} | {c / d:.1f}x | "
+              f"{scores['sklearn']:.4f} | {scores['backprop']:.4f} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 

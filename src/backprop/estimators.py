@@ -215,17 +215,20 @@ def _per_sample_loss(name, z, p, y):
         return 0.5 * ((p - y) ** 2).mean(axis=1)
     if name == "logistic":                         # binary log-loss, summed over outputs
         return (np.logaddexp(0, z) - y * z).sum(axis=1)
-    if name == "softmax":                          # categorical log-loss
-        log_p = z - z.max(axis=1, keepdims=True)
-        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
-        return -(y * log_p).sum(axis=1)
+    if name == "softmax":                          # categorical log-loss, -sum(y * log p)
+        # log p = z - logsumexp(z), and logsumexp(z) = max(z) - log(max(p)) because the
+        # largest logit's probability is 1 / sum(exp(z - max(z))) >= 1 / n_classes (no
+        # underflow); the one-hot rows of y sum to 1.
+        return z.max(axis=1) - np.log(p.max(axis=1)) - (y * z).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):   # half Poisson deviance
         y_log_y = np.where(y > 0, y * np.log(np.where(y > 0, y, 1)), 0)
     return (y_log_y - y * z - y + p).sum(axis=1)
 
 
 def _mean(values, weights):
-    return float(values.mean()) if weights is None else float(values @ weights / weights.sum())
+    if weights is None:
+        return float(values.sum()) / len(values)
+    return float(values @ weights) / float(weights.sum())
 
 
 def _accuracy(y_true, y_pred, sample_weight=None):
