@@ -416,6 +416,15 @@ def test_bad_input_is_refused_and_changes_nothing():
         clf.predict(X[:, :3])
 
 
+def test_divergence_is_reported_and_keeps_the_last_good_weights():
+    X = np.random.default_rng(0).normal(size=(50, 3)) * 1e18     # huge, unscaled inputs
+    reg = MLPRegressor(hidden_layer_sizes=(4,), solver="sgd", learning_rate_init=1.0,
+                       max_iter=5, random_state=0)
+    with pytest.raises(ValueError, match="non-finite .* preprocessed"):
+        reg.fit(X, X.sum(axis=1))
+    assert np.isfinite(reg.network_.params).all()
+
+
 def test_new_layer_options():
     X, y = _blobs()
     if not hasattr(bp, "BatchNorm"):        # the layer redesign is not on main yet

@@ -191,6 +191,8 @@ except ImportError:     # scikit-learn (>= 1.6) is absent: the part of its contr
 _HIDDEN_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh",
                        "relu": "relu"}      # scikit-learn's names -> backprop's
 _PREDICT_CHUNK = 1024                       # rows per forward pass when predicting
+_DIVERGED = ("Solver produced non-finite parameter weights. The input data may contain large "
+             "values and need to be preprocessed, or learning_rate_init is too large.")
 
 
 # --------------------------------------------------------------------------- output heads
@@ -528,8 +530,7 @@ class _BaseMLP(BaseEstimator):
         with _threads(self.n_threads):
             self._fit_stochastic(X, Y, sample_weight, rs, incremental)
         if not np.isfinite(self.network_.params).all():
-            raise ValueError("Solver produced non-finite parameter weights. The input data may "
-                             "contain large values and need to be preprocessed.")
+            raise ValueError(_DIVERGED)
         return self
 
     def _check_sample_weight(self, sample_weight, X):
@@ -630,6 +631,8 @@ class _BaseMLP(BaseEstimator):
             return 0.0
         p = _output(self.out_activation_, z)
         loss = _mean(_per_sample_loss(self.out_activation_, z, p, y), sw)
+        if not np.isfinite(loss):       # stop here: the weights are still the last good ones
+            raise ValueError(f"{_DIVERGED} (The loss was {loss} at epoch {self.n_iter_ + 1}.)")
         delta = p - y                   # dLoss/dz for every output head
         if sw is not None:
             delta *= sw[:, None].astype(delta.dtype)
@@ -643,9 +646,8 @@ class _BaseMLP(BaseEstimator):
             layer.weight_grad += layer.weight * w.dtype.type(scale)
         try:
             net.step()
-        except FloatingPointError:
-            raise ValueError("Solver produced non-finite parameter weights. The input data may "
-                             "contain large values and need to be preprocessed.") from None
+        except FloatingPointError:      # a step that refuses non-finite gradients
+            raise ValueError(_DIVERGED) from None
         net.zero_grad()
         return loss + 0.5 * self.alpha * penalty / norm
 
