@@ -199,32 +199,31 @@ _DIVERGED = ("Solver produced non-finite parameter weights. The input data may c
 # Each head is an output function p = f(z) of the logits and the loss it is the canonical
 # link of, so the gradient of the loss with respect to z is p - y for all of them.
 
-def _output(name, z):
-    """The output function `name` applied to logits z of shape (n, n_outputs)."""
-    if name == "identity":
-        return z
-    if name == "logistic":
-        return np.exp(-np.logaddexp(0, -z))        # no overflow for any z
-    if name == "softmax":
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    return np.exp(z)                               # "exp", the Poisson loss's inverse link
-
-
-def _per_sample_loss(name, z, p, y):
-    """scikit-learn's loss of each row (shape (n,)), from the logits for stability."""
+def _head(name, z, y=None):
+    """Outputs p = f(z) for logits z of shape (n, n_outputs) and, given targets y, the
+    loss of each row as scikit-learn defines it (shape (n,)), computed from z."""
     if name == "identity":                         # half squared error, mean over outputs
-        return 0.5 * ((p - y) ** 2).mean(axis=1)
-    if name == "logistic":                         # binary log-loss, summed over outputs
-        return (np.logaddexp(0, z) - y * z).sum(axis=1)
-    if name == "softmax":                          # categorical log-loss, -sum(y * log p)
-        # log p = z - logsumexp(z), and logsumexp(z) = max(z) - log(max(p)) because the
-        # largest logit's probability is 1 / sum(exp(z - max(z))) >= 1 / n_classes (no
-        # underflow); the one-hot rows of y sum to 1.
-        return z.max(axis=1) - np.log(p.max(axis=1)) - (y * z).sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):   # half Poisson deviance
-        y_log_y = np.where(y > 0, y * np.log(np.where(y > 0, y, 1)), 0)
-    return (y_log_y - y * z - y + p).sum(axis=1)
+        p = z
+        loss = None if y is None else 0.5 * ((p - y) ** 2).mean(axis=1)
+    elif name == "logistic":                       # binary log-loss, summed over outputs
+        p = np.exp(-np.logaddexp(0, -z))           # no overflow for any z
+        loss = None if y is None else (np.logaddexp(0, z) - y * z).sum(axis=1)
+    elif name == "softmax":                        # categorical log-loss, -sum(y * log p)
+        top = z.max(axis=1, keepdims=True)
+        exp = np.exp(z - top)
+        total = exp.sum(axis=1, keepdims=True)
+        p = exp / total
+        # log p = z - (top + log(total)); the one-hot rows of y sum to 1
+        loss = None if y is None else (top + np.log(total))[:, 0] - (y * z).sum(axis=1)
+    else:                                          # "exp": half Poisson deviance
+        p = np.exp(z)
+        if y is None:
+            loss = None
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                y_log_y = np.where(y > 0, y * np.log(np.where(y > 0, y, 1)), 0)
+            loss = (y_log_y - y * z - y + p).sum(axis=1)
+    return p, loss
 
 
 def _mean(values, weights):
@@ -629,8 +628,8 @@ class _BaseMLP(BaseEstimator):
         norm = len(rows) if sw is None else sw.sum()
         if norm == 0:                   # nothing to learn from in this minibatch
             return 0.0
-        p = _output(self.out_activation_, z)
-        loss = _mean(_per_sample_loss(self.out_activation_, z, p, y), sw)
+        p, loss_rows = _head(self.out_activation_, z, y)
+        loss = _mean(loss_rows, sw)
         if not np.isfinite(loss):       # stop here: the weights are still the last good ones
             raise ValueError(f"{_DIVERGED} (The loss was {loss} at epoch {self.n_iter_ + 1}.)")
         delta = p - y                   # dLoss/dz for every output head
@@ -729,7 +728,7 @@ class _BaseMLP(BaseEstimator):
         """Outputs p = f(z) of the network for validated X, in chunks of rows."""
         chunks = [self.network_.forward(_rows(X, slice(i, i + _PREDICT_CHUNK)))
                   for i in range(0, X.shape[0], _PREDICT_CHUNK)]
-        return _output(self.out_activation_, np.concatenate(chunks))
+        return _head(self.out_activation_, np.concatenate(chunks))[0]
 
     def _predict_outputs(self, X):
         """Outputs for new X, in X's precision (float32 for float32 X, else float64) as
