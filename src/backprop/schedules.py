@@ -7,8 +7,23 @@ training loss when there is no validation data).
 import math
 
 
+def _positive(name, value, *, upper=None):
+    """`value` as a finite float > 0 (and < upper), else a ValueError naming it."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0 and (upper is None or number < upper)):
+        bound = f"in (0, {upper})" if upper is not None else "a finite number > 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return number
+
+
 class Schedule:
     def __init__(self, optimizer):
+        from backprop.optim import Optimizer
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"a schedule needs a backprop optimizer, got {optimizer!r}")
         self.optimizer = optimizer
         self.base_lr = optimizer.lr
         self.epoch = 0
@@ -35,7 +50,7 @@ class StepLR(Schedule):
         if int(step_size) < 1:
             raise ValueError(f"step_size must be a positive integer, got {step_size!r}")
         super().__init__(optimizer)
-        self.step_size, self.gamma = int(step_size), float(gamma)
+        self.step_size, self.gamma = int(step_size), _positive("gamma", gamma)
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** (epoch // self.step_size)
@@ -46,7 +61,7 @@ class ExponentialLR(Schedule):
 
     def __init__(self, optimizer, gamma):
         super().__init__(optimizer)
-        self.gamma = float(gamma)
+        self.gamma = _positive("gamma", gamma)
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** epoch
@@ -59,6 +74,8 @@ class CosineAnnealingLR(Schedule):
         if int(T_max) < 1:
             raise ValueError(f"T_max must be a positive integer, got {T_max!r}")
         super().__init__(optimizer)
+        if not (math.isfinite(float(eta_min)) and 0 <= float(eta_min) <= self.base_lr):
+            raise ValueError(f"eta_min must be in [0, lr = {self.base_lr}], got {eta_min!r}")
         self.T_max, self.eta_min = int(T_max), float(eta_min)
 
     def lr_at(self, epoch):
@@ -71,10 +88,14 @@ class ReduceLROnPlateau(Schedule):
     `threshold`, relative) for `patience` epochs; never below `min_lr`."""
 
     def __init__(self, optimizer, factor=0.1, patience=10, threshold=1e-4, min_lr=0.0):
-        if not 0 < factor < 1:
-            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        factor = _positive("factor", factor, upper=1)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+        for name, value in (("threshold", threshold), ("min_lr", min_lr)):
+            if not (math.isfinite(float(value)) and float(value) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         super().__init__(optimizer)
-        self.factor, self.patience = float(factor), int(patience)
+        self.factor, self.patience = factor, patience
         self.threshold, self.min_lr = float(threshold), float(min_lr)
         self.best, self.bad_epochs = math.inf, 0
 
