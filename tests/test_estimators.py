@@ -4,6 +4,7 @@ parameters, losses, gradients, stopping rules and fitted attributes.
 The comparisons with scikit-learn itself (its estimator checks, identical training in
 float64, clone/Pipeline/GridSearchCV) are in test_estimators_sklearn.py.
 """
+import copy as copy_module
 import pickle
 import subprocess
 import sys
@@ -19,20 +20,9 @@ from backprop.estimators import (ConvergenceWarning, MLPClassifier, MLPRegressor
                                  NotFittedError)
 
 
-def _network_pickles():
-    try:
-        pickle.dumps(bp.Network([bp.Dense(1, 1)]))
-        return True
-    except TypeError:
-        return False
-
-
 # Runs that stop at max_iter on purpose warn as scikit-learn does; the warning is tested once.
 pytestmark = pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
 
-NETWORK_PICKLES = _network_pickles()
-WAITING_FOR_PICKLE = ("a fitted estimator holds a backprop.Network, which pickles once "
-                      "Network.__reduce__ (issue 11, part 1) is on main")
 
 
 def _blobs(n=120, n_classes=3, n_features=4, seed=0):
@@ -425,18 +415,23 @@ def test_divergence_is_reported_and_keeps_the_last_good_weights():
     assert np.isfinite(reg.network_.params).all()
 
 
-def test_new_layer_options():
+def test_batch_norm_and_dropout():
     X, y = _blobs()
-    if not hasattr(bp, "BatchNorm"):        # the layer redesign is not on main yet
-        for option in (dict(batch_norm=True), dict(dropout=0.2)):
-            with pytest.raises(NotImplementedError, match="backprop"):
-                MLPClassifier(**option).fit(X, y)
-        return
-    clf = MLPClassifier(hidden_layer_sizes=(16,), batch_norm=True, dropout=0.1, max_iter=100,
-                        random_state=0).fit(X, y)
-    assert clf.score(X, y) > 0.9
-    assert len(clf.coefs_) == 2 and not clf.network_.training
-    np.testing.assert_array_equal(clf.predict_proba(X), clf.predict_proba(X))
+    kw = dict(hidden_layer_sizes=(16,), max_iter=200, learning_rate_init=0.01, random_state=0)
+    clf = MLPClassifier(batch_norm=True, dropout=0.1, **kw).fit(X, y)
+    assert [type(layer).__name__ for layer in clf.network_.layers] == [
+        "Dense", "BatchNorm", "Activation", "Dropout", "Dense"]
+    assert clf.score(X, y) > 0.95
+    assert [c.shape for c in clf.coefs_] == [(4, 16), (16, 3)]   # the Dense layers only
+    assert not clf.network_.training                          # predictions in eval mode:
+    np.testing.assert_array_equal(clf.predict_proba(X), clf.predict_proba(X))   # no dropout
+    running_var = clf.network_.layers[1].running_var
+    assert running_var.shape == (16,) and not np.allclose(running_var, 1)  # batch statistics
+    # early stopping restores the best epoch's running statistics with its weights
+    best = MLPClassifier(batch_norm=True, early_stopping=True, **kw).fit(X, y)
+    snapshot_params, snapshot_buffers = best._best_snapshot
+    np.testing.assert_array_equal(best.network_.params, snapshot_params)
+    np.testing.assert_array_equal(best.network_.buffers, snapshot_buffers)
 
 
 def test_unfitted_estimators_pickle():
@@ -444,17 +439,19 @@ def test_unfitted_estimators_pickle():
     assert clf.get_params()["hidden_layer_sizes"] == (7,) and clf.alpha == 0.5
 
 
-@pytest.mark.xfail(not NETWORK_PICKLES, reason=WAITING_FOR_PICKLE, raises=TypeError,
-                   strict=True)
-def test_fitted_estimators_pickle_and_go_on_training():
+def test_fitted_estimators_pickle_copy_and_go_on_training():
     X, y = _blobs()
     clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, shuffle=False, random_state=0)
     clf.fit(X, y)
-    copy = pickle.loads(pickle.dumps(clf))
-    np.testing.assert_array_equal(copy.predict_proba(X), clf.predict_proba(X))
-    clf.partial_fit(X, y)
-    copy.partial_fit(X, y)
-    np.testing.assert_array_equal(copy.network_.params, clf.network_.params)
+    for copy in (pickle.loads(pickle.dumps(clf)), copy_module.deepcopy(clf)):
+        np.testing.assert_array_equal(copy.predict_proba(X), clf.predict_proba(X))
+        assert copy.loss_curve_ == clf.loss_curve_ and copy.network_ is not clf.network_
+        copy.partial_fit(X, y)                      # the Adam state came along
+        twin = copy_module.deepcopy(clf).partial_fit(X, y)
+        np.testing.assert_array_equal(copy.network_.params, twin.network_.params)
+    before = clf.network_.params.copy()
+    copy_module.deepcopy(clf).partial_fit(X, y)     # the copy trains alone
+    np.testing.assert_array_equal(clf.network_.params, before)
 
 
 # --------------------------------------------------------------------------- no scikit-learn

@@ -23,7 +23,6 @@ from sklearn.preprocessing import StandardScaler                        # noqa: 
 from sklearn.utils.estimator_checks import parametrize_with_checks      # noqa: E402
 
 from backprop.estimators import MLPClassifier, MLPRegressor            # noqa: E402
-from test_estimators import NETWORK_PICKLES, WAITING_FOR_PICKLE        # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -38,8 +37,6 @@ FLOAT32_SAMPLE_WEIGHTS = (
 
 def expected_failed_checks(estimator):
     failures = {}
-    if not NETWORK_PICKLES:
-        failures["check_estimators_pickle"] = WAITING_FOR_PICKLE
     if estimator.dtype == "float32":
         failures["check_sample_weight_equivalence_on_dense_data"] = FLOAT32_SAMPLE_WEIGHTS
         failures["check_sample_weight_equivalence_on_sparse_data"] = FLOAT32_SAMPLE_WEIGHTS

@@ -27,8 +27,8 @@ Known differences: ``solver='lbfgs'`` raises ``NotImplementedError``; Adam adds 
 to ``sqrt(v_hat)`` (PyTorch's placement) where scikit-learn adds it to ``sqrt(v)``, a
 difference of order ``epsilon``; the log-losses are computed from the logits without
 clipping the probabilities; a minibatch whose sample weights are all zero is skipped.
-Extras: ``dtype`` ('float32', the default, or 'float64'), ``n_threads``, and
-``batch_norm`` / ``dropout`` when the installed backprop has those layers.
+Extras: ``dtype`` ('float32', the default, or 'float64'), ``n_threads``, ``batch_norm``
+(batch normalisation after each hidden Dense layer) and ``dropout``.
 
 scikit-learn is optional.  When it is installed (version 1.6 or later) the estimators
 derive from its ``BaseEstimator`` and validate input with ``sklearn.utils.validation``,
@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 
 import backprop
-from backprop.layers import Dense
+from backprop.layers import Activation, BatchNorm, Dense, Dropout
 from backprop.network import Network
 from backprop.optim import SGD, Adam
 
@@ -380,10 +380,6 @@ class _BaseMLP(BaseEstimator):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{owner}: {name} must be True or False, "
                                 f"got {getattr(self, name)!r}")
-        for flag, layer in ((self.batch_norm, "BatchNorm"), (self.dropout > 0, "Dropout")):
-            if flag and not hasattr(backprop, layer):
-                raise NotImplementedError(f"{owner}: batch_norm/dropout need backprop.{layer}, "
-                                          "which this version of backprop does not have")
         if self.early_stopping and self.validation_fraction == 0:
             raise ValueError(f"{owner}: early_stopping=True needs validation_fraction > 0")
 
@@ -398,12 +394,12 @@ class _BaseMLP(BaseEstimator):
         layers = []
         for fan_in, fan_out in zip(layer_units[:-2], layer_units[1:-1]):
             if self.batch_norm:     # Dense -> BatchNorm -> activation, as batch norm is used
-                layers += [Dense(fan_in, fan_out, init="zeros"), backprop.BatchNorm(fan_out),
-                           backprop.Activation(act)]
+                layers += [Dense(fan_in, fan_out, init="zeros"), BatchNorm(fan_out),
+                           Activation(act)]
             else:
                 layers.append(Dense(fan_in, fan_out, act, init="zeros"))
             if self.dropout > 0:
-                layers.append(backprop.Dropout(self.dropout))
+                layers.append(Dropout(self.dropout))
         layers.append(Dense(layer_units[-2], layer_units[-1], init="zeros"))
         # The network's seed only keys dropout masks; drawing it only then keeps the
         # random_state draws identical to scikit-learn's otherwise.
@@ -430,23 +426,12 @@ class _BaseMLP(BaseEstimator):
     def _dense_layers(net):
         return [layer for layer in net.layers if isinstance(layer, Dense)]
 
-    @staticmethod
-    def _set_training(net, training):
-        # Modes matter once a network has batch norm or dropout (backprop >= the layer
-        # redesign); a plain Dense stack behaves the same in both.
-        if hasattr(net, "eval"):
-            net.train() if training else net.eval()
-
     def _snapshot(self):
-        net = self.network_
-        buffers = getattr(net, "buffers", None)
-        return net.params.copy(), None if buffers is None else buffers.copy()
+        """The trained state: weights and batch norm's running statistics."""
+        return self.network_.params.copy(), self.network_.buffers.copy()
 
     def _restore(self, snapshot):
-        params, buffers = snapshot
-        self.network_.params[...] = params
-        if buffers is not None:
-            self.network_.buffers[...] = buffers
+        self.network_.params[...], self.network_.buffers[...] = snapshot
 
     # ---- fitted attributes that are views of the network
 
@@ -525,7 +510,7 @@ class _BaseMLP(BaseEstimator):
                 raise ValueError(f"{type(self).__name__}: warm_start needs the same layers; "
                                  "batch_norm or dropout changed since the last fit")
             self.network_ = fresh
-            self._restore((trained.params, getattr(trained, "buffers", None)))
+            self._restore((trained.params, trained.buffers))
         with _threads(self.n_threads):
             self._fit_stochastic(X, Y, sample_weight, rs, incremental)
         if not np.isfinite(self.network_.params).all():
@@ -583,7 +568,7 @@ class _BaseMLP(BaseEstimator):
                               "It is going to be clipped", stacklevel=4)
             batch_size = min(self.batch_size, n)
         order = np.arange(n)
-        self._set_training(self.network_, True)
+        self.network_.train()
         try:
             self.n_iter_ = 0
             for _ in range(self.max_iter):
@@ -615,7 +600,7 @@ class _BaseMLP(BaseEstimator):
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.", stacklevel=4)
         finally:
-            self._set_training(self.network_, False)
+            self.network_.eval()
         if self.early_stopping:
             self._restore(self._best_snapshot)
 
@@ -640,9 +625,9 @@ class _BaseMLP(BaseEstimator):
         penalty = 0.0
         scale = self.alpha / norm
         for layer in self._dense_layers(net):
-            w = layer.weight.ravel()
+            w, grad = layer.weight.ravel(), layer.weight_grad.ravel()     # views
             penalty += float(w @ w)
-            layer.weight_grad += layer.weight * w.dtype.type(scale)
+            grad += w * w.dtype.type(scale)
         try:
             net.step()
         except FloatingPointError:      # a step that refuses non-finite gradients
@@ -713,11 +698,11 @@ class _BaseMLP(BaseEstimator):
         return X, Y, sw, (X_val, Y_val, sw_val)
 
     def _validation_score(self, X, Y, sample_weight):
-        self._set_training(self.network_, False)
+        self.network_.eval()
         try:
             p = self._forward(X)
         finally:
-            self._set_training(self.network_, True)
+            self.network_.train()
         if not np.isfinite(p).all():
             return np.nan
         return self._score_outputs(p, Y, sample_weight)
