@@ -2,7 +2,10 @@
 
 Each configuration fits scikit-learn's MLP and backprop's drop-in replacement with the
 same parameters on the same split, for the same number of epochs (tol=0 and
-n_iter_no_change=max_iter, so neither stops early), in interleaved rounds; the table
+n_iter_no_change=max_iter, so neither stops early), in interleaved rounds.  Every fit runs
+in a fresh process: OpenBLAS's threads (scikit-learn) and OpenMP's (backprop) keep spinning
+for a while after their work, and on a small machine they would slow the other library's
+next fit.  The table
 gives the median wall-clock fit time of the rounds, the speed-up, the median CPU time
 (all threads of the process; it is what a fit costs when other jobs share the cores),
 and the test scores.
@@ -16,10 +19,12 @@ printed before and after tells whether the numbers can be trusted; OMP_WAIT_POLI
 keeps backprop's threads from spinning against other processes (see the README).
 """
 import argparse
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import warnings
 
@@ -81,14 +86,35 @@ def _machine():
             f"{backprop.get_num_threads()} threads)")
 
 
+def _estimator(library, task):
+    if library == "backprop":
+        module = estimators
+    else:
+        from sklearn import neural_network as module
+    return module.MLPClassifier if task == "classifier" else module.MLPRegressor
+
+
+def _one_fit(name, library):
+    """Run in a child process: one fit, its numbers as JSON on stdout."""
+    task, load, params = CONFIGS[name]
+    data = load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seconds, cpu, score, epochs = _fit_and_score(_estimator(library, task), params, data)
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "score": score, "epochs": epochs,
+                      "shape": list(data[0].shape)}))
+
+
 def main():
     import sklearn
-    from sklearn import neural_network
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--one", nargs=2, metavar=("CONFIG", "LIBRARY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        return _one_fit(*args.one)
     print(f"machine: {_machine()}; scikit-learn {sklearn.__version__}, numpy {np.__version__}")
     print(f"load average before: {os.getloadavg()}")
     print("| config | parameters | epochs | scikit-learn s | backprop s | speed-up "
@@ -96,27 +122,19 @@ def main():
           "| backprop score |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
-        task, load, params = CONFIGS[name]
-        data = load()
-        ours = estimators.MLPClassifier if task == "classifier" else estimators.MLPRegressor
-        theirs = (neural_network.MLPClassifier if task == "classifier"
-                  else neural_network.MLPRegressor)
-        times = {"sklearn": [], "backprop": []}
-        cpu = {"sklearn": [], "backprop": []}
-        scores = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(args.rounds):            # interleaved: both see the same load
-                for label, cls in (("sklearn", theirs), ("backprop", ours)):
-                    seconds, used, scores[label], epochs = _fit_and_score(cls, params, data)
-                    times[label].append(seconds)
-                    cpu[label].append(used)
-        a, b = statistics.median(times["sklearn"]), statistics.median(times["backprop"])
-        c, d = statistics.median(cpu["sklearn"]), statistics.median(cpu["backprop"])
-        shown = ", ".join(f"{k}={v}" for k, v in params.items() if k != "max_iter")
-        print(f"| {name} {data[0].shape} | {shown or 'defaults'} | {epochs} | {a:.3f} | "
-              f"{b:.3f} | {a / b:.1f}x | {c:.3f} | {d:.3f} | {c / d:.1f}x | "
-              f"{scores['sklearn']:.4f} | {scores['backprop']:.4f} |", flush=True)
+        runs = {"sklearn": [], "backprop": []}
+        for _ in range(args.rounds):                # interleaved: both see the same load
+            for library in runs:
+                child = subprocess.run([sys.executable, __file__, "--one", name, library],
+                                       capture_output=True, text=True, check=True)
+                runs[library].append(json.loads(child.stdout))
+        a, b = (statistics.median(r["seconds"] for r in runs[k]) for k in runs)
+        c, d = (statistics.median(r["cpu"] for r in runs[k]) for k in runs)
+        first = runs["backprop"][0]
+        shown = ", ".join(f"{k}={v}" for k, v in CONFIGS[name][2].items() if k != "max_iter")
+        print(f"| {name} {tuple(first['shape'])} | {shown or 'defaults'} | {first['epochs']} | "
+              f"{a:.3f} | {b:.3f} | {a / b:.1f}x | {c:.3f} | {d:.3f} | {c / d:.1f}x | "
+              f"{runs['sklearn'][0]['score']:.4f} | {first['score']:.4f} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 
