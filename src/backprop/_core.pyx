@@ -22,7 +22,8 @@ from libc.math cimport sqrt, isfinite
 
 import numpy as np
 
-from backprop._gemm cimport gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name
+from backprop._gemm cimport (gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name,
+                             bp_ctx, bp_ctx_caches)
 from backprop._activations cimport Activation, IDENTITY, SOFTMAX
 from backprop._losses cimport Loss, MSE, BINARY_CROSS_ENTROPY, CROSS_ENTROPY
 from backprop._optim cimport (OptimConfig, OptimizerKind, optimizer_update, sum_of_squares,
@@ -94,9 +95,26 @@ MAX_THREADS = 1024
 
 
 def simd_kernel():
-    """The GEMM micro-kernel in use: "avx2+fma", or "generic" (no AVX2/FMA on this CPU,
-    or BACKPROP_SIMD=generic in the environment at import)."""
+    """The GEMM micro-kernels in use: "avx512" (AVX-512 F/VL/DQ), "avx2+fma", or
+    "generic" (portable C).  The best level the CPU has is chosen at import;
+    BACKPROP_SIMD=avx512|avx2|generic set before import caps it (it never raises it
+    past what the CPU has), and any other value is ignored."""
     return bp_gemm_kernel_name().decode()
+
+
+def _gemm_config():
+    """The GEMM's run-time configuration, for tests and benchmarks: the level, the cache
+    sizes its blocking was derived from (bytes, by level), and per dtype the micro-tile
+    (mr x nr) and the blocking (kc, mc, nc)."""
+    return {"kernel": simd_kernel(),
+            "caches": {"L1": bp_ctx_caches.size[1], "L2": bp_ctx_caches.size[2],
+                       "L3": bp_ctx_caches.size[3]},
+            "float32": bp_ctx.s.blk, "float64": bp_ctx.d.blk}   # structs become dicts
+
+
+def _gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads, dtype):
+    """The packing scratch one m x n x k product of `dtype` needs on `n_threads` threads."""
+    return gemm_scratch_bytes(m, n, k, n_threads, np.dtype(dtype).itemsize)
 
 
 def openmp_enabled():
@@ -375,7 +393,7 @@ cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
     cdef const floating* pb = <const floating*>cnp.PyArray_DATA(b)
     cdef floating* pc = <floating*>cnp.PyArray_DATA(out)
     cdef int nt = _num_threads()
-    cdef void* scratch = bp_aligned_alloc(gemm_scratch_bytes(m, n, k, nt))
+    cdef void* scratch = bp_aligned_alloc(gemm_scratch_bytes(m, n, k, nt, sizeof(floating)))
     if scratch == NULL:
         raise MemoryError("cannot allocate the GEMM packing buffers")
     with nogil:
@@ -780,15 +798,15 @@ cdef class Engine:
 
     cdef Py_ssize_t _scratch_need(self, Py_ssize_t rows, int nt):
         """GEMM scratch for the largest product of a pass over `rows` rows on nt threads."""
-        cdef Py_ssize_t need = 0, n_in, n_out
+        cdef Py_ssize_t need = 0, n_in, n_out, item = self.dtype.itemsize
         cdef Op* op
         for i in range(self.tape.n_ops):
             op = &self.tape.ops[i]
             if op.kind == DENSE:
                 n_in, n_out = self.tape.slots[op.input].width, self.tape.slots[op.output].width
-                need = max(need, gemm_scratch_bytes(rows, n_out, n_in, nt),
-                           gemm_scratch_bytes(n_out, n_in, rows, nt),
-                           gemm_scratch_bytes(rows, n_in, n_out, nt))
+                need = max(need, gemm_scratch_bytes(rows, n_out, n_in, nt, item),
+                           gemm_scratch_bytes(n_out, n_in, rows, nt, item),
+                           gemm_scratch_bytes(rows, n_in, n_out, nt, item))
         return need
 
     cdef int _ready_threads(self) except -1:

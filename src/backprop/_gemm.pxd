@@ -7,18 +7,25 @@
 #       pack op(B)[pc:, jc:] into NR-wide micro-panels
 #       for ic in rows of C, MC at a time         A block: MC x KC, kept in L2
 #         pack op(A)[ic:, pc:] into MR-tall micro-panels
-#         for jr, ir over the MR x NR tiles       micro-panels stream from L1
+#         for jr, ir over the MR x NR tiles       micro-panels stream from L1/L2
 #           micro-kernel: one tile, accumulators in registers for all of KC
 #
 # Packing turns every operand layout (transposed or not, padded rows) into the two
 # contiguous streams the micro-kernel reads, so one kernel serves all three products
-# of a dense layer.  Edge tiles are computed whole from zero-padded panels and only
-# their valid part is written.  When the last KC block of a tile is done, its bias and
-# activation are applied while the tile is still in cache.
+# of a dense layer.  Edge tiles are computed whole from zero-padded panels and the
+# kernel writes only their valid part.  When the last KC block of a tile is done, its
+# bias and activation are applied while the tile is still in cache.
 #
-# Threads split C into disjoint blocks of whole tiles (never the k sum) and each packs
-# its own panels, so there is no barrier and every element is summed in the same order
-# whatever the thread count: results are bit-identical for 1 or N threads.
+# The micro-kernels, the packing routines and MR, NR, KC, MC, NC come from the SIMD
+# level chosen at import (bp_ctx in _gemm_kernels.h: generic, avx2+fma or avx512, the
+# blocking from the CPU's cache sizes); nothing here assumes a tile shape.
+#
+# Threads split C into disjoint strips of whole tiles (never the k sum): each share
+# packs its own panels into its own scratch slot, so there is no barrier and every
+# element is summed in the same order whatever the team: results are bit-identical
+# for any thread count.  The plan (k block, split, shares, scratch per share) is a pure
+# function of the shape and the thread count asked for, shared by gemm() and
+# gemm_scratch_bytes(), so a caller can size the scratch exactly beforehand.
 from cython cimport floating
 from cython.parallel cimport parallel, threadid
 from libc.string cimport memset
@@ -26,136 +33,156 @@ from backprop._activations cimport activate_tile
 from backprop._parallel cimport part_start
 
 cdef extern from "_gemm_kernels.h" nogil:
+    ctypedef void (*bp_skernel_t)(Py_ssize_t k, const float* a, const float* b, float* c,
+                               Py_ssize_t ldc, int rows, int cols, int add) noexcept nogil
+    ctypedef void (*bp_dkernel_t)(Py_ssize_t k, const double* a, const double* b, double* c,
+                               Py_ssize_t ldc, int rows, int cols, int add) noexcept nogil
+    ctypedef void (*bp_spack_t)(float* dst, const float* src, Py_ssize_t ld, Py_ssize_t kc,
+                             int width, int valid) noexcept nogil
+    ctypedef void (*bp_dpack_t)(double* dst, const double* src, Py_ssize_t ld, Py_ssize_t kc,
+                             int width, int valid) noexcept nogil
+    ctypedef struct bp_blocking:
+        int mr, nr
+        Py_ssize_t kc, mc, nc
+    ctypedef struct bp_sgemm_ops:
+        bp_blocking blk
+        bp_skernel_t kernel
+        bp_spack_t pack_copy, pack_transpose
+    ctypedef struct bp_dgemm_ops:
+        bp_blocking blk
+        bp_dkernel_t kernel
+        bp_dpack_t pack_copy, pack_transpose
+    ctypedef struct bp_context:
+        const char* name
+        bp_sgemm_ops s
+        bp_dgemm_ops d
+    ctypedef struct bp_caches:
+        long size[4]
+    const bp_context bp_ctx
+    const bp_caches bp_ctx_caches
     void bp_gemm_init()
     const char* bp_gemm_kernel_name()
-    void bp_sgemm_kernel(Py_ssize_t k, const float* a, const float* b, float* c,
-                         Py_ssize_t ldc, int add)
-    void bp_dgemm_kernel(Py_ssize_t k, const double* a, const double* b, double* c,
-                         Py_ssize_t ldc, int add)
     int bp_team_size()
-    void bp_pack_transposed_panel(float* dst, const float* src, Py_ssize_t ld, Py_ssize_t kc)
 
 cdef enum:
-    MR = 6        # rows of a micro-tile (BP_MR in the header)
-    KC = 256      # k per packed block: an MR x KC and a KC x NR panel fit in L1 together
-    MC = 96       # rows per packed A block (a multiple of MR): MC x KC fits in L2
-    NC = 2048     # columns per packed B block (a multiple of both NRs): KC x NC in L3
-    # Below ~1M multiply-adds (~25 us on one core) a second thread saves less than the
+    # Below ~1M multiply-adds (~10-25 us on one core) a second thread saves less than the
     # few microseconds a parallel region costs, and far less than it loses when another
     # process holds the other core (every region ends in a barrier).
     PARALLEL_MIN_WORK = 1 << 20
 
 
-cdef inline Py_ssize_t _round_up(Py_ssize_t n, Py_ssize_t unit) noexcept nogil:
-    return (n + unit - 1) // unit * unit
+cdef struct GemmPlan:
+    Py_ssize_t kc          # the k block: k in equal blocks of at most KC (784 -> 4 x 196
+                           # with KC = 256, not 3 x 256 + 16: no short, inefficient block)
+    bint by_rows           # threads split C's rows, else its columns
+    Py_ssize_t units       # MR-tall (by rows) or NR-wide (by columns) strips to share out
+    int workers            # shares, none empty: each one thread's work and one scratch slot
+    Py_ssize_t a_elems     # the packed A block of a slot; the packed B block follows it
+    Py_ssize_t slot_bytes  # one share's scratch, a multiple of 64 bytes
 
 
-cdef inline int gemm_parts(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads) noexcept nogil:
-    """Into how many parts C is split: one per thread, or one for small products."""
-    if m * n * k < PARALLEL_MIN_WORK or n_threads < 1:
-        return 1
-    return n_threads
+cdef inline const bp_blocking* _blocking(Py_ssize_t itemsize) noexcept nogil:
+    return &bp_ctx.d.blk if itemsize == sizeof(double) else &bp_ctx.s.blk
 
 
-cdef inline Py_ssize_t gemm_part_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                                       int parts) noexcept nogil:
-    """Packing scratch one part needs: an MC x KC block of A and a KC x NC block of B,
-    each no larger than the part's share of C (sized for double, the larger element,
-    rounded up to a cache line)."""
-    cdef Py_ssize_t kc = min(<Py_ssize_t>KC, max(k, 1)), rows, cols
-    if n >= m:     # parts split the columns (see gemm_part)
-        rows = min(<Py_ssize_t>MC, _round_up(m, MR))
-        cols = min(<Py_ssize_t>NC, _round_up((_round_up(n, 16) // 16 + parts - 1) // parts * 16, 16))
+cdef inline Py_ssize_t _round_up(Py_ssize_t x, Py_ssize_t unit) noexcept nogil:
+    return (x + unit - 1) // unit * unit
+
+
+cdef inline GemmPlan plan_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads,
+                               Py_ssize_t itemsize) noexcept nogil:
+    """How gemm() runs an m x n x k product of `itemsize`-byte elements on at most
+    `n_threads` threads.  An empty product (m, n or k <= 0) has no workers."""
+    cdef const bp_blocking* blk = _blocking(itemsize)
+    cdef GemmPlan plan
+    cdef Py_ssize_t n_kblocks, share, rows, cols
+    memset(&plan, 0, sizeof(plan))
+    if m <= 0 or n <= 0 or k <= 0:
+        return plan
+    n_kblocks = (k + blk.kc - 1) // blk.kc
+    plan.kc = (k + n_kblocks - 1) // n_kblocks
+    # Split the longer side: the operand every share packs in full is then the smaller.
+    plan.by_rows = m > n
+    plan.units = (m + blk.mr - 1) // blk.mr if plan.by_rows else (n + blk.nr - 1) // blk.nr
+    if <double>m * n * k < PARALLEL_MIN_WORK:
+        n_threads = 1
+    # Shares of `share` strips each (part_start's split; the last may be shorter), as many
+    # as the team needs to cover C, so that none is empty whatever the team.  (The team
+    # itself is capped by the caller: MAX_THREADS in _core.pyx.)
+    share = max(1, min(<Py_ssize_t>n_threads, plan.units))
+    share = (plan.units + share - 1) // share
+    plan.workers = <int>((plan.units + share - 1) // share)
+    if plan.by_rows:
+        rows = min(blk.mc, share * blk.mr)
+        cols = min(blk.nc, _round_up(n, blk.nr))
     else:
-        rows = min(<Py_ssize_t>MC, _round_up((_round_up(m, MR) // MR + parts - 1) // parts * MR, MR))
-        cols = min(<Py_ssize_t>NC, _round_up(n, 16))
-    return _round_up((_round_up(rows * kc, 16) + kc * cols) * <Py_ssize_t>sizeof(double), 64)
+        rows = min(blk.mc, _round_up(m, blk.mr))
+        cols = min(blk.nc, share * blk.nr)
+    plan.a_elems = _round_up(rows * plan.kc, 64 // itemsize)  # B's panels start on a line
+    plan.slot_bytes = _round_up((plan.a_elems + plan.kc * cols) * itemsize, 64)
+    return plan
 
 
 cdef inline Py_ssize_t gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                                          int n_threads) noexcept nogil:
-    """The scratch one gemm() call of this shape needs with `n_threads` threads: a part's
-    worth per thread (a thread packs only its own share, so more threads need less each)."""
-    cdef int parts = gemm_parts(m, n, k, n_threads)
-    return parts * gemm_part_bytes(m, n, k, parts)
+                                          int n_threads, Py_ssize_t itemsize) noexcept nogil:
+    """The scratch gemm() needs for this shape, element size and thread count: each share
+    packs only its own strip of C's operands, so the need per thread shrinks as the team
+    grows, and a team larger than the number of strips costs nothing more.  A caller
+    sizes one allocation as the maximum over all the products it will run."""
+    cdef GemmPlan plan = plan_gemm(m, n, k, n_threads, itemsize)
+    return plan.workers * plan.slot_bytes
+
+
+# ---- the per-level operations, chosen by element type
+
+cdef inline void _kernel(Py_ssize_t kc, const floating* a_panel, const floating* b_panel,
+                         floating* c, Py_ssize_t ldc, int rows, int cols, bint add) noexcept nogil:
+    if floating is float:
+        bp_ctx.s.kernel(kc, a_panel, b_panel, c, ldc, rows, cols, add)
+    else:
+        bp_ctx.d.kernel(kc, a_panel, b_panel, c, ldc, rows, cols, add)
+
+
+cdef inline void _pack(floating* dst, const floating* src, Py_ssize_t ld, bint k_contiguous,
+                       Py_ssize_t kc, int width, int valid) noexcept nogil:
+    """One micro-panel, dst[p * width + j] for p < kc, j < width (zero from `valid` on),
+    from src[j * ld + p] (k_contiguous) or src[p * ld + j]."""
+    if floating is float:
+        if k_contiguous:
+            bp_ctx.s.pack_transpose(dst, src, ld, kc, width, valid)
+        else:
+            bp_ctx.s.pack_copy(dst, src, ld, kc, width, valid)
+    else:
+        if k_contiguous:
+            bp_ctx.d.pack_transpose(dst, src, ld, kc, width, valid)
+        else:
+            bp_ctx.d.pack_copy(dst, src, ld, kc, width, valid)
 
 
 cdef inline void pack_a(floating* dst, const floating* a, Py_ssize_t lda, bint trans_a,
-                        Py_ssize_t i0, Py_ssize_t p0, Py_ssize_t mc, Py_ssize_t kc) noexcept nogil:
+                        Py_ssize_t i0, Py_ssize_t p0, Py_ssize_t mc, Py_ssize_t kc,
+                        int MR) noexcept nogil:
     """op(A)[i0:i0+mc, p0:p0+kc] as MR-tall micro-panels: dst[panel][p][i], zero-padded."""
-    cdef Py_ssize_t q, ir, i, p, rows
-    cdef floating* panel
-    cdef const floating* src
-    for q in range((mc + MR - 1) // MR):
-        ir = q * MR
-        panel = dst + ir * kc
-        rows = min(MR, mc - ir)
-        if trans_a:      # op(A)[i, p] = a[p, i]: each p reads `rows` adjacent values
-            for p in range(kc):
-                for i in range(rows):
-                    panel[p * MR + i] = a[(p0 + p) * lda + i0 + ir + i]
-                for i in range(rows, MR):
-                    panel[p * MR + i] = 0
-        else:            # A's rows are contiguous along p: read `rows` streams at once
-            src = a + (i0 + ir) * lda + p0
-            for p in range(kc):
-                for i in range(rows):
-                    panel[p * MR + i] = src[i * lda + p]
-                for i in range(rows, MR):
-                    panel[p * MR + i] = 0
+    cdef Py_ssize_t ir = 0
+    while ir < mc:
+        if trans_a:      # op(A)[i, p] = a[p, i]: each p holds MR adjacent values
+            _pack(dst + ir * kc, a + p0 * lda + i0 + ir, lda, False, kc, MR, min(MR, mc - ir))
+        else:            # A's rows are contiguous along p: transposed into the panel
+            _pack(dst + ir * kc, a + (i0 + ir) * lda + p0, lda, True, kc, MR, min(MR, mc - ir))
+        ir += MR
 
 
 cdef inline void pack_b(floating* dst, const floating* b, Py_ssize_t ldb, bint trans_b,
                         Py_ssize_t p0, Py_ssize_t j0, Py_ssize_t kc, Py_ssize_t nc,
-                        Py_ssize_t NR) noexcept nogil:
+                        int NR) noexcept nogil:
     """op(B)[p0:p0+kc, j0:j0+nc] as NR-wide micro-panels: dst[panel][p][j], zero-padded."""
-    cdef Py_ssize_t q, jr, j, p, cols
-    cdef floating* panel
-    cdef const floating* src
-    for q in range((nc + NR - 1) // NR):
-        jr = q * NR
-        panel = dst + jr * kc
-        cols = min(NR, nc - jr)
-        if trans_b:      # op(B)[p, j] = b[j, p] (a weight matrix stored (out, in)):
-            src = b + (j0 + jr) * ldb + p0      # read `cols` rows of b as parallel streams
-            if floating is float:
-                if cols == NR:                  # full panels: 8 x 8 register transposes
-                    bp_pack_transposed_panel(panel, src, ldb, kc)
-                    continue
-            for p in range(kc):
-                for j in range(cols):
-                    panel[p * NR + j] = src[j * ldb + p]
-                for j in range(cols, NR):
-                    panel[p * NR + j] = 0
+    cdef Py_ssize_t jr = 0
+    while jr < nc:
+        if trans_b:      # op(B)[p, j] = b[j, p] (a weight matrix stored (out, in))
+            _pack(dst + jr * kc, b + (j0 + jr) * ldb + p0, ldb, True, kc, NR, min(NR, nc - jr))
         else:
-            for p in range(kc):
-                for j in range(cols):
-                    panel[p * NR + j] = b[(p0 + p) * ldb + j0 + jr + j]
-                for j in range(cols, NR):
-                    panel[p * NR + j] = 0
-
-
-cdef inline void micro_tile(Py_ssize_t kc, const floating* a_panel, const floating* b_panel,
-                            floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t cols,
-                            Py_ssize_t NR, bint add) noexcept nogil:
-    """One MR x NR tile; an edge tile goes through a scratch tile so that only its
-    rows x cols valid part of C is touched."""
-    cdef double scratch[6 * 16]      # MR x NR elements of either precision
-    cdef floating* tile = <floating*>scratch
-    cdef Py_ssize_t i, j
-    if rows == MR and cols == NR:
-        if floating is float:
-            bp_sgemm_kernel(kc, a_panel, b_panel, c, ldc, add)
-        else:
-            bp_dgemm_kernel(kc, a_panel, b_panel, c, ldc, add)
-        return
-    if floating is float:
-        bp_sgemm_kernel(kc, a_panel, b_panel, tile, NR, 0)
-    else:
-        bp_dgemm_kernel(kc, a_panel, b_panel, tile, NR, 0)
-    for i in range(rows):
-        for j in range(cols):
-            c[i * ldc + j] = c[i * ldc + j] + tile[i * NR + j] if add else tile[i * NR + j]
+            _pack(dst + jr * kc, b + p0 * ldb + j0 + jr, ldb, False, kc, NR, min(NR, nc - jr))
+        jr += NR
 
 
 cdef inline void epilogue(floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t cols,
@@ -169,72 +196,66 @@ cdef inline void epilogue(floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize
         activate_tile(c, ldc, rows, cols, activation)
 
 
-cdef inline void gemm_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                            Py_ssize_t k, const floating* a, Py_ssize_t lda, bint trans_a,
+cdef inline void gemm_block(const GemmPlan* plan, Py_ssize_t r0, Py_ssize_t r1,
+                            Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
+                            const floating* a, Py_ssize_t lda, bint trans_a,
                             const floating* b, Py_ssize_t ldb, bint trans_b,
                             floating* c, Py_ssize_t ldc, bint accumulate,
-                            const floating* bias, int activation, char* scratch) noexcept nogil:
-    """C[r0:r1, c0:c1] by the BLIS loop nest, packing into this thread's scratch."""
-    cdef Py_ssize_t NR = 16 if floating is float else 8
-    # Equal k blocks (k = 784 -> 4 x 196, not 3 x 256 + 16): no short, inefficient block.
-    cdef Py_ssize_t n_kblocks = (k + KC - 1) // KC
-    cdef Py_ssize_t kc_size = (k + n_kblocks - 1) // n_kblocks
-    # A's block first, B's after it on a 16-element boundary (see gemm_part_bytes).
-    cdef floating* a_pack = <floating*>scratch
-    cdef floating* b_pack = a_pack + _round_up(min(<Py_ssize_t>MC, _round_up(r1 - r0, MR)) * kc_size, 16)
+                            const floating* bias, int activation, char* slot) noexcept nogil:
+    """C[r0:r1, c0:c1] by the BLIS loop nest, packing into this share's scratch slot."""
+    cdef const bp_blocking* blk = _blocking(sizeof(floating))
+    cdef int MR = blk.mr, NR = blk.nr
+    cdef floating* a_pack = <floating*>slot
+    cdef floating* b_pack = a_pack + plan.a_elems
     cdef Py_ssize_t jc, pc, ic, jr, ir, nc, kc, mc, rows, cols
     cdef bint last
     jc = c0
     while jc < c1:
-        nc = min(NC, c1 - jc)
+        nc = min(blk.nc, c1 - jc)
         pc = 0
         while pc < k:
-            kc = min(kc_size, k - pc)
+            kc = min(plan.kc, k - pc)
             last = pc + kc >= k
             pack_b(b_pack, b, ldb, trans_b, pc, jc, kc, nc, NR)
             ic = r0
             while ic < r1:
-                mc = min(MC, r1 - ic)
-                pack_a(a_pack, a, lda, trans_a, ic, pc, mc, kc)
+                mc = min(blk.mc, r1 - ic)
+                pack_a(a_pack, a, lda, trans_a, ic, pc, mc, kc, MR)
                 jr = 0
                 while jr < nc:
                     cols = min(NR, nc - jr)
                     ir = 0
                     while ir < mc:
                         rows = min(MR, mc - ir)
-                        micro_tile(kc, a_pack + ir * kc, b_pack + jr * kc,
-                                   c + (ic + ir) * ldc + jc + jr, ldc, rows, cols, NR,
-                                   accumulate or pc > 0)
+                        _kernel(kc, a_pack + ir * kc, b_pack + jr * kc,
+                                c + (ic + ir) * ldc + jc + jr, ldc, <int>rows, <int>cols,
+                                accumulate or pc > 0)
                         if last:
                             epilogue(c + (ic + ir) * ldc + jc + jr, ldc, rows, cols,
                                      bias + jc + jr if bias != NULL else NULL, activation)
                         ir += MR
                     jr += NR
-                ic += MC
+                ic += blk.mc
             pc += kc
-        jc += NC
+        jc += blk.nc
 
 
-cdef inline void gemm_part(Py_ssize_t part, Py_ssize_t parts, Py_ssize_t m, Py_ssize_t n,
-                           Py_ssize_t k, const floating* a, Py_ssize_t lda, bint trans_a,
-                           const floating* b, Py_ssize_t ldb, bint trans_b,
-                           floating* c, Py_ssize_t ldc, bint accumulate,
-                           const floating* bias, int activation, char* scratch) noexcept nogil:
-    """Part `part` of C: whole tiles of the longer dimension (16 columns, the widest NR,
-    so float and double split alike; or MR rows), clamped to C (see _parallel.pxd)."""
-    cdef Py_ssize_t lo, hi
-    if n >= m:
-        lo = part_start(n, part, parts, 16)
-        hi = part_start(n, part + 1, parts, 16)
-        if lo < hi:
-            gemm_block(0, m, lo, hi, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
-                       bias, activation, scratch)
+cdef inline void gemm_share(const GemmPlan* plan, int share, Py_ssize_t m, Py_ssize_t n,
+                            Py_ssize_t k, const floating* a, Py_ssize_t lda, bint trans_a,
+                            const floating* b, Py_ssize_t ldb, bint trans_b,
+                            floating* c, Py_ssize_t ldc, bint accumulate,
+                            const floating* bias, int activation, char* slot) noexcept nogil:
+    """Share `share` of plan.workers: a run of whole strips, clamped to C (see
+    _parallel.pxd); plan_gemm chose the count so that none is empty."""
+    cdef const bp_blocking* blk = _blocking(sizeof(floating))
+    if plan.by_rows:
+        gemm_block(plan, part_start(m, share, plan.workers, blk.mr),
+                   part_start(m, share + 1, plan.workers, blk.mr), 0, n, k, a, lda, trans_a,
+                   b, ldb, trans_b, c, ldc, accumulate, bias, activation, slot)
     else:
-        lo = part_start(m, part, parts, MR)
-        hi = part_start(m, part + 1, parts, MR)
-        if lo < hi:
-            gemm_block(lo, hi, 0, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
-                       bias, activation, scratch)
+        gemm_block(plan, 0, m, part_start(n, share, plan.workers, blk.nr),
+                   part_start(n, share + 1, plan.workers, blk.nr), k, a, lda, trans_a,
+                   b, ldb, trans_b, c, ldc, accumulate, bias, activation, slot)
 
 
 cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
@@ -242,14 +263,17 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                       const floating* b, Py_ssize_t ldb, bint trans_b,
                       floating* c, Py_ssize_t ldc, bint accumulate,
                       const floating* bias, int activation,
-                      int n_threads, void* workspace) noexcept nogil:
+                      int n_threads, void* scratch) noexcept nogil:
     """C[m x n] (+)= op(A)[m x k] op(B)[k x n], row-major with leading dimensions
     lda/ldb/ldc; then C += bias (per column) and C = activation(C) elementwise.
-    `workspace`: gemm_scratch_bytes(m, n, k, n_threads) bytes, 64-byte aligned, from the
-    caller (a network allocates it once; nothing is allocated here)."""
-    cdef int tid, team, parts
-    cdef Py_ssize_t i, part, part_bytes
-    cdef char* scratch = <char*>workspace
+
+    `scratch`: at least gemm_scratch_bytes(m, n, k, n_threads, sizeof(floating)) bytes,
+    64-byte aligned, from the caller (a network allocates it once; nothing is allocated
+    here).  If OpenMP grants fewer threads than asked, each runs several shares in turn,
+    each in its own thread's slot: the result is the same."""
+    cdef int tid, team, share
+    cdef Py_ssize_t i
+    cdef GemmPlan plan
     if m <= 0 or n <= 0:
         return
     if k <= 0:           # an empty sum: C keeps its value, or becomes 0
@@ -258,19 +282,16 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                 memset(c + i * ldc, 0, n * sizeof(floating))
         epilogue(c, ldc, m, n, bias, activation)
         return
-    parts = gemm_parts(m, n, k, n_threads)
-    part_bytes = gemm_part_bytes(m, n, k, parts)
-    if parts == 1:       # no parallel region at all: it costs microseconds to enter
-        gemm_part(0, 1, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
-                  bias, activation, scratch)
+    plan = plan_gemm(m, n, k, n_threads, sizeof(floating))
+    if plan.workers == 1:    # no parallel region at all: it costs microseconds to enter
+        gemm_share(&plan, 0, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
+                   bias, activation, <char*>scratch)
         return
-    # C is cut into `parts` (the threads asked for); OpenMP may start fewer threads, so
-    # each takes parts tid, tid + team, ... and packs them in its own scratch, one at a time.
-    with parallel(num_threads=parts):
+    with parallel(num_threads=plan.workers):
         tid = threadid()
         team = bp_team_size()
-        part = tid
-        while part < parts:
-            gemm_part(part, parts, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
-                      accumulate, bias, activation, scratch + tid * part_bytes)
-            part = part + team    # (not +=, which Cython reads as a reduction)
+        share = tid
+        while share < plan.workers:
+            gemm_share(&plan, share, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
+                       accumulate, bias, activation, <char*>scratch + tid * plan.slot_bytes)
+            share = share + team      # (not +=, which Cython reads as a reduction)
