@@ -53,7 +53,6 @@ import numpy as np
 from backprop import training
 from backprop._core import get_num_threads
 from backprop.progress import Progress, wanted
-from backprop.schedules import ReduceLROnPlateau
 
 
 class DistributedError(RuntimeError):
@@ -323,10 +322,10 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
         facts = _fingerprint(net, X, y, validation_data, settings)
     _same_everywhere(comm, facts, "fit's inputs")
 
-    n, history, rng = len(X), net.history, net.rng
+    n, rng = len(X), net.rng
     steps_per_epoch = len(training._batches(n, batch_size))
     bar = Progress(epochs * steps_per_epoch, wanted(progress) and comm.rank == 0)
-    best_loss, best, waited = np.inf, None, 0
+    stopper = training.EarlyStopping(early_stopping)
     last_epoch = net.epoch + epochs
     net.stop_training = False
     try:
@@ -352,15 +351,8 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
                         "val_loss": val_loss, "val_accuracy": val_accuracy}
                 net.epoch = epoch
                 with fail_together(comm, f"at the end of epoch {epoch}"):
-                    history.append(logs, norms)
-                    bar.epoch(epoch, last_epoch, logs)
-                    if lr_schedule is not None:
-                        monitored = (logs["val_loss"] if logs["val_loss"] is not None
-                                     else logs["loss"])
-                        lr_schedule.step(monitored if isinstance(lr_schedule, ReduceLROnPlateau)
-                                         else None)
-                    for callback in callbacks:
-                        callback(net, epoch, logs)
+                    training.close_epoch(net, epoch, last_epoch, logs, norms, bar, lr_schedule,
+                                         callbacks)
                 # Every rank must still hold the same weights (the MPI library's sums are
                 # the same on every rank), and a callback on any rank may stop all of them.
                 stops, checksums = zip(*comm.allgather(
@@ -371,18 +363,9 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
                         f"{list(checksums)}): a callback changed them on some ranks only, or "
                         "the MPI library's Allreduce does not give every rank the same sum")
                 net.stop_training = any(stops)
-                if early_stopping is not None and logs["val_loss"] is not None:
-                    if logs["val_loss"] < best_loss:      # never true for NaN
-                        best_loss, waited = logs["val_loss"], 0
-                        best = (net.params.copy(), net.buffers.copy())
-                    else:
-                        waited += 1
-                        if waited >= early_stopping:
-                            if best is not None:          # keep the best epoch's weights
-                                net.params[...], net.buffers[...] = best
-                            net.stop_training = True
+                stopper.update(net, logs["val_loss"])
                 if net.stop_training:
                     break
     finally:
         bar.close()
-    return history
+    return net.history

@@ -5,7 +5,6 @@ Each optimizer updates the network's whole flat parameter buffer in one fused pa
 the same shape as that buffer.  ``state_dict()`` / ``load_state_dict()`` round-trip
 everything needed to resume training bit for bit.
 """
-import numpy as np
 
 import math
 

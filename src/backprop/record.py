@@ -22,7 +22,7 @@ import numpy as np
 
 from backprop import checkpoint
 from backprop._core import LOSSES
-from backprop.layers import Dense, from_config, to_config
+from backprop.layers import from_config, to_config
 from backprop.optim import OPTIMIZERS
 
 FORMAT = "backprop-checkpoint"

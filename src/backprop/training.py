@@ -155,10 +155,10 @@ def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=No
     X, y, batch_size, validation_data, early_stopping = check_fit_arguments(
         net, X, y, epochs, batch_size, validation_data, validation_split, clip_grad_norm,
         early_stopping)
-    n, history, rng = len(X), net.history, net.rng
+    n, rng = len(X), net.rng
     steps_per_epoch = len(_batches(n, batch_size))
     bar = Progress(epochs * steps_per_epoch, wanted(progress))
-    best_loss, best, waited = np.inf, None, 0
+    stopper = EarlyStopping(early_stopping)
     last_epoch = net.epoch + epochs
     net.stop_training = False
     try:
@@ -183,28 +183,46 @@ def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=No
                     scores = evaluate(net, *validation_data)
                     logs["val_loss"], logs["val_accuracy"] = scores["loss"], scores.get("accuracy")
                 net.epoch = epoch
-                history.append(logs, norms)
-                bar.epoch(epoch, last_epoch, logs)
-                if lr_schedule is not None:
-                    monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
-                    lr_schedule.step(monitored if isinstance(lr_schedule, ReduceLROnPlateau) else None)
-                for callback in callbacks:
-                    callback(net, epoch, logs)
-                if early_stopping is not None and logs["val_loss"] is not None:
-                    if logs["val_loss"] < best_loss:      # never true for NaN
-                        best_loss, waited = logs["val_loss"], 0
-                        best = (net.params.copy(), net.buffers.copy())
-                    else:
-                        waited += 1
-                        if waited >= early_stopping:
-                            if best is not None:          # keep the best epoch's weights
-                                net.params[...], net.buffers[...] = best
-                            net.stop_training = True
+                close_epoch(net, epoch, last_epoch, logs, norms, bar, lr_schedule, callbacks)
+                stopper.update(net, logs["val_loss"])
                 if net.stop_training:
                     break
     finally:
         bar.close()
-    return history
+    return net.history
+
+
+def close_epoch(net, epoch, last_epoch, logs, norms, bar, lr_schedule, callbacks):
+    """What follows every epoch: history, progress, the schedule's step, the callbacks
+    (shared by ``fit`` and ``distributed.fit``)."""
+    net.history.append(logs, norms)
+    bar.epoch(epoch, last_epoch, logs)
+    if lr_schedule is not None:
+        monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
+        lr_schedule.step(monitored if isinstance(lr_schedule, ReduceLROnPlateau) else None)
+    for callback in callbacks:
+        callback(net, epoch, logs)
+
+
+class EarlyStopping:
+    """Stop once the validation loss has not improved for `patience` epochs (None: never)
+    and put back the weights and running statistics of the best epoch."""
+
+    def __init__(self, patience):
+        self.patience, self.best_loss, self.best, self.waited = patience, np.inf, None, 0
+
+    def update(self, net, val_loss):
+        if self.patience is None or val_loss is None:
+            return
+        if val_loss < self.best_loss:                  # never true for NaN
+            self.best_loss, self.waited = val_loss, 0
+            self.best = (net.params.copy(), net.buffers.copy())
+            return
+        self.waited += 1
+        if self.waited >= self.patience:
+            if self.best is not None:                  # keep the best epoch's weights
+                net.params[...], net.buffers[...] = self.best
+            net.stop_training = True
 
 
 def _train_batch(net, X, y, rows, clip_grad_norm, epoch, step, keep_norms=False):
