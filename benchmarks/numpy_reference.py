@@ -222,8 +222,8 @@ class NumpyNetwork:
             first = False
         return layers
 
-    def train_step(self, x, y):
-        """Forward, loss, backward and the SGD update on one batch; returns the loss."""
+    def compute_gradients(self, x, y):
+        """Forward, loss and backward on one batch: fills every gradient, returns the loss."""
         h = x
         for layer in self.layers:
             h = layer.forward(h)
@@ -231,6 +231,11 @@ class NumpyNetwork:
         d = self.delta
         for layer in reversed(self.layers):
             d = layer.backward(d)
+        return loss
+
+    def train_step(self, x, y):
+        """`compute_gradients` and the SGD update on one batch; returns the loss."""
+        loss = self.compute_gradients(x, y)
         lr = self.config.lr
         for param, grad in self.pairs:
             grad *= lr
