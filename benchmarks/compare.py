@@ -25,7 +25,8 @@ NumPy uses.
 
 GFLOP/s counts the matrix products of the step only (configs.Config.gemm_flops: 2*B*in*out
 per Dense forward, twice that backward, without dX of the first layer) over the median
-step time; the peak is numpy.matmul on 2048^3 float32 in the same run, same threads.
+step time.  The peak is numpy.matmul on 2048^3 float32 with the same threads, timed once
+in every round beside the steps, so each row is measured against the peak of its moment.
 """
 import os
 import sys
@@ -37,6 +38,7 @@ if __name__ == "__main__":
     benchenv.drop_openblas_overrides()
 
 import argparse  # noqa: E402
+from functools import partial  # noqa: E402
 import importlib.util  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -50,6 +52,7 @@ from networks import STEPS, Unsupported, initial_weights  # noqa: E402
 
 PAUSE = 0.25          # seconds before each timed block, so the previous library's spinners stop
 PEERS = ("numpy", "jax", "torch", "sklearn")
+IMPORTS = {"sklearn": "sklearn.neural_network"}    # what a peer's step loads
 LABELS = {"numpy": "NumPy", "jax": "JAX jit", "torch": "PyTorch", "sklearn": "scikit-learn"}
 AGREE_STEPS, AGREE_RTOL = 3, 1e-3   # float32 steps agreed to ~1e-6 relative when written
 
@@ -97,12 +100,13 @@ def calibrate(step, seconds):
     return max(3, min(100_000, int(seconds / per_step)))
 
 
-def time_config(config, steps, rounds, block_seconds):
-    """Median µs per step of each framework over interleaved rounds."""
+def time_config(config, steps, rounds, block_seconds, peak):
+    """Median µs per step of each framework over interleaved rounds, and the median
+    GFLOP/s of `peak` (one product per round, after the steps)."""
     first = {name: [step() for _ in range(AGREE_STEPS)] for name, step in steps.items()}
     check_agreement(config, first)
     counts = {name: calibrate(step, block_seconds) for name, step in steps.items()}
-    samples = {name: [] for name in steps}
+    samples, peaks = {name: [] for name in steps}, []
     for _ in range(rounds):
         for name, step in steps.items():
             time.sleep(PAUSE)
@@ -110,27 +114,32 @@ def time_config(config, steps, rounds, block_seconds):
             for _ in range(counts[name]):
                 step()
             samples[name].append((time.perf_counter() - start) / counts[name])
+        time.sleep(PAUSE)
+        peaks.append(peak.gflops())
     for name, step in steps.items():
         last = step()
         if not last < first[name][0]:
             raise Failure(f"{config.name}: {name}'s loss did not fall "
                           f"({first[name][0]:.4g} -> {last:.4g})")
-    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+    us = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+    return us, statistics.median(peaks)
 
 
-def sgemm_peak(repeats):
-    """numpy.matmul on 2048^3 float32, GFLOP/s of the median of `repeats` products."""
+class SgemmPeak:
+    """numpy.matmul on 2048^3 float32: the machine's practical float32 GEMM limit."""
     n = 2048
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    out = np.empty((n, n), np.float32)
-    np.matmul(a, b, out=out)
-    times = []
-    for _ in range(repeats):
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.a, self.b = (rng.standard_normal((self.n, self.n), dtype=np.float32) for _ in range(2))
+        self.out = np.empty((self.n, self.n), np.float32)
+        np.matmul(self.a, self.b, out=self.out)          # OpenBLAS starts its threads
+
+    def gflops(self):
+        """GFLOP/s of one product."""
         start = time.perf_counter()
-        np.matmul(a, b, out=out)
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+        np.matmul(self.a, self.b, out=self.out)
+        return 2 * self.n ** 3 / (time.perf_counter() - start) / 1e9
 
 
 def fmt_us(us):
@@ -138,7 +147,8 @@ def fmt_us(us):
 
 
 def fmt_ratio(ratio):
-    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.1f}×" if ratio < 100 else f"{ratio:,.0f}×"
+    digits = 2 if ratio < 10 else 1 if ratio < 100 else 0
+    return f"{ratio:,.{digits}f}×"
 
 
 def fmt_percent(fraction):
@@ -152,9 +162,10 @@ def fmt_gflops(flops, us):
 
 def table_head(peers):
     head = ("| config | batch | target µs | backprop µs/step | samples/s | backprop GFLOP/s "
-            "| % of peak |" + "".join(f" {LABELS[p]} µs | {LABELS[p]} ÷ backprop | "
-                                      f"{LABELS[p]} GFLOP/s |" for p in peers))
-    return [head, "|" + "---|" * (7 + 3 * len(peers))]
+            "| sgemm peak GFLOP/s | % of peak |")
+    head += "".join(f" {LABELS[p]} µs | {LABELS[p]} ÷ backprop | {LABELS[p]} GFLOP/s |"
+                    for p in peers)
+    return [head, "|" + "---|" * (8 + 3 * len(peers))]
 
 
 def table_row(config, us, peers, peak):
@@ -164,10 +175,10 @@ def table_row(config, us, peers, peak):
     cells = [f"{config.name} ({config.describe()})", str(config.batch),
              f"{target:,}" if target else "—"]
     if ours is None:
-        cells += ["skipped", "—", "—", "—"]
+        cells += ["skipped", "—", "—", f"{peak:.0f}", "—"]
     else:
         cells += [fmt_us(ours), f"{config.batch / ours * 1e6:,.0f}", fmt_gflops(flops, ours),
-                  fmt_percent(flops / ours / 1e3 / peak)]
+                  f"{peak:.0f}", fmt_percent(flops / ours / 1e3 / peak)]
     for p in peers:
         if p not in us:
             cells += ["—", "—", "—"]
@@ -186,11 +197,15 @@ def matmul_table(rounds, quick):
     for name, (m, n, k, ta, tb) in shapes[:4] if quick else shapes:
         a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
         b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
-        out = np.empty((m, n), np.float32)
-        A, B = (a.T if ta else a), (b.T if tb else b)
+        ours, theirs = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        runs = {"backprop": (partial(bp.ops.matmul, a, b, out=ours, trans_a=ta, trans_b=tb), []),
+                "numpy": (partial(np.matmul, a.T if ta else a, b.T if tb else b, out=theirs), [])}
+        for fn, _ in runs.values():
+            fn()
+        # float32 sums of k products of N(0, 1) numbers: entries ~ sqrt(k), rounding ~1e-6 of it
+        if not np.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.sqrt(k)):
+            raise Failure(f"matmul {name}: bp.ops.matmul and numpy.matmul disagree")
         reps = max(3, int(0.05 * 100e9 / (2 * m * n * k)))
-        runs = {"backprop": (lambda: bp.ops.matmul(a, b, out=out, trans_a=ta, trans_b=tb), []),
-                "numpy": (lambda: np.matmul(A, B, out=out), [])}
         for _ in range(rounds):
             for fn, acc in runs.values():
                 time.sleep(PAUSE)
@@ -206,8 +221,9 @@ def matmul_table(rounds, quick):
 
 
 def versions(peers):
-    parts = [f"Python {platform.python_version()}", f"backprop {bp.__version__} "
-             f"(SIMD kernel {bp.simd_kernel()})", f"numpy {np.__version__}"]
+    parts = [f"Python {platform.python_version()}",
+             f"backprop {bp.__version__} (SIMD kernel {bp.simd_kernel()})",
+             f"numpy {np.__version__}"]
     for p in peers:
         if p != "numpy":
             parts.append(f"{p} {sys.modules[p].__version__}")
@@ -243,20 +259,20 @@ def main(argv=None):
     how = {}
     if "jax" in peers:              # before anything else starts threads of its own
         _, how["jax"] = benchenv.start_jax(args.threads)
-    for p in peers:
-        __import__(p)
+    for p in peers:                 # loaded now, so that the thread limits below reach them
+        __import__(IMPORTS.get(p, p))
     how = {**benchenv.limit_threads(args.threads, peers), **how}
-    peak = sgemm_peak(3 if args.quick else 5)
+    peak = SgemmPeak()
 
     lines = [benchenv.machine_line(), versions(peers), benchenv.environment_note(),
              *benchenv.blas_lines(),
              f"Threads ({args.threads}): " + "; ".join(f"{k}: {v}" for k, v in how.items()),
-             f"sgemm peak: {peak:.0f} GFLOP/s (numpy.matmul 2048^3 float32, {args.threads} "
-             f"threads, median of {3 if args.quick else 5})",
-             f"Median of {rounds} interleaved rounds; µs per step; ratio = peer time ÷ backprop "
-             f"time (> 1: backprop is faster); GFLOP/s = GEMM flops of the step ÷ step time "
-             f"(forward 2·B·in·out per Dense, backward twice that, no dX for the first layer; "
-             f"element-wise work not counted); % of peak = backprop GFLOP/s ÷ sgemm peak.",
+             (f"sgemm peak: numpy.matmul 2048^3 float32, {args.threads} threads, one product "
+              "in each round beside the steps; the row's median is its 'sgemm peak' column"),
+             (f"Median of {rounds} interleaved rounds; µs per step; ratio = peer time ÷ backprop "
+              "time (> 1: backprop is faster); GFLOP/s = GEMM flops of the step ÷ step time "
+              "(forward 2·B·in·out per Dense, backward twice that, no dX for the first layer; "
+              "element-wise work not counted); % of peak = backprop GFLOP/s ÷ sgemm peak."),
              "", *table_head(peers)]
     missing = [p for p in wanted if p not in peers]
     if missing:
@@ -268,7 +284,8 @@ def main(argv=None):
             config = CONFIGS[name]
             steps, skipped = build(config, ["backprop", *peers])
             notes += [f"{name}: {fw} not timed: {why}" for fw, why in skipped.items()]
-            row = table_row(config, time_config(config, steps, rounds, block), peers, peak)
+            us, row_peak = time_config(config, steps, rounds, block, peak)
+            row = table_row(config, us, peers, row_peak)
             lines.append(row)
             print(row, flush=True)
     except Failure as e:

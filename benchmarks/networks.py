@@ -31,7 +31,8 @@ def initial_weights(config, seed=0):
     for d in config.dense_layers():
         gain = 2.0 if d.activation == "relu" else 1.0
         w = rng.normal(size=(d.out_features, d.in_features)) * np.sqrt(gain / d.in_features)
-        weights.append((w.astype(np.float32), rng.uniform(-0.1, 0.1, d.out_features).astype(np.float32)))
+        b = rng.uniform(-0.1, 0.1, d.out_features)
+        weights.append((w.astype(np.float32), b.astype(np.float32)))
     return weights
 
 
@@ -226,8 +227,10 @@ def _jax_apply(jnp, config, specs, weights, params, stats, top):
             params.extend(next(weights))
         elif isinstance(spec, BatchNorm):
             fns.append(_jax_batchnorm(jnp, len(params), len(stats)))
-            params += [np.ones(spec.num_features, np.float32), np.zeros(spec.num_features, np.float32)]
-            stats += [np.zeros(spec.num_features, np.float32), np.ones(spec.num_features, np.float32)]
+            n = spec.num_features
+            ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
+            params += [ones, zeros]                     # gamma, beta
+            stats += [zeros.copy(), ones.copy()]        # running mean, running variance
         elif isinstance(spec, Activation):
             act = _jax_activation(jnp, spec.name)
             fns.append(lambda p, s, ns, x, act=act: act(x))

@@ -1,7 +1,7 @@
 """Train the same recipe with backprop's `fit` and an equivalent PyTorch loop; report the
 wall time of training and the test accuracy of each.
 
-    python benchmarks/time_to_accuracy.py                        # Fashion-MNIST, digits, mnist-sample
+    python benchmarks/time_to_accuracy.py          # Fashion-MNIST, digits, mnist-sample
     python benchmarks/time_to_accuracy.py --datasets fashion-mnist --repeats 3 --threads 2
 
 The recipes are configs.RECIPES: Fashion-MNIST is issue 10's (784-256-128-10, relu, batch
