@@ -11,7 +11,7 @@ networks.py) from the same initial weights on one fixed batch: same sizes, batch
 float32, plain SGD.  Before timing, each framework's first three losses must agree with
 the NumPy reference's (so the networks really are the same), and after timing each loss
 must have fallen.  Rounds are interleaved: each round times a block of steps of every
-framework in turn, and the table gives the median over rounds, so a noisy neighbour hurts
+framework in turn (starting with the next framework each round), and the table gives the median over rounds, so a noisy neighbour hurts
 all alike.  Before each block the script sleeps PAUSE seconds: OpenBLAS and OpenMP workers
 spin for a while after a call and would steal the cores of whoever runs next.
 
@@ -107,8 +107,11 @@ def time_config(config, steps, rounds, block_seconds, peak):
     check_agreement(config, first)
     counts = {name: calibrate(step, block_seconds) for name, step in steps.items()}
     samples, peaks = {name: [] for name in steps}, []
-    for _ in range(rounds):
-        for name, step in steps.items():
+    names = list(steps)
+    for r in range(rounds):
+        # Each round starts with the next framework, so none always follows the same one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = steps[name]
             time.sleep(PAUSE)
             start = time.perf_counter()
             for _ in range(counts[name]):
