@@ -11,8 +11,8 @@ networks.py) from the same initial weights on one fixed batch: same sizes, batch
 float32, plain SGD.  Before timing, each framework's first three losses must agree with
 the NumPy reference's (so the networks really are the same), and after timing each loss
 must have fallen.  Rounds are interleaved: each round times a block of steps of every
-framework in turn (starting with the next framework each round), and the table gives the median over rounds, so a noisy neighbour hurts
-all alike.  Before each block the script sleeps PAUSE seconds: OpenBLAS and OpenMP workers
+framework in turn (a different one first each round), and the table gives the median over
+rounds, so a noisy neighbour hurts all alike.  Before each block the script sleeps PAUSE seconds: OpenBLAS and OpenMP workers
 spin for a while after a call and would steal the cores of whoever runs next.
 
 Peers, each only if installed: a hand-written NumPy step (numpy_reference.py), JAX on the
