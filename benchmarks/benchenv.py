@@ -49,6 +49,11 @@ def machine_line():
     return f"Machine: {model}{family}; {simd}; {cpus} CPUs usable"
 
 
+def load_line(when):
+    """The 1-minute load average (other processes on the 2 shared cores skew every timing)."""
+    return f"Load average {when}: {os.getloadavg()[0]:.2f} (1 min)"
+
+
 def _lscpu_model():
     fields = {}
     try:

@@ -267,7 +267,8 @@ def main(argv=None):
     how = {**benchenv.limit_threads(args.threads, peers), **how}
     peak = SgemmPeak()
 
-    lines = [benchenv.machine_line(), versions(peers), benchenv.environment_note(),
+    lines = [benchenv.machine_line(), benchenv.load_line("at the start"), versions(peers),
+             benchenv.environment_note(),
              *benchenv.blas_lines(),
              f"Threads ({args.threads}): " + "; ".join(f"{k}: {v}" for k, v in how.items()),
              (f"sgemm peak: numpy.matmul 2048^3 float32, {args.threads} threads, one product "
@@ -279,7 +280,7 @@ def main(argv=None):
              "", *table_head(peers)]
     missing = [p for p in wanted if p not in peers]
     if missing:
-        lines.insert(2, f"Not installed, not timed: {', '.join(missing)}")
+        lines.insert(3, f"Not installed, not timed: {', '.join(missing)}")
     print("\n".join(lines), flush=True)
     notes = []
     try:
@@ -293,9 +294,9 @@ def main(argv=None):
             print(row, flush=True)
     except Failure as e:
         sys.exit(f"compare.py: {e}")
-    if notes:
-        lines += [""] + notes
-        print("\n" + "\n".join(notes), flush=True)
+    notes.append(benchenv.load_line("after the steps"))
+    lines += [""] + notes
+    print("\n" + "\n".join(notes), flush=True)
     if not args.no_matmul:
         table = matmul_table(rounds, args.quick)
         lines += [""] + table

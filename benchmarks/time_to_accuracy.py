@@ -103,6 +103,7 @@ def main(argv=None):
         runners["torch"] = run_torch
     how = benchenv.limit_threads(args.threads, list(runners))
     print(benchenv.machine_line())
+    print(benchenv.load_line("at the start"))
     print(benchenv.environment_note())
     print(f"Threads ({args.threads}): " + "; ".join(f"{k}: {how[k]}" for k in runners))
     if "torch" not in runners:
@@ -137,6 +138,7 @@ def main(argv=None):
         if "torch" in seconds:
             cells.append(f"{seconds['torch'] / seconds['backprop']:.2f}×")
         print(f"| {name} | {recipe} | " + " | ".join(cells) + " |", flush=True)
+    print("\n" + benchenv.load_line("at the end"))
 
 
 if __name__ == "__main__":
