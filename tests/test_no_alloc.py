@@ -32,3 +32,18 @@ def test_train_step_does_not_grow_memory():
                  lambda: net.train_step(X, y, rows=rows)):
         assert traced_growth(step, 500) < 1024
         assert traced_growth(step, 2000) < 1024     # and it does not scale with steps
+
+
+def test_every_layer_type_trains_without_allocating():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(1000, 64)).astype(np.float32), rng.integers(0, 10, 1000)
+    net = bp.Network([bp.Dense(64, 128, bias=False), bp.BatchNorm(128), bp.Activation("relu"),
+                      bp.Dropout(0.2),
+                      bp.Residual(bp.Dense(128, 128, "gelu"), bp.LayerNorm(128)),
+                      bp.Dense(128, 10, "softmax")],
+                     loss="cross_entropy", optimizer=bp.Adam(), seed=0)
+    rows = np.arange(32)
+    for step in (lambda: net.train_step(X[:32], y[:32]),
+                 lambda: net.train_step(X, y, rows=rows, clip_grad_norm=1.0),
+                 lambda: net.compute_gradients(X, y, rows=rows) and net.step() or net.zero_grad()):
+        assert traced_growth(step, 500) < 1024

@@ -7,11 +7,12 @@ A typed Cython + OpenMP core (``backprop._core``) behind a small NumPy API::
                      loss="cross_entropy", optimizer=bp.Adam(lr=1e-3), seed=0)
     loss = net.train_step(x, y)
 """
-from backprop._core import (ACTIVATIONS, LOSSES, get_num_threads, openmp_enabled,
+from backprop._core import (ACTIVATIONS, LOSSES, MAX_THREADS, get_num_threads, openmp_enabled,
                             set_num_threads, simd_kernel)
 from backprop import datasets, ops
+from backprop.callbacks import GradientMonitor
 from backprop.gradcheck import gradcheck
-from backprop.layers import Dense
+from backprop.layers import Activation, BatchNorm, Dense, Dropout, LayerNorm, Residual
 from backprop.network import Network
 from backprop.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
@@ -24,6 +25,7 @@ if hasattr(_os, "register_at_fork"):
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "LOSSES", "Adagrad", "Adam", "AdamW", "Dense", "Network",
-           "Optimizer", "RMSprop", "SGD", "datasets", "get_num_threads", "gradcheck", "openmp_enabled",
-           "ops", "set_num_threads", "simd_kernel"]
+__all__ = ["ACTIVATIONS", "LOSSES", "MAX_THREADS", "Activation", "Adagrad", "Adam", "AdamW",
+           "BatchNorm", "Dense", "Dropout", "GradientMonitor", "LayerNorm", "Network", "Optimizer",
+           "RMSprop", "Residual", "SGD", "datasets", "get_num_threads", "gradcheck",
+           "openmp_enabled", "ops", "set_num_threads", "simd_kernel"]

@@ -9,6 +9,9 @@
 # with threshold 20, GELU exact (erf form).
 from cython cimport floating
 from libc.math cimport exp, expf, expm1, log, log1p, tanh, erf
+from libc.string cimport memcpy
+from cython.parallel cimport prange
+from backprop._parallel cimport part_start, team_for
 
 cdef enum Activation:
     IDENTITY = 0
@@ -57,7 +60,7 @@ cdef inline double activate(double z, int activation) noexcept nogil:
     if activation == TANH:
         return tanh(z)
     if activation == RELU:
-        return z if z > 0 else 0.0
+        return 0.0 if z < 0 else z      # NaN stays NaN, as in torch
     if activation == LEAKY_RELU:
         return z if z > 0 else LEAKY_SLOPE * z
     if activation == ELU:
@@ -105,7 +108,7 @@ cdef inline void activate_tile(floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_
         for i in range(rows):
             row = c + i * ldc
             for j in range(cols):
-                row[j] = row[j] if row[j] > 0 else 0
+                row[j] = 0 if row[j] < 0 else row[j]    # NaN stays NaN, as in torch
         return
     for i in range(rows):
         row = c + i * ldc
@@ -145,6 +148,21 @@ cdef inline void softmax_rows(const floating* z, Py_ssize_t ldz, floating* out, 
             lse[i] = m + log(total)
 
 
+cdef inline void activation_forward(const floating* z, Py_ssize_t ldz, floating* a,
+                                    Py_ssize_t lda, Py_ssize_t rows, Py_ssize_t cols,
+                                    int activation, double* lse) noexcept nogil:
+    """a = activation(z), row-wise for softmax (with each row's log-sum-exp in `lse` when
+    given); `a` may be `z` itself."""
+    cdef Py_ssize_t i
+    if activation == SOFTMAX:
+        softmax_rows(z, ldz, a, lda, rows, cols, lse)
+        return
+    if a != z:
+        for i in range(rows):
+            memcpy(a + i * lda, z + i * ldz, cols * sizeof(floating))
+    activate_tile(a, lda, rows, cols, activation)
+
+
 cdef inline void activation_backward(floating* delta, Py_ssize_t ldd,
                                      const floating* a, Py_ssize_t lda,
                                      const floating* z, Py_ssize_t ldz,
@@ -181,3 +199,43 @@ cdef inline void activation_backward(floating* delta, Py_ssize_t ldd,
         for j in range(cols):
             d[j] = <floating>(d[j] * derivative(s[j], z[i * ldz + j] if z != NULL else 0.0,
                                                 activation))
+
+
+cdef inline void activation_forward_threads(const floating* z, Py_ssize_t ldz, floating* a,
+                                            Py_ssize_t lda, Py_ssize_t rows, Py_ssize_t cols,
+                                            int activation, double* lse,
+                                            int n_threads) noexcept nogil:
+    """activation_forward with the rows split between threads (each row is independent)."""
+    cdef Py_ssize_t t, lo, hi
+    cdef int team = team_for(rows * cols, n_threads)
+    if team == 1:
+        activation_forward(z, ldz, a, lda, rows, cols, activation, lse)
+        return
+    for t in prange(team, num_threads=team, schedule="static"):
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
+        if lo < hi:
+            activation_forward(z + lo * ldz, ldz, a + lo * lda, lda, hi - lo, cols, activation,
+                               lse + lo if lse != NULL else NULL)
+
+
+cdef inline void activation_backward_threads(floating* delta, Py_ssize_t ldd,
+                                             const floating* a, Py_ssize_t lda,
+                                             const floating* z, Py_ssize_t ldz,
+                                             Py_ssize_t rows, Py_ssize_t cols, int activation,
+                                             int n_threads) noexcept nogil:
+    """activation_backward with the rows split between threads."""
+    cdef Py_ssize_t t, lo, hi
+    cdef int team = team_for(rows * cols, n_threads)
+    if activation == IDENTITY:
+        return
+    if team == 1:
+        activation_backward(delta, ldd, a, lda, z, ldz, rows, cols, activation)
+        return
+    for t in prange(team, num_threads=team, schedule="static"):
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
+        if lo < hi:
+            activation_backward(delta + lo * ldd, ldd, a + lo * lda, lda,
+                                z + lo * ldz if z != NULL else NULL, ldz, hi - lo, cols,
+                                activation)

@@ -2,32 +2,34 @@
 #
 # Three tiers, as in scikit-learn's _loss.pyx.tp:
 #   1. kernels  - `cdef inline ... noexcept nogil` loops on raw typed memory, one family
-#                 per .pxd file: _gemm (matrix multiply), _activations, _losses, _optim;
+#                 per .pxd file (_gemm, _dense, _activations, _batchnorm, _layernorm,
+#                 _dropout, _residual, _losses, _optim), run by the tape's passes (_tape);
 #   2. here     - every input is checked (type, dtype, shape, finiteness, ranges) and copied
 #                 into buffers this module owns, and only then is the GIL released;
-#   3. Python   - network.py, optim.py, ops.py compose these into the public API.
+#   3. Python   - network.py, layers.py, optim.py, ops.py compose these into the public API.
 #
-# The Engine owns a network's workspace: one input buffer, the activations of every
-# layer, two ping-pong delta buffers and the GEMM's packing scratch, all allocated for
-# the largest batch seen and reused by every later step.  Parameters and gradients
-# live in two flat buffers owned by the Network; the Engine only holds pointers.
+# The Engine runs one network: its tape of operation records (laid out by plan.py), a
+# workspace holding every activation and gradient slot for the largest batch seen, and
+# the GEMM's packing scratch.  Parameters, gradients and buffers (running statistics)
+# live in flat arrays owned by the Network; the Engine only holds pointers into them.
+cimport cython
 cimport numpy as cnp
 from cython cimport floating
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libc.math cimport sqrt, isfinite
 
 import numpy as np
 
-from backprop._gemm cimport gemm, gemm_workspace_bytes, bp_gemm_init, bp_gemm_kernel_name
-from backprop._activations cimport (
-    Activation, IDENTITY, SOFTMAX, activate_tile, softmax_rows, activation_backward,
-    needs_preactivation)
-from backprop._losses cimport (
-    Loss, MSE, BINARY_CROSS_ENTROPY, CROSS_ENTROPY,
-    mse, binary_cross_entropy, cross_entropy_labels, cross_entropy_probs)
-from backprop._optim cimport OptimConfig, optimizer_update
+from backprop._gemm cimport gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name
+from backprop._activations cimport Activation, IDENTITY, SOFTMAX
+from backprop._losses cimport Loss, MSE, BINARY_CROSS_ENTROPY, CROSS_ENTROPY
+from backprop._optim cimport (OptimConfig, OptimizerKind, optimizer_update, sum_of_squares,
+                              STAT_BLOCK)
+from backprop._dropout cimport mix64
+from backprop._tape cimport (Tape, Op, Slot, OpKind, DENSE, BATCHNORM, LAYERNORM,
+                             forward_pass, loss_delta, backward_pass)
 
 cnp.import_array()
 bp_gemm_init()
@@ -44,9 +46,12 @@ cdef extern from *:
     #define BACKPROP_OPENMP 0
     #endif
     #include <stdlib.h>
-    /* 64-byte aligned so packed GEMM panels start on a cache line. */
+    #include <stdint.h>
+    /* 64-byte aligned so packed GEMM panels and every workspace region start on a cache
+       line; NULL (never a crash) for sizes that do not fit in memory. */
     static void *bp_aligned_alloc(size_t nbytes) {
         void *p = NULL;
+        if (nbytes > (size_t)PTRDIFF_MAX) return NULL;
         if (posix_memalign(&p, 64, nbytes ? nbytes : 64) != 0) return NULL;
         return p;
     }
@@ -62,9 +67,31 @@ ACTIVATIONS = {
 }
 LOSSES = {"mse": MSE, "binary_cross_entropy": BINARY_CROSS_ENTROPY,
           "cross_entropy": CROSS_ENTROPY}
+# The record kinds of the tape, for the planner (plan.py).
+OP_KINDS = {"dense": OpKind.DENSE, "activation": OpKind.ACTIVATION,
+            "batchnorm": OpKind.BATCHNORM, "layernorm": OpKind.LAYERNORM,
+            "dropout": OpKind.DROPOUT, "residual": OpKind.RESIDUAL}
+# Each optimizer rule's state buffers, in the order its kernel takes them.
+OPTIMIZER_STATE = {OptimizerKind.SGD: ("momentum_buffer",),
+                   OptimizerKind.ADAM: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                   OptimizerKind.RMSPROP: ("square_avg", "grad_avg", "momentum_buffer"),
+                   OptimizerKind.ADAGRAD: ("sum",)}
+OPTIMIZER_KINDS = {"sgd": OptimizerKind.SGD, "adam": OptimizerKind.ADAM,
+                   "rmsprop": OptimizerKind.RMSPROP, "adagrad": OptimizerKind.ADAGRAD}
+
+
+def dropout_key(uint64_t seed, uint64_t layer):
+    """The hash key of Dropout layer number `layer` in a network seeded with `seed`."""
+    return mix64(mix64(seed) ^ mix64(layer + 1))
 
 
 # --------------------------------------------------------------------------- threads
+
+# Every kernel is right for any team size, but each thread gets packing scratch and
+# OpenMP starts real threads: a cap keeps a typo (or OMP_NUM_THREADS=100000) from
+# turning into gigabytes of scratch or thousands of threads.
+MAX_THREADS = 1024
+
 
 def simd_kernel():
     """The GEMM micro-kernel in use: "avx2+fma", or "generic" (no AVX2/FMA on this CPU,
@@ -90,16 +117,20 @@ def _after_fork_in_child():
     _forked_child = True
 
 
-def set_num_threads(int n):
-    """Use at most `n` threads in every kernel; `n=0` goes back to OpenMP's own setting."""
+def set_num_threads(n):
+    """Use at most `n` threads (1 to MAX_THREADS) in every kernel; `n=0` goes back to
+    OpenMP's own setting (OMP_NUM_THREADS, threadpoolctl)."""
     global _requested_threads
-    if n < 0:
-        raise ValueError(f"set_num_threads: n must be >= 0 (0 = OpenMP default), got {n}")
-    _requested_threads = n
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"set_num_threads: n must be an integer, got {n!r}")
+    if not 0 <= n <= MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be in [0, {MAX_THREADS}] "
+                         f"(0 = OpenMP's default), got {n}")
+    _requested_threads = int(n)
 
 
 def get_num_threads():
-    """The number of threads the kernels may use, always >= 1."""
+    """The number of threads the kernels may use, always in [1, MAX_THREADS]."""
     return _num_threads()
 
 
@@ -109,8 +140,8 @@ cdef inline int _num_threads() noexcept:
         return 1
     cdef int available = bp_omp_max_threads()
     if _requested_threads > 0 and _requested_threads < available:
-        return _requested_threads
-    return available if available > 0 else 1
+        available = _requested_threads
+    return max(1, min(available, MAX_THREADS))
 
 
 # --------------------------------------------------------------------------- validation
@@ -159,8 +190,8 @@ cdef int _copy_rows(cnp.ndarray src, str name, char* dst, Py_ssize_t ld, bint ds
         else:
             bad = _strided_copy(<float*>NULL, base, s0, s1, picks, dst, ld, rows, cols, dst64)
     if bad >= 0:
-        raise ValueError(f"{name} contains NaN or Inf (in row {bad}); "
-                         "clean or impute the data first")
+        raise ValueError(f"{name} contains NaN or Inf (in row {bad}), or a value too large "
+                         "for the network's dtype; clean or impute the data first")
     return 0
 
 
@@ -171,19 +202,20 @@ ctypedef fused destination:
 
 cdef inline bint _copy_row(const floating* row, Py_ssize_t step, destination* out,
                            Py_ssize_t cols) noexcept nogil:
-    """out[j] = row[j * step]; True if every value is finite.  v - v is 0 for finite v and
-    NaN for NaN and +-Inf; and-ing integer flags (not summing floats) keeps the loop free
-    of a serial dependency, so the compiler vectorises it."""
+    """out[j] = row[j * step]; True if every value is finite once converted (1e39 is a
+    finite float64 but an infinite float32).  v - v is 0 for finite v and NaN for NaN and
+    +-Inf; and-ing integer flags (not summing floats) keeps the loop free of a serial
+    dependency, so the compiler vectorises it."""
     cdef Py_ssize_t j
     cdef int finite = 1
     if step == 1:
         for j in range(cols):
             out[j] = <destination>row[j]
-            finite &= row[j] - row[j] == 0
+            finite &= out[j] - out[j] == 0
     else:
         for j in range(cols):
             out[j] = <destination>row[j * step]
-            finite &= row[j * step] - row[j * step] == 0
+            finite &= out[j] - out[j] == 0
     return finite
 
 
@@ -213,13 +245,16 @@ cdef bint _copy_unaligned(const floating* row, Py_ssize_t s1, char* dst, Py_ssiz
     cdef Py_ssize_t j
     cdef floating v
     cdef int finite = 1
+    cdef float v32
     for j in range(cols):
         memcpy(&v, <const char*>row + j * s1, sizeof(floating))
-        finite &= v - v == 0
         if dst64:
             (<double*>dst)[i * ld + j] = v
+            finite &= v - v == 0
         else:
-            (<float*>dst)[i * ld + j] = <float>v
+            v32 = <float>v
+            (<float*>dst)[i * ld + j] = v32
+            finite &= v32 - v32 == 0
     return finite
 
 
@@ -340,7 +375,7 @@ cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
     cdef const floating* pb = <const floating*>cnp.PyArray_DATA(b)
     cdef floating* pc = <floating*>cnp.PyArray_DATA(out)
     cdef int nt = _num_threads()
-    cdef void* scratch = bp_aligned_alloc(gemm_workspace_bytes(nt))
+    cdef void* scratch = bp_aligned_alloc(gemm_scratch_bytes(m, n, k, nt))
     if scratch == NULL:
         raise MemoryError("cannot allocate the GEMM packing buffers")
     with nogil:
@@ -352,28 +387,55 @@ cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
 # --------------------------------------------------------------------------- optimizers
 
 cdef class OptimizerBase:
-    """The compiled half of every optimizer: its hyperparameters as a C struct (read by
+    """The compiled half of every optimizer: its rule and settings as a C struct (read by
     the nogil update) and its state buffers, each shaped like the flat parameter buffer.
-    The public classes in `backprop.optim` validate arguments and document the rules."""
+
+    Only the rules compiled in _optim.pxd exist (OPTIMIZER_KINDS); the public classes in
+    `backprop.optim` validate their arguments and pick one with `_set_rule`.  The state
+    buffers are the rule's own (OPTIMIZER_STATE), so no subclass can make the kernel read
+    a buffer that is not there.  While a network's step runs without the GIL, the settings
+    and buffers cannot be changed (`_busy`)."""
     cdef OptimConfig config
     cdef readonly dict state
     cdef object _dtype
     cdef bint _is64
     cdef Py_ssize_t _size
     cdef char* slots[3]            # the state buffers' data; unused slots stay NULL
+    cdef int _busy
+    cdef bint _has_rule
 
     def __cinit__(self, *args, **kwargs):
         self.state = {}
         self._size = -1
+        memset(&self.config, 0, sizeof(OptimConfig))
 
-    def __init__(self, **config):
-        """Set the hyperparameters (the step count restarts at 0; state is untouched)."""
-        cdef dict merged = {"kind": 0, "step": 0, "lr": 0.0, "weight_decay": 0.0,
-                            "decoupled": False, "momentum": 0.0, "dampening": 0.0,
-                            "nesterov": False, "beta1": 0.0, "beta2": 0.0, "amsgrad": False,
-                            "eps": 0.0, "alpha": 0.0, "centered": False, "lr_decay": 0.0}
-        merged.update(config)
-        self.config = merged
+    def _set_rule(self, str rule, **settings):
+        """Choose the update rule (a key of OPTIMIZER_KINDS) and its settings; the step
+        count restarts at 0.  Each setting must be a finite number or a bool."""
+        cdef OptimConfig c
+        self._check_idle("change the optimizer's settings")
+        if rule not in OPTIMIZER_KINDS:
+            raise ValueError(f"unknown optimizer rule {rule!r}; choose one of {sorted(OPTIMIZER_KINDS)}")
+        memset(&c, 0, sizeof(OptimConfig))
+        known = {"lr", "weight_decay", "decoupled", "momentum", "dampening", "nesterov",
+                 "beta1", "beta2", "amsgrad", "eps", "alpha", "centered", "lr_decay"}
+        for name, value in settings.items():
+            if name not in known:
+                raise TypeError(f"unknown optimizer setting {name!r}")
+            if not isinstance(value, (bool, np.bool_)) and not (
+                    isinstance(value, (int, float, np.integer, np.floating)) and isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        config = dict(c)
+        config.update(settings)
+        config["kind"] = OPTIMIZER_KINDS[rule]
+        config["step"] = 0
+        self.config = config
+        self._has_rule = True
+
+    cdef int _check_idle(self, str what) except -1:
+        if self._busy:
+            raise RuntimeError(f"cannot {what} while a step runs in another thread")
+        return 0
 
     @property
     def lr(self):
@@ -382,9 +444,10 @@ cdef class OptimizerBase:
 
     @lr.setter
     def lr(self, value):
+        self._check_idle("change the learning rate")
         value = float(value)
-        if not value >= 0:
-            raise ValueError(f"lr must be a non-negative number, got {value}")
+        if not (value >= 0 and isfinite(value)):
+            raise ValueError(f"lr must be a finite non-negative number, got {value}")
         self.config.lr = value
 
     @property
@@ -397,24 +460,42 @@ cdef class OptimizerBase:
         """How many updates this optimizer has made."""
         return self.config.step
 
+    @property
+    def state_names(self):
+        """The names of this rule's state buffers."""
+        return OPTIMIZER_STATE[self.config.kind] if self._has_rule else ()
+
     def _config(self):
         return self.config
 
-    def _bind(self, Py_ssize_t size, dtype, dict initial):
-        """Create zeroed (or `initial`-valued) state buffers for `size` parameters."""
+    def _bind(self, Py_ssize_t size, dtype, dict initial=None):
+        """Create the rule's state buffers for `size` parameters, filled with 0 or with
+        `initial[name]`; the step count restarts at 0."""
+        self._check_idle("rebind the optimizer")
+        if not self._has_rule:
+            raise TypeError(f"{type(self).__name__} has no update rule: use one of backprop's "
+                            "optimizers (SGD, Adam, AdamW, RMSprop, Adagrad) or a subclass")
+        initial = initial or {}
+        names = OPTIMIZER_STATE[self.config.kind]
+        if set(initial) - set(names):
+            raise ValueError(f"unknown state buffers {sorted(set(initial) - set(names))}; "
+                             f"this rule has {list(names)}")
+        state = {name: np.full(size, initial.get(name, 0.0), dtype=dtype) for name in names}
         self._dtype = np.dtype(dtype)
         self._is64 = self._dtype == np.float64
         self._size = size
-        self.state = {name: np.full(size, value, dtype=self._dtype)
-                      for name, value in initial.items()}
+        self.state = state
         self.slots[0] = self.slots[1] = self.slots[2] = NULL
-        for i, buffer in enumerate(self.state.values()):
+        for i, buffer in enumerate(state.values()):
             self.slots[i] = <char*>cnp.PyArray_DATA(buffer)
         self.config.step = 0
 
     def _load(self, OptimizerBase template, long step, dict state):
-        """Take `template`'s hyperparameters, this step count and these state buffers,
-        all checked before anything changes."""
+        """Take `template`'s settings, this step count and these state buffers, all checked
+        before anything changes."""
+        self._check_idle("load a state into the optimizer")
+        if template.config.kind != self.config.kind:
+            raise ValueError("the state is for another update rule")
         if set(state) != set(self.state):
             raise ValueError(f"optimizer state must have the buffers {sorted(self.state)}, "
                              f"got {sorted(state)}")
@@ -423,6 +504,8 @@ cdef class OptimizerBase:
             if value.shape != (self._size,) or value.dtype != self._dtype:
                 raise ValueError(f"optimizer state {name!r} must have shape ({self._size},) "
                                  f"and dtype {self._dtype}, got {_describe(value)}")
+            if not np.isfinite(value).all():
+                raise ValueError(f"optimizer state {name!r} contains NaN or Inf")
         if step < 0:
             raise ValueError(f"optimizer step must be >= 0, got {step}")
         for name, value in state.items():
@@ -430,61 +513,58 @@ cdef class OptimizerBase:
         self.config = template.config
         self.config.step = step
 
-    def _update(self, cnp.ndarray params, cnp.ndarray grads):
-        """One update of `params` from `grads` (both the flat buffers it was bound to)."""
-        if self._size < 0:
-            raise RuntimeError("this optimizer is not attached to a network")
-        if params.shape[0] != self._size or grads.shape[0] != self._size \
-                or params.dtype != self._dtype or grads.dtype != self._dtype:
-            raise ValueError("params and grads must be the flat buffers the optimizer was "
-                             f"bound to ({self._size} values of {self._dtype})")
-        cdef char* p = <char*>cnp.PyArray_DATA(params)
-        cdef char* g = <char*>cnp.PyArray_DATA(grads)
-        cdef int nt = _num_threads()
-        with nogil:
-            self._run_nogil(p, g, self._size, nt, False)
+    cdef int _begin(self, Py_ssize_t size, object dtype) except -1:
+        """Mark a step as running over a flat buffer of `size` values of `dtype`."""
+        if self._size != size or self._dtype != dtype:
+            raise ValueError("this optimizer is bound to another network's parameters")
+        self._check_idle("run two steps at once")
+        self._busy = 1
+        return 0
 
-    cdef void _run_nogil(self, char* p, char* g, Py_ssize_t n, int n_threads,
-                         bint clear_grads) noexcept nogil:
+    cdef void _end(self) noexcept:
+        self._busy = 0
+
+    # The nogil methods below only ever run on `self`: Cython's debug None check
+    # of self would need the GIL, so it is off for them.
+    @cython.nonecheck(False)
+    cdef bint _run_nogil(self, char* p, char* g, Py_ssize_t n, int n_threads, bint clear,
+                         double clip) noexcept nogil:
+        """One update (between _begin and _end); whether everything written is finite."""
         if self._is64:
-            optimizer_update(&self.config, <double*>p, <double*>g, <double*>self.slots[0],
-                             <double*>self.slots[1], <double*>self.slots[2],
-                             n, n_threads, clear_grads)
-        else:
-            optimizer_update(&self.config, <float*>p, <float*>g, <float*>self.slots[0],
-                             <float*>self.slots[1], <float*>self.slots[2],
-                             n, n_threads, clear_grads)
+            return optimizer_update(&self.config, <double*>p, <double*>g, <double*>self.slots[0],
+                                    <double*>self.slots[1], <double*>self.slots[2], clip,
+                                    n, n_threads, clear)
+        return optimizer_update(&self.config, <float*>p, <float*>g, <float*>self.slots[0],
+                                <float*>self.slots[1], <float*>self.slots[2], clip,
+                                n, n_threads, clear)
 
 
 # --------------------------------------------------------------------------- the engine
 
-cdef struct LayerBuffers:
-    Py_ssize_t n_in, n_out
-    int activation
-    Py_ssize_t w_off, b_off    # offsets into the flat parameter/gradient buffers; b_off < 0: no bias
-    char* a                    # outputs, batch x n_out, row stride lda
-    char* z                    # pre-activations (same stride), or NULL where not needed
-    Py_ssize_t lda
+cdef enum PassPart:
+    FORWARD = 1
+    LOSS = 2
+    BACKWARD = 4
+
+# The largest float32, and so the bound on a float32 network's squared gradient norm:
+# below it every squared gradient fits in float32, so no optimizer state can overflow.
+cdef double FLOAT32_MAX = 3.4028234663852886e38
 
 
-cdef struct Net:
-    int n_layers
-    LayerBuffers* layers
-    char* params
-    char* grads
-    Py_ssize_t batch           # rows of the last forward
-    char* x                    # the input batch, copied in (row stride ldx)
-    Py_ssize_t ldx
-    char* d0                   # two ping-pong delta buffers, row stride ldd
-    char* d1
-    Py_ssize_t ldd
-    char* dx                   # dL/dx, batch x n_in, contiguous
-    char* target               # float targets (row stride ldt) or
-    Py_ssize_t ldt
-    int64_t* labels            # integer class labels
-    double* lse                # log-sum-exp of each output row (softmax outputs)
-    void* gemm_scratch
-    int scratch_threads        # how many threads the scratch was sized for
+cdef double run_pass(floating* kind, Tape* t, int parts, int n_threads, int loss, bint labels,
+                     double scale, bint input_grad, bint from_logits) noexcept nogil:
+    """forward, loss, backward, as asked; the backward is skipped when the loss is not
+    finite (a refused step must leave the gradients as they were)."""
+    cdef double value = 0.0
+    if parts & FORWARD:
+        forward_pass(kind, t, n_threads)
+    if parts & LOSS:
+        value = loss_delta(kind, t, loss, labels, scale)
+        if not isfinite(value):
+            return value
+    if parts & BACKWARD:
+        backward_pass(kind, t, n_threads, input_grad, from_logits)
+    return value
 
 
 cdef Py_ssize_t _padded(Py_ssize_t n, Py_ssize_t itemsize):
@@ -495,277 +575,311 @@ cdef Py_ssize_t _padded(Py_ssize_t n, Py_ssize_t itemsize):
     return n
 
 
-cdef void forward_pass(floating* kind, Net* net, int nt) noexcept nogil:
-    """Every layer's output from net.x: one GEMM each, bias and activation fused into its
-    write-back; softmax (row-wise) right after."""
-    cdef const floating* P = <const floating*>net.params
-    cdef const floating* inp = <const floating*>net.x
-    cdef Py_ssize_t ld_in = net.ldx, B = net.batch, i
-    cdef LayerBuffers* L
-    cdef floating* a
-    cdef floating* z
-    cdef int l
-    for l in range(net.n_layers):
-        L = &net.layers[l]
-        a = <floating*>L.a
-        z = <floating*>L.z
-        if z == NULL:
-            gemm(B, L.n_out, L.n_in, inp, ld_in, False, P + L.w_off, L.n_in, True,
-                 a, L.lda, False, P + L.b_off if L.b_off >= 0 else NULL, L.activation,
-                 nt, net.gemm_scratch)
-            if L.activation == SOFTMAX:
-                softmax_rows(a, L.lda, a, L.lda, B, L.n_out, NULL)
-        else:
-            gemm(B, L.n_out, L.n_in, inp, ld_in, False, P + L.w_off, L.n_in, True,
-                 z, L.lda, False, P + L.b_off if L.b_off >= 0 else NULL, IDENTITY,
-                 nt, net.gemm_scratch)
-            if L.activation == SOFTMAX:
-                softmax_rows(z, L.lda, a, L.lda, B, L.n_out,
-                             net.lse if l == net.n_layers - 1 else NULL)
-            else:
-                for i in range(B):
-                    memcpy(a + i * L.lda, z + i * L.lda, L.n_out * sizeof(floating))
-                activate_tile(a, L.lda, B, L.n_out, L.activation)
-        inp = a
-        ld_in = L.lda
+cdef class Workspace:
+    """Everything an Engine needs per batch row, in one 64-byte-aligned allocation sized
+    for `capacity` rows: two input buffers (a batch is staged into the spare one and only
+    becomes the input once it has been validated), each slot's values and gradient, the
+    saved statistics, the targets and the log-sum-exp of each output row."""
+    cdef char* base
+    cdef Py_ssize_t capacity
+    cdef char* inputs[2]
+    cdef char** values
+    cdef char** grads
+    cdef double* saved
+    cdef char* target
+    cdef int64_t* labels
+    cdef double* lse
+    cdef char* backup          # the buffers before a train-mode forward, to undo a refused step
 
-
-cdef double loss_delta(floating* kind, Net* net, int loss, bint labels) noexcept nogil:
-    """The loss of the last forward against net.target/net.labels; leaves dL/dz of the
-    output layer in net.d0."""
-    cdef LayerBuffers* L = &net.layers[net.n_layers - 1]
-    cdef const floating* a = <const floating*>L.a
-    cdef const floating* z = <const floating*>L.z
-    cdef const floating* y = <const floating*>net.target
-    cdef floating* d = <floating*>net.d0
-    cdef double value
-    if loss == MSE:
-        value = mse(a, L.lda, y, net.ldt, net.batch, L.n_out, d, net.ldd)
-        activation_backward(d, net.ldd, a, L.lda, z, L.lda, net.batch, L.n_out, L.activation)
-    elif loss == BINARY_CROSS_ENTROPY:
-        value = binary_cross_entropy(z, L.lda, y, net.ldt, net.batch, L.n_out, d, net.ldd)
-    elif labels:
-        value = cross_entropy_labels(z, L.lda, net.lse, a, L.lda, net.labels, net.batch, L.n_out,
-                                     d, net.ldd)
-    else:
-        value = cross_entropy_probs(z, L.lda, net.lse, a, L.lda, y, net.ldt, net.batch, L.n_out,
-                                    d, net.ldd)
-    return value
-
-
-cdef void column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t rows, Py_ssize_t cols,
-                      floating* out) noexcept nogil:
-    # out += sum over rows, always in row order, so the result never depends on threads.
-    cdef Py_ssize_t i, j
-    for i in range(rows):
-        for j in range(cols):
-            out[j] += d[i * ldd + j]
-
-
-cdef void backward_pass(floating* kind, Net* net, int nt, bint input_grad) noexcept nogil:
-    """Accumulate every layer's gradients from dL/dz of the output layer (in net.d0):
-    dW += dZ^T X, db += column sums of dZ, dX = dZ W, then dZ_prev = dX * f'(a_prev)."""
-    cdef const floating* P = <const floating*>net.params
-    cdef floating* G = <floating*>net.grads
-    cdef floating* cur = <floating*>net.d0
-    cdef floating* nxt = <floating*>net.d1
-    cdef floating* swap
-    cdef const floating* inp
-    cdef Py_ssize_t ld_in, B = net.batch
-    cdef LayerBuffers* L
-    cdef LayerBuffers* prev
-    cdef int l
-    for l in range(net.n_layers - 1, -1, -1):
-        L = &net.layers[l]
-        if l > 0:
-            prev = &net.layers[l - 1]
-            inp, ld_in = <const floating*>prev.a, prev.lda
-        else:
-            inp, ld_in = <const floating*>net.x, net.ldx
-        gemm(L.n_out, L.n_in, B, cur, net.ldd, True, inp, ld_in, False,
-             G + L.w_off, L.n_in, True, NULL, IDENTITY, nt, net.gemm_scratch)
-        if L.b_off >= 0:
-            column_sums(cur, net.ldd, B, L.n_out, G + L.b_off)
-        if l > 0:
-            gemm(B, L.n_in, L.n_out, cur, net.ldd, False, P + L.w_off, L.n_in, False,
-                 nxt, net.ldd, False, NULL, IDENTITY, nt, net.gemm_scratch)
-            activation_backward(nxt, net.ldd, <const floating*>prev.a, prev.lda,
-                                <const floating*>prev.z, prev.lda, B, prev.n_out,
-                                prev.activation)
-            swap = cur
-            cur = nxt
-            nxt = swap
-        elif input_grad:
-            gemm(B, L.n_in, L.n_out, cur, net.ldd, False, P + L.w_off, L.n_in, False,
-                 <floating*>net.dx, L.n_in, False, NULL, IDENTITY, nt, net.gemm_scratch)
-
-
-cdef double sum_of_squares(const floating* v, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef double total = 0.0
-    for i in range(n):
-        total += <double>v[i] * v[i]
-    return total
+    def __dealloc__(self):
+        free(self.base)
+        free(self.values)
+        free(self.grads)
 
 
 cdef class Engine:
-    """The compiled side of a Network: its layer table and reusable workspace.
+    """The compiled side of a Network: its tape, workspace and scratch.
 
-    Built by `Network`, which owns the flat `params` and `grads` buffers; the Engine
-    holds pointers into them, so both must stay alive and never be reallocated.
+    Built by `Network` from the planner's records (plan.py); the Network owns the flat
+    `params`, `grads` and `buffers` arrays, the Engine holds pointers into them, so they
+    must stay alive and never be reallocated.  Every public method runs with the one-pass
+    guard held (a second thread gets a RuntimeError) and returns copies, never views of
+    the workspace, which the next pass overwrites.
     """
-    cdef Net net
+    cdef Tape tape
+    cdef int n_slots
+    cdef int* grad_owner           # the slot whose gradient buffer slot s uses, or -1
+    cdef Workspace ws
+    cdef int active_input          # which of ws.inputs holds the current batch
+    cdef void* scratch             # the GEMM's packing scratch
+    cdef Py_ssize_t scratch_bytes
+    cdef double* block_sums        # for the gradient statistics (sum_of_squares)
+    cdef double* weight_norms      # each Dense record's weight-gradient norm (train_step)
+    cdef int n_dense
     cdef readonly object dtype
     cdef bint is64
     cdef int loss                  # a Loss code, or -1 for none
-    cdef Py_ssize_t capacity       # rows the workspace can hold
-    cdef cnp.ndarray params, grads
-    cdef dict workspace            # name -> the ndarray behind each workspace pointer
+    cdef bint from_logits          # the loss gives dL/d(logits): the cross-entropies
+    cdef bint has_batchnorm
+    cdef Py_ssize_t n_buffers
+    cdef cnp.ndarray params, grads, buffers
+    cdef cnp.ndarray grads_backup      # made the first time train_step meets pending gradients
     cdef readonly bint has_forward, has_grads, has_input_grad
-    cdef bint busy                 # a pass is running (the GIL is released inside it)
+    cdef bint _training
+    cdef bint busy
 
     def __cinit__(self):
-        self.net.layers = NULL
-        self.net.gemm_scratch = NULL
+        self.tape.ops = NULL
+        self.tape.slots = NULL
+        self.grad_owner = NULL
+        self.scratch = NULL
+        self.block_sums = NULL
+        self.weight_norms = NULL
 
-    def __init__(self, list shapes, list activations, list offsets, str loss,
-                 cnp.ndarray params, cnp.ndarray grads):
-        """shapes: [(n_in, n_out)], activations: names, offsets: [(w_off, b_off or -1)]."""
-        cdef int l, n = len(shapes)
-        if params.dtype != grads.dtype or params.dtype not in (np.float32, np.float64) \
-                or params.ndim != 1 or params.shape[0] != grads.shape[0] \
-                or not params.flags.c_contiguous or not grads.flags.c_contiguous:
-            raise ValueError("params and grads must be contiguous flat float buffers of one size")
-        self.params, self.grads, self.dtype = params, grads, params.dtype
+    def __init__(self, list ops, list slots, loss, cnp.ndarray params, cnp.ndarray grads,
+                 cnp.ndarray buffers):
+        """ops: the planner's records (dicts with the fields of Op); slots: (width,
+        grad_owner) per slot; params, grads, buffers: flat contiguous arrays of one dtype."""
+        cdef int i
+        cdef Op* op
+        for name, a in (("params", params), ("grads", grads), ("buffers", buffers)):
+            if a.dtype != params.dtype or a.dtype not in (np.float32, np.float64) \
+                    or a.ndim != 1 or not a.flags.c_contiguous or not a.flags.writeable:
+                raise ValueError(f"{name} must be a writeable contiguous flat float buffer "
+                                 "of the parameters' dtype")
+        if grads.shape[0] != params.shape[0] or not ops or not slots:
+            raise ValueError("grads must match params, and a network needs records and slots")
+        self.params, self.grads, self.buffers, self.dtype = params, grads, buffers, params.dtype
         self.is64 = params.dtype == np.float64
         self.loss = LOSSES[loss] if loss is not None else -1
-        self.net.n_layers = n
-        self.net.params = <char*>cnp.PyArray_DATA(params)
-        self.net.grads = <char*>cnp.PyArray_DATA(grads)
-        self.net.layers = <LayerBuffers*>bp_aligned_alloc(n * sizeof(LayerBuffers))
-        if self.net.layers == NULL:
-            raise MemoryError()
-        for l in range(n):
-            self.net.layers[l].n_in, self.net.layers[l].n_out = shapes[l]
-            self.net.layers[l].activation = ACTIVATIONS[activations[l]]
-            self.net.layers[l].w_off, self.net.layers[l].b_off = offsets[l]
-            self.net.layers[l].a = self.net.layers[l].z = NULL
-        self.capacity = 0
-        self.net.batch = 0
-        self.workspace = {}
+        self.from_logits = loss in ("cross_entropy", "binary_cross_entropy")
+        self.n_buffers = buffers.shape[0]
+        self.n_slots = len(slots)
+        self.tape.n_ops = len(ops)
+        self.tape.ops = <Op*>bp_aligned_alloc(len(ops) * sizeof(Op))
+        self.tape.slots = <Slot*>bp_aligned_alloc(len(slots) * sizeof(Slot))
+        self.grad_owner = <int*>bp_aligned_alloc(len(slots) * sizeof(int))
+        blocks = (params.shape[0] + STAT_BLOCK - 1) // STAT_BLOCK
+        self.block_sums = <double*>bp_aligned_alloc(max(1, blocks) * sizeof(double))
+        self.weight_norms = <double*>bp_aligned_alloc(len(ops) * sizeof(double))
+        if (self.tape.ops == NULL or self.tape.slots == NULL or self.grad_owner == NULL
+                or self.block_sums == NULL or self.weight_norms == NULL):
+            raise MemoryError("cannot allocate the network's tape")
+        for i, (width, owner) in enumerate(slots):
+            self.tape.slots[i].width = width
+            self.tape.slots[i].ld = _padded(width, self.dtype.itemsize)
+            self.tape.slots[i].value = self.tape.slots[i].grad = NULL
+            self.grad_owner[i] = owner
+        self.has_batchnorm = False
+        for i, record in enumerate(ops):
+            op = &self.tape.ops[i]
+            op.kind, op.activation = record["kind"], record["activation"]
+            op.input, op.skip, op.output, op.z = (record["input"], record["skip"],
+                                                  record["output"], record["z"])
+            op.accumulate = record["accumulate"]
+            op.weight, op.bias, op.buffer = record["weight"], record["bias"], record["buffer"]
+            op.eps, op.momentum, op.p = record["eps"], record["momentum"], record["p"]
+            op.key = record["key"]
+            op.saved = 0
+            self.has_batchnorm |= op.kind == BATCHNORM
+            self.n_dense += op.kind == DENSE
+            self.weight_norms[i] = 0.0
+        self.tape.params = <char*>cnp.PyArray_DATA(params)
+        self.tape.grads = <char*>cnp.PyArray_DATA(grads)
+        self.tape.buffers = <char*>cnp.PyArray_DATA(buffers)
+        self.tape.passes = 0
+        self.tape.row_offset = 0
+        self.tape.batch = 0
+        self.tape.training = self._training = True
+        self.ws = self._allocate(1)
+        self._bind(self.ws)
 
     def __dealloc__(self):
-        free(self.net.layers)
-        free(self.net.gemm_scratch)
+        free(self.tape.ops)
+        free(self.tape.slots)
+        free(self.grad_owner)
+        free(self.scratch)
+        free(self.block_sums)
+        free(self.weight_norms)
 
-    # ---- workspace
+    # ---- the workspace
 
-    cdef int _reserve(self, Py_ssize_t rows) except -1:
-        """Make the workspace hold `rows` rows; it only ever grows, so steps after the
-        first (and any smaller last batch of an epoch) allocate nothing."""
-        cdef int l, n = self.net.n_layers, threads
-        cdef Py_ssize_t item = self.dtype.itemsize, widest = 1
-        cdef LayerBuffers* L
-        if rows <= self.capacity:
-            return 0
-        self.workspace = {}
-        n_in = self.net.layers[0].n_in
-        self.net.ldx = _padded(n_in, item)
-        self.net.x = self._buffer("x", rows, self.net.ldx)
-        self.net.dx = self._buffer("dx", rows, n_in)
-        for l in range(n):
-            L = &self.net.layers[l]
-            L.lda = _padded(L.n_out, item)
-            L.a = self._buffer(f"a{l}", rows, L.lda)
-            L.z = NULL
-            if l == n - 1 or needs_preactivation(L.activation):
-                L.z = self._buffer(f"z{l}", rows, L.lda)
-            widest = max(widest, L.n_out)
-        self.net.ldd = _padded(widest, item)
-        self.net.d0 = self._buffer("d0", rows, self.net.ldd)
-        self.net.d1 = self._buffer("d1", rows, self.net.ldd)
-        self.net.ldt = L.n_out
-        self.net.target = self._buffer("target", rows, L.n_out)
-        self.net.labels = <int64_t*>self._buffer("labels", rows, 1, np.int64)
-        self.net.lse = <double*>self._buffer("lse", rows, 1, np.float64)
-        threads = max(1, bp_omp_max_threads(), _requested_threads)
-        if self.net.gemm_scratch == NULL or threads > self.net.scratch_threads:
-            free(self.net.gemm_scratch)
-            self.net.gemm_scratch = bp_aligned_alloc(gemm_workspace_bytes(threads))
-            if self.net.gemm_scratch == NULL:
-                raise MemoryError("cannot allocate the GEMM packing buffers")
-            self.net.scratch_threads = threads
-        self.capacity = rows
+    cdef Py_ssize_t _saved_doubles(self, Op* op, Py_ssize_t capacity):
+        """Doubles of statistics a record keeps (see _batchnorm.pxd, _layernorm.pxd)."""
+        cdef Py_ssize_t width = self.tape.slots[op.output].width
+        if op.kind == BATCHNORM:
+            return 4 * width
+        if op.kind == LAYERNORM:
+            return 2 * capacity + 2 * width
         return 0
 
-    cdef char* _buffer(self, str name, Py_ssize_t rows, Py_ssize_t ld, dtype=None):
-        array = np.zeros((rows, ld), dtype=self.dtype if dtype is None else dtype)
-        self.workspace[name] = array
-        return <char*>cnp.PyArray_DATA(array)
+    cdef Workspace _allocate(self, Py_ssize_t capacity):
+        """A new workspace for `capacity` rows, or MemoryError (nothing else changes)."""
+        cdef Workspace ws = Workspace()
+        cdef Py_ssize_t item = self.dtype.itemsize, i
+        cdef Slot* out = &self.tape.slots[self.tape.ops[self.tape.n_ops - 1].output]
+        # Region sizes in bytes, laid out one after another on cache-line boundaries.
+        sizes = [capacity * self.tape.slots[0].ld * item] * 2                       # inputs
+        sizes += [capacity * self.tape.slots[i].ld * item if i else 0
+                  for i in range(self.n_slots)]                                     # values
+        sizes += [capacity * self.tape.slots[i].ld * item if self.grad_owner[i] == i else 0
+                  for i in range(self.n_slots)]                                     # grads
+        sizes += [8 * sum(self._saved_doubles(&self.tape.ops[i], capacity)
+                          for i in range(self.tape.n_ops)),                         # saved
+                  capacity * out.width * item, capacity * 8, capacity * 8,          # targets
+                  self.n_buffers * item]                                            # backup
+        starts, total = [], 0
+        for size in sizes:
+            starts.append(total)
+            total += (size + 63) // 64 * 64
+        inputs = starts[:2]
+        values = starts[2:2 + self.n_slots]
+        grads = starts[2 + self.n_slots:2 + 2 * self.n_slots]
+        saved, target, labels, lse, backup = tuple(starts[2 + 2 * self.n_slots:])
+        ws.values = <char**>bp_aligned_alloc(self.n_slots * sizeof(char*))
+        ws.grads = <char**>bp_aligned_alloc(self.n_slots * sizeof(char*))
+        ws.base = <char*>bp_aligned_alloc(total)
+        if ws.base == NULL or ws.values == NULL or ws.grads == NULL:
+            raise MemoryError(f"cannot allocate the workspace for a batch of {capacity:,} rows "
+                              f"({total / 2**30:.2f} GiB); use smaller batches")
+        # Zeroed once, so padding and unused rows never hold garbage (NaN) that a check
+        # or a debugger could trip over.
+        memset(ws.base, 0, total)
+        ws.capacity = capacity
+        ws.inputs[0] = ws.base + <Py_ssize_t>inputs[0]
+        ws.inputs[1] = ws.base + <Py_ssize_t>inputs[1]
+        for i in range(self.n_slots):
+            ws.values[i] = ws.base + <Py_ssize_t>values[i]
+            ws.grads[i] = NULL
+            if self.grad_owner[i] >= 0:
+                ws.grads[i] = ws.base + <Py_ssize_t>grads[self.grad_owner[i]]
+        ws.saved = <double*>(ws.base + <Py_ssize_t>saved)
+        ws.target = ws.base + <Py_ssize_t>target
+        ws.labels = <int64_t*>(ws.base + <Py_ssize_t>labels)
+        ws.lse = <double*>(ws.base + <Py_ssize_t>lse)
+        ws.backup = ws.base + <Py_ssize_t>backup
+        return ws
 
-    cdef object _view(self, str name, Py_ssize_t cols):
-        # The valid part of a workspace buffer, read-only: it is overwritten by the next pass.
-        view = self.workspace[name][:self.net.batch, :cols]
-        view.flags.writeable = False
-        return view
+    cdef void _bind(self, Workspace ws):
+        """Point the tape at `ws` (its input: the active input buffer)."""
+        cdef Py_ssize_t i, saved = 0
+        self.ws = ws
+        for i in range(self.n_slots):
+            self.tape.slots[i].value = ws.values[i]
+            self.tape.slots[i].grad = ws.grads[i]
+        self.tape.slots[0].value = ws.inputs[self.active_input]
+        for i in range(self.tape.n_ops):
+            self.tape.ops[i].saved = saved
+            saved += self._saved_doubles(&self.tape.ops[i], ws.capacity)
+        self.tape.saved = ws.saved
+        self.tape.capacity = ws.capacity
+        self.tape.target = ws.target
+        self.tape.ldt = self.tape.slots[self.tape.ops[self.tape.n_ops - 1].output].width
+        self.tape.labels = ws.labels
+        self.tape.lse = ws.lse
 
-    cdef inline int _threads(self) noexcept:
-        return min(_num_threads(), self.net.scratch_threads)
+    cdef Py_ssize_t _scratch_need(self, Py_ssize_t rows, int nt):
+        """GEMM scratch for the largest product of a pass over `rows` rows on nt threads."""
+        cdef Py_ssize_t need = 0, n_in, n_out
+        cdef Op* op
+        for i in range(self.tape.n_ops):
+            op = &self.tape.ops[i]
+            if op.kind == DENSE:
+                n_in, n_out = self.tape.slots[op.input].width, self.tape.slots[op.output].width
+                need = max(need, gemm_scratch_bytes(rows, n_out, n_in, nt),
+                           gemm_scratch_bytes(n_out, n_in, rows, nt),
+                           gemm_scratch_bytes(rows, n_in, n_out, nt))
+        return need
 
-    # ---- loading inputs and targets (all validation happens here)
+    cdef int _ready_threads(self) except -1:
+        """The thread count for a pass over the current batch, with scratch for it.  The
+        result does not depend on the count, so if memory for more threads' scratch is
+        short, the pass runs on one thread instead."""
+        cdef int nt = _num_threads(), attempt
+        cdef Py_ssize_t need
+        cdef void* grown
+        for attempt in (nt, 1):
+            need = self._scratch_need(self.tape.batch, attempt)
+            if need <= self.scratch_bytes:
+                return attempt
+            grown = bp_aligned_alloc(need)
+            if grown != NULL:
+                free(self.scratch)
+                self.scratch, self.scratch_bytes = grown, need
+                self.tape.gemm_scratch = grown
+                return attempt
+        raise MemoryError("cannot allocate the matrix-multiply scratch")
 
-    cdef int _load_input(self, object x, cnp.ndarray index=None) except -1:
-        """Validate x and copy it (or its rows `index`) into the input buffer."""
+    # ---- loading a batch (all validation happens here, before anything changes)
+
+    cdef int _load(self, object x, object y, object rows, object row_offset) except -1:
+        """Validate x (and targets y unless None), copy them into a workspace (a new one if
+        the batch is larger than any before), and only then make them the current batch.
+        Returns 1 when y holds integer class labels.  A refused batch changes nothing."""
         cdef cnp.ndarray arr = _as_float_array(x, "x", 2)
-        cdef Py_ssize_t n_in = self.net.layers[0].n_in
-        cdef Py_ssize_t rows = arr.shape[0] if index is None else index.shape[0]
-        if arr.shape[1] != n_in:
-            raise ValueError(f"x must have {n_in} features (columns), got {_describe(arr)}")
-        if rows == 0:
+        cdef cnp.ndarray index = None if rows is None else _row_index(rows, arr.shape[0])
+        cdef Py_ssize_t n = arr.shape[0] if index is None else index.shape[0]
+        cdef Workspace ws = self.ws
+        cdef int spare = 1 - self.active_input, labels = 0
+        cdef uint64_t offset = _row_offset(row_offset)
+        if arr.shape[1] != self.tape.slots[0].width:
+            raise ValueError(f"x must have {self.tape.slots[0].width} features (columns), "
+                             f"got {_describe(arr)}")
+        if n == 0:
             raise ValueError("x is an empty batch (0 rows)")
-        self.has_forward = self.has_input_grad = False   # the saved activations are replaced
-        self._reserve(rows)
-        _copy_rows(arr, "x", self.net.x, self.net.ldx, self.is64, index)
-        self.net.batch = rows
-        return 0
+        if index is not None and y is not None and len(y) != arr.shape[0]:
+            raise ValueError(f"x and y must have the same number of rows, got {arr.shape[0]} "
+                             f"and {len(y)}")
+        if n == 1 and self._training and self.has_batchnorm:
+            raise ValueError("BatchNorm in train mode needs more than one row per batch "
+                             "(the variance of one value is 0); use net.eval() to predict "
+                             "one row")
+        if n > ws.capacity:
+            ws = self._allocate(n)       # MemoryError here leaves everything as it was
+        _copy_rows(arr, "x", ws.inputs[spare], self.tape.slots[0].ld, self.is64, index)
+        if y is not None:
+            labels = self._load_target(y, ws, n, index)
+        # Valid: the batch becomes the network's input.
+        self.active_input = spare
+        self._bind(ws)
+        self.tape.batch = n
+        self.tape.row_offset = offset
+        self.has_forward = self.has_input_grad = False
+        return labels
 
-    cdef bint _load_target(self, object y, cnp.ndarray index=None) except -1:
-        """Copy y (or its rows `index`) into the target buffers, matching the last input
-        batch; returns True for integer class labels."""
-        cdef LayerBuffers* L = &self.net.layers[self.net.n_layers - 1]
-        cdef Py_ssize_t rows = self.net.batch, n_out = L.n_out
+    cdef int _load_target(self, object y, Workspace ws, Py_ssize_t rows,
+                          cnp.ndarray index=None) except -1:
+        """Copy y (or its rows `index`) into ws's target buffers; 1 for integer labels."""
+        cdef Py_ssize_t n_out = self.tape.ldt
         cdef cnp.ndarray arr
         if self.loss < 0:
             raise RuntimeError("this network has no loss: pass grad_output=, or give "
                                "Network(..., loss=...)")
         cdef int ndim = cnp.PyArray_NDIM(y) if cnp.PyArray_Check(y) else np.ndim(y)
         if self.loss == CROSS_ENTROPY and ndim == 1:
-            _copy_labels(y, n_out, self.net.labels, rows, index)
-            return True
+            _copy_labels(y, n_out, ws.labels, rows, index)
+            return 1
         arr = _as_float_array(y, "y", ndim if (ndim == 2 or (ndim == 1 and n_out == 1)) else 2)
         if (ndim == 2 and arr.shape[1] != n_out) or (index is None and arr.shape[0] != rows):
             raise ValueError(f"y must have shape ({rows}, {n_out}) to match x and the output "
                              f"layer, got {_describe(arr)}")
-        _copy_rows(arr, "y", self.net.target, self.net.ldt, self.is64, index)
+        _copy_rows(arr, "y", ws.target, n_out, self.is64, index)
         if self.loss != MSE:
-            self._check_probabilities()
-        return False
+            self._check_probabilities(ws, rows)
+        return 0
 
-    cdef int _check_probabilities(self) except -1:
+    cdef int _check_probabilities(self, Workspace ws, Py_ssize_t rows) except -1:
         """Targets of the cross-entropies are probabilities: in [0, 1], and rows summing
         to 1 for cross_entropy.  Checked on the copied batch, in C."""
-        cdef LayerBuffers* L = &self.net.layers[self.net.n_layers - 1]
-        cdef Py_ssize_t bad
+        cdef Py_ssize_t bad, n_out = self.tape.ldt, item = self.dtype.itemsize
         cdef bint rows_sum_to_one = self.loss == CROSS_ENTROPY
         with nogil:
             if self.is64:
-                bad = _first_improper_row(<double*>self.net.target, self.net.ldt,
-                                          self.net.batch, L.n_out, rows_sum_to_one)
+                bad = _first_improper_row(<double*>ws.target, n_out, rows, n_out, rows_sum_to_one)
             else:
-                bad = _first_improper_row(<float*>self.net.target, self.net.ldt,
-                                          self.net.batch, L.n_out, rows_sum_to_one)
+                bad = _first_improper_row(<float*>ws.target, n_out, rows, n_out, rows_sum_to_one)
         if bad >= 0:
-            row = self.workspace["target"][bad, :L.n_out]
+            row = self._copy_out(ws.target + bad * n_out * item, 1, n_out, n_out)[0]
             raise ValueError(f"y: targets of {self._loss_name()} must be probabilities in "
                              f"[0, 1]{', each row summing to 1' if rows_sum_to_one else ''}; "
                              f"row {bad} is {row}")
@@ -774,38 +888,51 @@ cdef class Engine:
     def _loss_name(self):
         return {v: k for k, v in LOSSES.items()}.get(self.loss)
 
-    # ---- the passes
+    # ---- what a pass leaves behind, as copies
 
-    def forward(self, x):
-        """Run the network on x; returns a read-only view of the output (valid until the
-        next forward)."""
+    cdef object _copy_out(self, char* src, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld):
+        cdef cnp.ndarray out = np.empty((rows, cols), dtype=self.dtype)
+        cdef Py_ssize_t i, item = self.dtype.itemsize
+        cdef char* dst = <char*>cnp.PyArray_DATA(out)
+        for i in range(rows):
+            memcpy(dst + i * cols * item, src + i * ld * item, cols * item)
+        return out
+
+    cdef object _slot_copy(self, int slot, bint gradient):
+        cdef Slot* s = &self.tape.slots[slot]
+        return self._copy_out(s.grad if gradient else s.value, self.tape.batch, s.width, s.ld)
+
+    def output(self):
+        """The network's output for the last forward (a copy)."""
         self._enter()
         try:
-            return self._forward(x)
+            self._check_forward("output")
+            return self._slot_copy(self.tape.ops[self.tape.n_ops - 1].output, False)
         finally:
             self.busy = False
 
-    cdef object _forward(self, x):
-        self._load_input(x)
-        cdef int nt = self._threads()
-        with nogil:
-            if self.is64:
-                forward_pass(<double*>NULL, &self.net, nt)
-            else:
-                forward_pass(<float*>NULL, &self.net, nt)
-        self.has_forward = True
-        self.has_input_grad = False
-        return self.output()
+    def slot_value(self, int slot):
+        """Slot `slot`'s values for the last forward (a copy); see plan.py for the slots."""
+        self._enter()
+        try:
+            self._check_forward("slot_value")
+            if not 0 <= slot < self.n_slots:
+                raise IndexError(f"slot must be in [0, {self.n_slots}), got {slot}")
+            return self._slot_copy(slot, False)
+        finally:
+            self.busy = False
 
-    def layer_output(self, int layer):
-        """Layer `layer`'s outputs for the last forward (read-only view)."""
-        self._check_forward("layer_output")
-        if not 0 <= layer < self.net.n_layers:
-            raise IndexError(f"layer must be in [0, {self.net.n_layers}), got {layer}")
-        return self._view(f"a{layer}", self.net.layers[layer].n_out)
+    def input_grad(self):
+        """dL/dx of the last backward (a copy)."""
+        self._enter()
+        try:
+            if not self.has_input_grad:
+                raise RuntimeError("no input gradient: call backward() after forward() first")
+            return self._slot_copy(0, True)
+        finally:
+            self.busy = False
 
-    def output(self):
-        return self._view(f"a{self.net.n_layers - 1}", self.net.layers[self.net.n_layers - 1].n_out)
+    # ---- the guard and the mode
 
     cdef int _enter(self) except -1:
         # One network, one pass at a time: a second Python thread entering while the first
@@ -821,146 +948,376 @@ cdef class Engine:
             raise RuntimeError(f"{what} needs a forward pass first: call forward(x)")
         return 0
 
+    @property
+    def training(self):
+        """Train mode (True: batch statistics, dropout) or eval mode (False)."""
+        return self._training
+
+    @training.setter
+    def training(self, bint value):
+        self._enter()
+        self._training = value
+        self.busy = False
+
+    @property
+    def passes(self):
+        """Train-mode forward passes so far: Dropout's counter (saved in checkpoints)."""
+        return self.tape.passes
+
+    @passes.setter
+    def passes(self, uint64_t value):
+        self._enter()
+        self.tape.passes = value
+        self.has_forward = self.has_input_grad = False
+        self.busy = False
+
+    # ---- the passes (nogil pieces first)
+
+    @cython.nonecheck(False)
+    cdef double _pass(self, int parts, int nt, bint labels, double scale,
+                      bint input_grad, bint from_logits) noexcept nogil:
+        # The one place that picks the float32 or float64 kernels.
+        if self.is64:
+            return run_pass(<double*>NULL, &self.tape, parts, nt, self.loss, labels, scale,
+                            input_grad, from_logits)
+        return run_pass(<float*>NULL, &self.tape, parts, nt, self.loss, labels, scale,
+                        input_grad, from_logits)
+
+    @cython.nonecheck(False)
+    cdef void _begin_forward(self) noexcept nogil:
+        """A forward in the current mode: a train-mode one counts as a pass (Dropout draws
+        a fresh mask) and may move BatchNorm's statistics, so they are saved first."""
+        self.tape.training = self._training
+        if self._training:
+            self.tape.passes += 1
+            if self.n_buffers:
+                memcpy(self.ws.backup, self.tape.buffers, self.n_buffers * self.dtype_size())
+
+    @cython.nonecheck(False)
+    cdef void _undo_forward(self) noexcept nogil:
+        """Take back what _begin_forward and the forward changed (a refused step)."""
+        if self.tape.training:
+            self.tape.passes -= 1
+            if self.n_buffers:
+                memcpy(self.tape.buffers, self.ws.backup, self.n_buffers * self.dtype_size())
+
+    @cython.nonecheck(False)
+    cdef inline Py_ssize_t dtype_size(self) noexcept nogil:
+        return 8 if self.is64 else 4
+
+    @cython.nonecheck(False)
+    cdef double _sum_of_squares(self, int nt) noexcept nogil:
+        if self.is64:
+            return sum_of_squares(<double*>self.tape.grads, self.params.shape[0],
+                                  self.block_sums, nt)
+        return sum_of_squares(<float*>self.tape.grads, self.params.shape[0], self.block_sums, nt)
+
+    @cython.nonecheck(False)
+    cdef bint _gradients_ok(self, double sum_sq) noexcept nogil:
+        # Finite, and (float32) every squared gradient fits: no optimizer state overflows.
+        return isfinite(sum_sq) and (self.is64 or sum_sq < FLOAT32_MAX)
+
+    @cython.nonecheck(False)
+    cdef void _zero_grads(self) noexcept nogil:
+        memset(self.tape.grads, 0, self.params.shape[0] * self.dtype_size())
+
+    # ---- the public passes
+
+    def forward(self, x, rows=None, row_offset=0):
+        """Run the network on x (or x[rows]); returns a copy of the output.  row_offset:
+        the batch's first row in a global batch (dropout masks are keyed by it)."""
+        cdef int nt
+        self._enter()
+        try:
+            self._load(x, None, rows, row_offset)
+            nt = self._ready_threads()
+            with nogil:
+                self._begin_forward()
+                self._pass(FORWARD, nt, False, 1.0, False, False)
+            self.has_forward = True
+            return self._slot_copy(self.tape.ops[self.tape.n_ops - 1].output, False)
+        finally:
+            self.busy = False
+
     def loss_value(self, y):
         """The loss of the last forward's output against y (gradients untouched)."""
-        self._enter()
-        try:
-            return self._loss_value(y)
-        finally:
-            self.busy = False
-
-    cdef object _loss_value(self, y):
-        self._check_forward("loss")
-        cdef bint labels = self._load_target(y)
+        cdef int labels
         cdef double value
-        with nogil:
-            if self.is64:
-                value = loss_delta(<double*>NULL, &self.net, self.loss, labels)
-            else:
-                value = loss_delta(<float*>NULL, &self.net, self.loss, labels)
-        return value
-
-    def backward(self, y=None, grad_output=None, bint input_grad=True):
-        """Accumulate gradients from the built-in loss against y, or from an external
-        dL/d(output) `grad_output`; returns the loss (None with grad_output)."""
         self._enter()
         try:
-            return self._backward(y, grad_output, input_grad)
+            self._check_forward("loss")
+            labels = self._load_target(y, self.ws, self.tape.batch)
+            with nogil:
+                value = self._pass(LOSS, 1, labels, 1.0, False, False)
+            return value
         finally:
             self.busy = False
 
-    cdef object _backward(self, y=None, grad_output=None, bint input_grad=True):
-        self._check_forward("backward")
-        cdef LayerBuffers* L = &self.net.layers[self.net.n_layers - 1]
-        cdef bint labels = False
+    def backward(self, y=None, grad_output=None, bint input_grad=True, double scale=1.0):
+        """Accumulate scale * the gradients of the built-in loss against y, or of an
+        external dL/d(output) `grad_output`; returns the loss (None with grad_output).
+        A loss that is not finite raises FloatingPointError and accumulates nothing."""
+        cdef int labels = 0, nt, parts = BACKWARD
         cdef double value = 0.0
-        cdef int nt = self._threads()
         cdef cnp.ndarray g
-        if (y is None) == (grad_output is None):
-            raise TypeError("backward takes either targets y or grad_output, not both or neither")
-        if grad_output is not None:
-            g = _as_float_array(grad_output, "grad_output", 2)
-            if g.shape[0] != self.net.batch or g.shape[1] != L.n_out:
-                raise ValueError(f"grad_output must have shape ({self.net.batch}, {L.n_out}) "
-                                 f"like the last forward's output, got {_describe(g)}")
-            _copy_rows(g, "grad_output", self.net.d0, self.net.ldd, self.is64)
-        else:
-            labels = self._load_target(y)
-        with nogil:
-            if self.is64:
-                if grad_output is None:
-                    value = loss_delta(<double*>NULL, &self.net, self.loss, labels)
-                else:
-                    activation_backward(<double*>self.net.d0, self.net.ldd,
-                                        <double*>L.a, L.lda, <double*>L.z, L.lda,
-                                        self.net.batch, L.n_out, L.activation)
-                backward_pass(<double*>NULL, &self.net, nt, input_grad)
+        cdef Slot* out
+        self._enter()
+        try:
+            self._check_forward("backward")
+            if (y is None) == (grad_output is None):
+                raise TypeError("backward takes either targets y or grad_output, not both or neither")
+            _check_scale(scale)
+            out = &self.tape.slots[self.tape.ops[self.tape.n_ops - 1].output]
+            if grad_output is not None:
+                g = _as_float_array(grad_output, "grad_output", 2)
+                if g.shape[0] != self.tape.batch or g.shape[1] != out.width:
+                    raise ValueError(f"grad_output must have shape ({self.tape.batch}, "
+                                     f"{out.width}) like the last forward's output, got "
+                                     f"{_describe(g)}")
+                _copy_rows(g, "grad_output", out.grad, out.ld, self.is64)
+                if scale != 1.0:
+                    self._scale_slot_grad(out, scale)
             else:
-                if grad_output is None:
-                    value = loss_delta(<float*>NULL, &self.net, self.loss, labels)
-                else:
-                    activation_backward(<float*>self.net.d0, self.net.ldd,
-                                        <float*>L.a, L.lda, <float*>L.z, L.lda,
-                                        self.net.batch, L.n_out, L.activation)
-                backward_pass(<float*>NULL, &self.net, nt, input_grad)
-        self.has_grads = True
-        self.has_input_grad = input_grad
-        return value if grad_output is None else None
+                labels = self._load_target(y, self.ws, self.tape.batch)
+                parts = LOSS | BACKWARD
+            nt = self._ready_threads()
+            with nogil:
+                value = self._pass(parts, nt, labels, scale, input_grad,
+                                   self.from_logits and grad_output is None)
+            if not isfinite(value):
+                raise FloatingPointError(f"the loss is {value}: no gradients were accumulated")
+            self.has_grads = True
+            self.has_input_grad = input_grad
+            return value if grad_output is None else None
+        finally:
+            self.busy = False
 
-    def input_grad(self):
-        if not self.has_input_grad:
-            raise RuntimeError("no input gradient: call backward() after forward() first")
-        return self._view("dx", self.net.layers[0].n_in)
+    cdef void _scale_slot_grad(self, Slot* s, double scale):
+        cdef Py_ssize_t i, j
+        for i in range(self.tape.batch):
+            for j in range(s.width):
+                if self.is64:
+                    (<double*>s.grad)[i * s.ld + j] *= scale
+                else:
+                    (<float*>s.grad)[i * s.ld + j] *= <float>scale
+
+    def compute_gradients(self, x, y, rows=None, double scale=1.0, row_offset=0):
+        """forward + loss + backward in one call: adds scale * dL/dparams to the gradients
+        and returns the (unscaled) mean loss of the batch.  A loss that is not finite
+        raises FloatingPointError and changes nothing."""
+        cdef int labels, nt
+        cdef double value
+        self._enter()
+        try:
+            _check_scale(scale)
+            labels = self._load(x, y, rows, row_offset)
+            nt = self._ready_threads()
+            with nogil:
+                self._begin_forward()
+                value = self._pass(FORWARD | LOSS | BACKWARD, nt, labels, scale, False,
+                                   self.from_logits)
+                if not isfinite(value):
+                    self._undo_forward()
+            self.has_forward = True
+            if not isfinite(value):
+                raise FloatingPointError(f"the loss is {value} (diverged); no gradients were "
+                                         "accumulated")
+            self.has_grads = True
+            return value
+        finally:
+            self.busy = False
+
+    @cython.nonecheck(False)
+    cdef void _record_weight_norms(self, int nt) noexcept nogil:
+        cdef int i, d = 0
+        cdef Op* op
+        cdef Py_ssize_t size
+        for i in range(self.tape.n_ops):
+            op = &self.tape.ops[i]
+            if op.kind == DENSE:
+                size = self.tape.slots[op.input].width * self.tape.slots[op.output].width
+                if self.is64:
+                    self.weight_norms[d] = sqrt(sum_of_squares(
+                        <double*>self.tape.grads + op.weight, size, self.block_sums, nt))
+                else:
+                    self.weight_norms[d] = sqrt(sum_of_squares(
+                        <float*>self.tape.grads + op.weight, size, self.block_sums, nt))
+                d += 1
+
+    def weight_grad_norms(self):
+        """The gradient norm of each Dense record's weight in the last train_step that
+        recorded them (record_norms=True), in tape order."""
+        return [self.weight_norms[i] for i in range(self.n_dense)]
+
+    def train_step(self, x, y, OptimizerBase optimizer, rows=None, double clip=0.0,
+                   bint record_norms=False):
+        """forward, loss, backward, optimizer update and zero_grad in one call, with the
+        GIL released from the first multiply to the last update.  With `rows`, the batch
+        is x[rows], y[rows], gathered straight into the workspace.  clip > 0 scales the
+        gradients so their global norm is at most `clip` (torch's clip_grad_norm_).
+        A step whose loss or gradients are not finite is refused: FloatingPointError,
+        and the weights, optimizer, statistics and gradients are as they were."""
+        cdef int labels, nt
+        cdef double value, sum_sq = 0.0, factor = 1.0
+        cdef bint ok, finite = True, pending
+        cdef char* backup = NULL
+        self._enter()
+        try:
+            if not (clip >= 0 and isfinite(clip)):
+                raise ValueError(f"clip must be a finite number >= 0, got {clip}")
+            labels = self._load(x, y, rows, 0)
+            nt = self._ready_threads()
+            pending = self.has_grads
+            if pending and self.grads_backup is None:
+                self.grads_backup = np.empty_like(self.grads)
+            if pending:
+                backup = <char*>cnp.PyArray_DATA(self.grads_backup)
+            optimizer._begin(self.params.shape[0], self.dtype)
+            try:
+                with nogil:
+                    if pending:        # gradients from backward(): this step adds to them
+                        memcpy(backup, self.tape.grads,
+                               self.params.shape[0] * self.dtype_size())
+                    self._begin_forward()
+                    value = self._pass(FORWARD | LOSS | BACKWARD, nt, labels, 1.0, False,
+                                       self.from_logits)
+                    ok = isfinite(value)
+                    if ok:
+                        sum_sq = self._sum_of_squares(nt)
+                        ok = self._gradients_ok(sum_sq)
+                        if not ok and pending:      # back to what they were
+                            memcpy(self.tape.grads, backup,
+                                   self.params.shape[0] * self.dtype_size())
+                        elif not ok:
+                            self._zero_grads()
+                    if ok:
+                        if record_norms:
+                            self._record_weight_norms(nt)
+                        if clip > 0 and sqrt(sum_sq) + 1e-6 > clip:
+                            factor = clip / (sqrt(sum_sq) + 1e-6)
+                        finite = optimizer._run_nogil(self.tape.params, self.tape.grads,
+                                                      self.params.shape[0], nt, True, factor)
+                    else:
+                        self._undo_forward()
+            finally:
+                optimizer._end()
+            self.has_input_grad = False
+            self.has_grads = pending and not ok
+            # The forward stays inspectable only when the step was refused.
+            self.has_forward = not ok
+            if not isfinite(value):
+                raise FloatingPointError(
+                    f"the loss is {value} (diverged); this step's update was not applied, so "
+                    "the weights are those of the last good step")
+            if not ok:
+                raise FloatingPointError(
+                    f"the gradients are not finite (squared norm {sum_sq:.3g}); this step's "
+                    "update was not applied, so the weights are those of the last good step")
+            _check_update(finite, optimizer)
+            return value
+        finally:
+            self.busy = False
 
     def step(self, OptimizerBase optimizer):
-        """One optimizer update from the accumulated gradients."""
+        """One optimizer update from the accumulated gradients, or FloatingPointError
+        (nothing changed) if they are not finite."""
+        cdef int nt
+        cdef double sum_sq
+        cdef bint ok, finite = True
         self._enter()
         try:
-            return self._step(optimizer)
+            if not self.has_grads:
+                raise RuntimeError("step() needs gradients: call backward() first")
+            nt = self._ready_threads()
+            optimizer._begin(self.params.shape[0], self.dtype)
+            try:
+                with nogil:
+                    sum_sq = self._sum_of_squares(nt)
+                    ok = self._gradients_ok(sum_sq)
+                    if ok:
+                        finite = optimizer._run_nogil(self.tape.params, self.tape.grads,
+                                                      self.params.shape[0], nt, False, 1.0)
+            finally:
+                optimizer._end()
+            if not ok:
+                raise FloatingPointError(
+                    f"the gradients are not finite (squared norm {sum_sq:.3g}); the update "
+                    "was not applied")
+            self.has_forward = False   # the saved activations belong to the old weights
+            _check_update(finite, optimizer)
         finally:
             self.busy = False
 
-    cdef object _step(self, OptimizerBase optimizer):
-        if not self.has_grads:
-            raise RuntimeError("step() needs gradients: call backward() first")
-        optimizer._update(self.params, self.grads)
-        self.has_forward = False   # the saved activations belong to the old weights
-
     def zero_grad(self):
+        """Set every gradient to zero."""
         self._enter()                  # never while another thread's pass writes them
-        self.grads.fill(0)
+        with nogil:
+            self._zero_grads()
         self.has_grads = False
         self.busy = False
 
-    def train_step(self, x, y, OptimizerBase optimizer, rows=None):
-        """forward, loss, backward, optimizer update and zero_grad, with the GIL released
-        from the first multiply to the last update.  With `rows`, the batch is x[rows],
-        y[rows], gathered straight into the workspace."""
+    def grad_norm(self):
+        """The Euclidean norm of all gradients together (the same for any thread count)."""
+        cdef double sum_sq
+        cdef int nt
         self._enter()
         try:
-            return self._train_step(x, y, optimizer, rows)
+            nt = _num_threads()
+            with nogil:
+                sum_sq = self._sum_of_squares(nt)
+            return sqrt(sum_sq)
         finally:
             self.busy = False
 
-    cdef object _train_step(self, x, y, OptimizerBase optimizer, rows=None):
-        cdef cnp.ndarray index = None if rows is None else _row_index(rows, len(x))
-        if index is not None and len(y) != len(x):
-            raise ValueError(f"x and y must have the same number of rows, got {len(x)} and {len(y)}")
-        self._load_input(x, index)
-        cdef bint labels = self._load_target(y, index)
-        cdef int nt = self._threads()
-        cdef double value
-        if optimizer._size != self.params.shape[0] or optimizer._is64 != self.is64:
-            raise ValueError("the optimizer is bound to another network")
-        with nogil:
-            if self.is64:
-                forward_pass(<double*>NULL, &self.net, nt)
-                value = loss_delta(<double*>NULL, &self.net, self.loss, labels)
-                if isfinite(value):
-                    backward_pass(<double*>NULL, &self.net, nt, False)
-            else:
-                forward_pass(<float*>NULL, &self.net, nt)
-                value = loss_delta(<float*>NULL, &self.net, self.loss, labels)
-                if isfinite(value):
-                    backward_pass(<float*>NULL, &self.net, nt, False)
-            if isfinite(value):
-                optimizer._run_nogil(self.net.params, self.net.grads, optimizer._size, nt, True)
-        self.has_input_grad = self.has_grads = False
-        # The forward stays inspectable (layer_output) only when the step was refused.
-        self.has_forward = not isfinite(value)
-        if not isfinite(value):
-            raise FloatingPointError(
-                f"the loss is {value} (diverged); this step's update was not applied, so the "
-                "weights are those of the last good step")
-        return value
+    def clip_grad_norm(self, double max_norm):
+        """Scale the gradients so their global norm is at most max_norm, as
+        torch.nn.utils.clip_grad_norm_ (factor max_norm / (norm + 1e-6) when below 1);
+        returns the norm before clipping."""
+        cdef double sum_sq, norm, factor
+        cdef Py_ssize_t i, n = self.params.shape[0]
+        cdef int nt
+        if not (max_norm > 0 and isfinite(max_norm)):
+            raise ValueError(f"max_norm must be a finite number > 0, got {max_norm}")
+        self._enter()
+        try:
+            nt = _num_threads()
+            with nogil:
+                sum_sq = self._sum_of_squares(nt)
+            norm = sqrt(sum_sq)
+            if not self._gradients_ok(sum_sq):
+                raise FloatingPointError(f"the gradient norm is {norm}: not finite, nothing "
+                                         "was clipped")
+            factor = max_norm / (norm + 1e-6)
+            if factor < 1:
+                with nogil:
+                    if self.is64:
+                        for i in range(n):
+                            (<double*>self.tape.grads)[i] *= factor
+                    else:
+                        for i in range(n):
+                            (<float*>self.tape.grads)[i] *= <float>factor
+            return norm
+        finally:
+            self.busy = False
 
-    def grad_norm(self):
-        """The Euclidean norm of all gradients together (for clipping)."""
-        cdef double total
-        cdef Py_ssize_t n = self.grads.shape[0]
-        with nogil:
-            if self.is64:
-                total = sum_of_squares(<double*>self.net.grads, n)
-            else:
-                total = sum_of_squares(<float*>self.net.grads, n)
-        return sqrt(total)
+
+cdef uint64_t _row_offset(object value) except? 0:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0 \
+            or value >= 2 ** 62:
+        raise ValueError(f"row_offset must be a non-negative integer, got {value!r}")
+    return value
+
+
+cdef int _check_scale(double scale) except -1:
+    if not isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    return 0
+
+
+cdef int _check_update(bint finite, OptimizerBase optimizer) except -1:
+    if not finite:
+        raise FloatingPointError(
+            f"the update made some weights or optimizer state overflow (learning rate "
+            f"{optimizer.lr:g}); the network is no longer finite: reload a checkpoint and "
+            "lower the learning rate")
+    return 0

@@ -23,6 +23,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, threadid
 from libc.string cimport memset
 from backprop._activations cimport activate_tile
+from backprop._parallel cimport part_start
 
 cdef extern from "_gemm_kernels.h" nogil:
     void bp_gemm_init()
@@ -45,13 +46,38 @@ cdef enum:
     PARALLEL_MIN_WORK = 1 << 20
 
 
-cdef inline Py_ssize_t _per_thread_bytes() noexcept nogil:
-    # Sized for double (the larger element), rounded up to a cache line.
-    return (((MC * KC + KC * NC) * sizeof(double)) + 63) // 64 * 64
+cdef inline Py_ssize_t _round_up(Py_ssize_t n, Py_ssize_t unit) noexcept nogil:
+    return (n + unit - 1) // unit * unit
 
 
-cdef inline Py_ssize_t gemm_workspace_bytes(int n_threads) noexcept nogil:
-    return max(1, n_threads) * _per_thread_bytes()
+cdef inline int gemm_parts(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads) noexcept nogil:
+    """Into how many parts C is split: one per thread, or one for small products."""
+    if m * n * k < PARALLEL_MIN_WORK or n_threads < 1:
+        return 1
+    return n_threads
+
+
+cdef inline Py_ssize_t gemm_part_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                                       int parts) noexcept nogil:
+    """Packing scratch one part needs: an MC x KC block of A and a KC x NC block of B,
+    each no larger than the part's share of C (sized for double, the larger element,
+    rounded up to a cache line)."""
+    cdef Py_ssize_t kc = min(<Py_ssize_t>KC, max(k, 1)), rows, cols
+    if n >= m:     # parts split the columns (see gemm_part)
+        rows = min(<Py_ssize_t>MC, _round_up(m, MR))
+        cols = min(<Py_ssize_t>NC, _round_up((_round_up(n, 16) // 16 + parts - 1) // parts * 16, 16))
+    else:
+        rows = min(<Py_ssize_t>MC, _round_up((_round_up(m, MR) // MR + parts - 1) // parts * MR, MR))
+        cols = min(<Py_ssize_t>NC, _round_up(n, 16))
+    return _round_up((_round_up(rows * kc, 16) + kc * cols) * <Py_ssize_t>sizeof(double), 64)
+
+
+cdef inline Py_ssize_t gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                                          int n_threads) noexcept nogil:
+    """The scratch one gemm() call of this shape needs with `n_threads` threads: a part's
+    worth per thread (a thread packs only its own share, so more threads need less each)."""
+    cdef int parts = gemm_parts(m, n, k, n_threads)
+    return parts * gemm_part_bytes(m, n, k, parts)
 
 
 cdef inline void pack_a(floating* dst, const floating* a, Py_ssize_t lda, bint trans_a,
@@ -150,11 +176,12 @@ cdef inline void gemm_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssiz
                             const floating* bias, int activation, char* scratch) noexcept nogil:
     """C[r0:r1, c0:c1] by the BLIS loop nest, packing into this thread's scratch."""
     cdef Py_ssize_t NR = 16 if floating is float else 8
-    cdef floating* a_pack = <floating*>scratch
-    cdef floating* b_pack = a_pack + MC * KC
     # Equal k blocks (k = 784 -> 4 x 196, not 3 x 256 + 16): no short, inefficient block.
     cdef Py_ssize_t n_kblocks = (k + KC - 1) // KC
     cdef Py_ssize_t kc_size = (k + n_kblocks - 1) // n_kblocks
+    # A's block first, B's after it on a 16-element boundary (see gemm_part_bytes).
+    cdef floating* a_pack = <floating*>scratch
+    cdef floating* b_pack = a_pack + _round_up(min(<Py_ssize_t>MC, _round_up(r1 - r0, MR)) * kc_size, 16)
     cdef Py_ssize_t jc, pc, ic, jr, ir, nc, kc, mc, rows, cols
     cdef bint last
     jc = c0
@@ -188,25 +215,23 @@ cdef inline void gemm_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssiz
         jc += NC
 
 
-cdef inline void gemm_thread(int tid, int team, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                             const floating* a, Py_ssize_t lda, bint trans_a,
-                             const floating* b, Py_ssize_t ldb, bint trans_b,
-                             floating* c, Py_ssize_t ldc, bint accumulate,
-                             const floating* bias, int activation, char* scratch) noexcept nogil:
-    """This thread's share of C: whole tiles of the longer dimension."""
-    cdef Py_ssize_t NR = 16 if floating is float else 8
-    cdef Py_ssize_t unit, share, lo, hi
+cdef inline void gemm_part(Py_ssize_t part, Py_ssize_t parts, Py_ssize_t m, Py_ssize_t n,
+                           Py_ssize_t k, const floating* a, Py_ssize_t lda, bint trans_a,
+                           const floating* b, Py_ssize_t ldb, bint trans_b,
+                           floating* c, Py_ssize_t ldc, bint accumulate,
+                           const floating* bias, int activation, char* scratch) noexcept nogil:
+    """Part `part` of C: whole tiles of the longer dimension (16 columns, the widest NR,
+    so float and double split alike; or MR rows), clamped to C (see _parallel.pxd)."""
+    cdef Py_ssize_t lo, hi
     if n >= m:
-        unit = NR
-        share = ((n + unit - 1) // unit + team - 1) // team * unit
-        lo, hi = min(n, tid * share), min(n, (tid + 1) * share)
+        lo = part_start(n, part, parts, 16)
+        hi = part_start(n, part + 1, parts, 16)
         if lo < hi:
             gemm_block(0, m, lo, hi, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
                        bias, activation, scratch)
     else:
-        unit = MR
-        share = ((m + unit - 1) // unit + team - 1) // team * unit
-        lo, hi = min(m, tid * share), min(m, (tid + 1) * share)
+        lo = part_start(m, part, parts, MR)
+        hi = part_start(m, part + 1, parts, MR)
         if lo < hi:
             gemm_block(lo, hi, 0, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
                        bias, activation, scratch)
@@ -220,10 +245,10 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                       int n_threads, void* workspace) noexcept nogil:
     """C[m x n] (+)= op(A)[m x k] op(B)[k x n], row-major with leading dimensions
     lda/ldb/ldc; then C += bias (per column) and C = activation(C) elementwise.
-    `workspace`: gemm_workspace_bytes(n_threads) bytes, 64-byte aligned, from the caller
-    (a network allocates it once; nothing is allocated here)."""
-    cdef int tid, team
-    cdef Py_ssize_t i
+    `workspace`: gemm_scratch_bytes(m, n, k, n_threads) bytes, 64-byte aligned, from the
+    caller (a network allocates it once; nothing is allocated here)."""
+    cdef int tid, team, parts
+    cdef Py_ssize_t i, part, part_bytes
     cdef char* scratch = <char*>workspace
     if m <= 0 or n <= 0:
         return
@@ -233,14 +258,19 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                 memset(c + i * ldc, 0, n * sizeof(floating))
         epilogue(c, ldc, m, n, bias, activation)
         return
-    if m * n * k < PARALLEL_MIN_WORK:
-        n_threads = 1
-    if n_threads <= 1:   # no parallel region at all: it costs microseconds to enter
-        gemm_thread(0, 1, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
-                    bias, activation, scratch)
-    else:
-        with parallel(num_threads=n_threads):
-            tid = threadid()
-            team = bp_team_size()
-            gemm_thread(tid, team, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
-                        accumulate, bias, activation, scratch + tid * _per_thread_bytes())
+    parts = gemm_parts(m, n, k, n_threads)
+    part_bytes = gemm_part_bytes(m, n, k, parts)
+    if parts == 1:       # no parallel region at all: it costs microseconds to enter
+        gemm_part(0, 1, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
+                  bias, activation, scratch)
+        return
+    # C is cut into `parts` (the threads asked for); OpenMP may start fewer threads, so
+    # each takes parts tid, tid + team, ... and packs them in its own scratch, one at a time.
+    with parallel(num_threads=parts):
+        tid = threadid()
+        team = bp_team_size()
+        part = tid
+        while part < parts:
+            gemm_part(part, parts, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
+                      accumulate, bias, activation, scratch + tid * part_bytes)
+            part = part + team    # (not +=, which Cython reads as a reduction)

@@ -6,7 +6,9 @@
 # for logits of +-1e4, where p underflows to 0.  Their gradient is taken straight with
 # respect to z (p - y), which is both cheaper and exact, so the output layer's
 # activation derivative is skipped for them.  Sums run serially in a fixed order, so
-# the loss does not depend on the thread count.
+# the loss does not depend on the thread count.  Every gradient is multiplied by
+# `grad_scale` (1 normally; a process's share of a global batch in data-parallel
+# training), the loss itself is not.
 from cython cimport floating
 from libc.math cimport exp, log1p, fabs
 from libc.stdint cimport int64_t
@@ -20,10 +22,10 @@ cdef enum Loss:
 
 cdef inline double mse(const floating* a, Py_ssize_t lda, const floating* y, Py_ssize_t ldy,
                        Py_ssize_t rows, Py_ssize_t cols,
-                       floating* delta, Py_ssize_t ldd) noexcept nogil:
+                       floating* delta, Py_ssize_t ldd, double grad_scale) noexcept nogil:
     """mean((a - y)^2); delta <- dL/da = 2 (a - y) / (rows * cols)."""
     cdef Py_ssize_t i, j
-    cdef double diff, total = 0.0, scale = 2.0 / <double>(rows * cols)
+    cdef double diff, total = 0.0, scale = grad_scale * 2.0 / <double>(rows * cols)
     for i in range(rows):
         for j in range(cols):
             diff = <double>a[i * lda + j] - <double>y[i * ldy + j]
@@ -35,7 +37,8 @@ cdef inline double mse(const floating* a, Py_ssize_t lda, const floating* y, Py_
 cdef inline double binary_cross_entropy(const floating* z, Py_ssize_t ldz,
                                         const floating* y, Py_ssize_t ldy,
                                         Py_ssize_t rows, Py_ssize_t cols,
-                                        floating* delta, Py_ssize_t ldd) noexcept nogil:
+                                        floating* delta, Py_ssize_t ldd,
+                                        double grad_scale) noexcept nogil:
     """mean(-y log s(z) - (1-y) log(1-s(z))) written as max(z,0) - z y + log1p(e^-|z|),
     which never takes the log of 0; delta <- dL/dz = (s(z) - y) / (rows * cols)."""
     cdef Py_ssize_t i, j
@@ -45,7 +48,7 @@ cdef inline double binary_cross_entropy(const floating* z, Py_ssize_t ldz,
             zij = z[i * ldz + j]
             yij = y[i * ldy + j]
             total += (zij if zij > 0 else 0.0) - zij * yij + log1p(exp(-fabs(zij)))
-            delta[i * ldd + j] = <floating>(scale * (sigmoid(zij) - yij))
+            delta[i * ldd + j] = <floating>(grad_scale * scale * (sigmoid(zij) - yij))
     return total * scale
 
 
@@ -53,28 +56,30 @@ cdef inline double cross_entropy_labels(const floating* z, Py_ssize_t ldz, const
                                         const floating* p, Py_ssize_t ldp,
                                         const int64_t* labels,
                                         Py_ssize_t rows, Py_ssize_t cols,
-                                        floating* delta, Py_ssize_t ldd) noexcept nogil:
+                                        floating* delta, Py_ssize_t ldd,
+                                        double grad_scale) noexcept nogil:
     """mean over rows of -log softmax(z)[label] = lse(z) - z[label], with lse and
     p = softmax(z) saved by the forward pass; delta <- dL/dz = (p - onehot(label)) / rows."""
     cdef Py_ssize_t i, j
-    cdef double total = 0.0, scale = 1.0 / <double>rows
+    cdef double total = 0.0, scale = grad_scale / <double>rows
     for i in range(rows):
         total += lse[i] - z[i * ldz + labels[i]]
         for j in range(cols):
             delta[i * ldd + j] = <floating>(scale * p[i * ldp + j])
         delta[i * ldd + labels[i]] = <floating>(scale * (<double>p[i * ldp + labels[i]] - 1.0))
-    return total * scale
+    return total / <double>rows
 
 
 cdef inline double cross_entropy_probs(const floating* z, Py_ssize_t ldz, const double* lse,
                                        const floating* p, Py_ssize_t ldp,
                                        const floating* y, Py_ssize_t ldy,
                                        Py_ssize_t rows, Py_ssize_t cols,
-                                       floating* delta, Py_ssize_t ldd) noexcept nogil:
+                                       floating* delta, Py_ssize_t ldd,
+                                       double grad_scale) noexcept nogil:
     """mean over rows of -sum_j y_j log softmax(z)_j; delta <- (p * sum_j y_j - y) / rows
     (the sum is 1 for proper probability rows, kept so the gradient is exact anyway)."""
     cdef Py_ssize_t i, j
-    cdef double row_sum, total = 0.0, scale = 1.0 / <double>rows
+    cdef double row_sum, total = 0.0, scale = grad_scale / <double>rows
     for i in range(rows):
         row_sum = 0.0
         for j in range(cols):
@@ -82,4 +87,4 @@ cdef inline double cross_entropy_probs(const floating* z, Py_ssize_t ldz, const 
             total -= y[i * ldy + j] * (z[i * ldz + j] - lse[i])
         for j in range(cols):
             delta[i * ldd + j] = <floating>(scale * (p[i * ldp + j] * row_sum - y[i * ldy + j]))
-    return total * scale
+    return total / <double>rows

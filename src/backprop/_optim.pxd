@@ -1,13 +1,20 @@
 # Optimizer update rules: one fused pass over the flat parameter buffer.
 #
-# Every rule is elementwise, so the buffer is cut into one contiguous chunk per thread
-# and the result is the same for any thread count.  The rules are PyTorch's
-# (torch.optim, foreach=False, maximize=False), term for term, so N steps here give the
-# weights N steps there give; the docstrings of the classes in `optim.py` state them.
+# Every rule is elementwise, so the buffer is cut into one contiguous part per thread and
+# the result is the same for any thread count.  The rules are PyTorch's (torch.optim,
+# foreach=False, maximize=False), term for term, computed in the parameters' precision as
+# torch does; the docstrings of the classes in `optim.py` state them.
+#
+# The rule's settings arrive by value (a local copy): stores into the parameters can then
+# not alias them, every setting is a loop constant, and each loop vectorises.  Each pass
+# also reports whether everything it wrote is finite, and gradients are checked before
+# any update (gradient_statistics), so a step either applies a finite update or is
+# refused with nothing changed.
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt, pow, fmax
+from libc.math cimport sqrt, pow, fmax, isfinite
 from libc.string cimport memset
+from backprop._parallel cimport part_start
 
 cdef enum OptimizerKind:
     SGD = 0
@@ -18,6 +25,9 @@ cdef enum OptimizerKind:
 cdef enum:
     # Below this many parameters one thread is faster than waking a second one.
     PARALLEL_MIN_PARAMS = 32768
+    # Gradient statistics are summed in blocks of this many values, block sums then in
+    # block order: the same sum for any thread count.
+    STAT_BLOCK = 4096
 
 cdef struct OptimConfig:
     int kind
@@ -36,106 +46,178 @@ cdef struct OptimConfig:
     double lr_decay        # Adagrad
 
 
-cdef inline void sgd_range(const OptimConfig* c, floating* p, const floating* g,
-                           floating* buf, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+cdef inline int sgd_range(OptimConfig c, floating* p, floating* g, floating* buf,
+                          floating clip, Py_ssize_t lo, Py_ssize_t hi, bint clear) noexcept nogil:
     cdef Py_ssize_t i
-    cdef double d
+    cdef floating d, b, pn
+    cdef floating lr = <floating>c.lr, wd = <floating>c.weight_decay
+    cdef floating mom = <floating>c.momentum, keep = <floating>(1.0 - c.dampening)
+    cdef bint first = c.step == 1, nesterov = c.nesterov
+    cdef int finite = 1
+    if c.momentum == 0:
+        for i in range(lo, hi):
+            d = g[i] * clip + wd * p[i]
+            pn = p[i] - lr * d
+            finite &= pn - pn == 0
+            p[i] = pn
+            if clear:
+                g[i] = 0
+        return finite
     for i in range(lo, hi):
-        d = g[i] + c.weight_decay * p[i]
-        if c.momentum != 0:
-            # PyTorch starts the buffer at the first gradient itself, undamped.
-            if c.step == 1:
-                buf[i] = <floating>d
-            else:
-                buf[i] = <floating>(c.momentum * buf[i] + (1.0 - c.dampening) * d)
-            d = d + c.momentum * buf[i] if c.nesterov else buf[i]
-        p[i] = <floating>(p[i] - c.lr * d)
+        d = g[i] * clip + wd * p[i]
+        # PyTorch starts the buffer at the first gradient itself, undamped.
+        b = d if first else mom * buf[i] + keep * d
+        buf[i] = b
+        pn = p[i] - lr * (d + mom * b if nesterov else b)
+        finite &= (pn - pn == 0) & (b - b == 0)
+        p[i] = pn
+        if clear:
+            g[i] = 0
+    return finite
 
 
-cdef inline void adam_range(const OptimConfig* c, floating* p, const floating* g,
-                            floating* m, floating* v, floating* v_max,
-                            Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+cdef inline int adam_range(OptimConfig c, floating* p, floating* g, floating* m, floating* v,
+                           floating* v_max, floating clip, Py_ssize_t lo, Py_ssize_t hi,
+                           bint clear) noexcept nogil:
     cdef Py_ssize_t i
-    cdef double d, denom
-    cdef double step_size = c.lr / (1.0 - pow(c.beta1, <double>c.step))
-    cdef double bias_correction2_sqrt = sqrt(1.0 - pow(c.beta2, <double>c.step))
+    cdef floating d, pi, mi, vi, den, pn
+    cdef floating one_minus_beta1 = <floating>(1.0 - c.beta1), beta2 = <floating>c.beta2
+    cdef floating one_minus_beta2 = <floating>(1.0 - c.beta2), eps = <floating>c.eps
+    cdef floating wd = <floating>c.weight_decay, shrink = <floating>(1.0 - c.lr * c.weight_decay)
+    cdef floating step_size = <floating>(c.lr / (1.0 - pow(c.beta1, <double>c.step)))
+    cdef floating bias_correction2_sqrt = <floating>sqrt(1.0 - pow(c.beta2, <double>c.step))
+    cdef bint decoupled = c.decoupled, amsgrad = c.amsgrad
+    cdef int finite = 1
     for i in range(lo, hi):
-        d = g[i]
-        if c.decoupled:
-            p[i] = <floating>(p[i] * (1.0 - c.lr * c.weight_decay))
+        d = g[i] * clip
+        pi = p[i]
+        if decoupled:
+            pi = pi * shrink
         else:
-            d = d + c.weight_decay * p[i]
-        m[i] = <floating>(m[i] + (1.0 - c.beta1) * (d - m[i]))
-        v[i] = <floating>(c.beta2 * v[i] + (1.0 - c.beta2) * d * d)
-        if c.amsgrad:
-            v_max[i] = <floating>fmax(v_max[i], v[i])
-            denom = sqrt(v_max[i]) / bias_correction2_sqrt + c.eps
-        else:
-            denom = sqrt(v[i]) / bias_correction2_sqrt + c.eps
-        p[i] = <floating>(p[i] - step_size * m[i] / denom)
+            d = d + wd * pi
+        mi = m[i] + one_minus_beta1 * (d - m[i])
+        vi = beta2 * v[i] + one_minus_beta2 * d * d
+        m[i] = mi
+        v[i] = vi
+        if amsgrad:
+            vi = v_max[i] if v_max[i] > vi else vi
+            v_max[i] = vi
+        den = sqrt(vi) / bias_correction2_sqrt + eps
+        pn = pi - step_size * mi / den
+        finite &= (pn - pn == 0) & (vi - vi == 0)
+        p[i] = pn
+        if clear:
+            g[i] = 0
+    return finite
 
 
-cdef inline void rmsprop_range(const OptimConfig* c, floating* p, const floating* g,
-                               floating* square_avg, floating* grad_avg, floating* buf,
-                               Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+cdef inline int rmsprop_range(OptimConfig c, floating* p, floating* g, floating* square_avg,
+                              floating* grad_avg, floating* buf, floating clip,
+                              Py_ssize_t lo, Py_ssize_t hi, bint clear) noexcept nogil:
     cdef Py_ssize_t i
-    cdef double d, avg
+    cdef floating d, s, a, avg, b, pn
+    cdef floating lr = <floating>c.lr, wd = <floating>c.weight_decay, eps = <floating>c.eps
+    cdef floating alpha = <floating>c.alpha, one_minus_alpha = <floating>(1.0 - c.alpha)
+    cdef floating mom = <floating>c.momentum
+    cdef bint centered = c.centered, with_momentum = c.momentum > 0
+    cdef int finite = 1
     for i in range(lo, hi):
-        d = g[i] + c.weight_decay * p[i]
-        square_avg[i] = <floating>(c.alpha * square_avg[i] + (1.0 - c.alpha) * d * d)
-        if c.centered:
-            grad_avg[i] = <floating>(grad_avg[i] + (1.0 - c.alpha) * (d - grad_avg[i]))
-            avg = sqrt(square_avg[i] - grad_avg[i] * grad_avg[i]) + c.eps
+        d = g[i] * clip + wd * p[i]
+        s = alpha * square_avg[i] + one_minus_alpha * d * d
+        square_avg[i] = s
+        if centered:
+            a = grad_avg[i] + one_minus_alpha * (d - grad_avg[i])
+            grad_avg[i] = a
+            avg = sqrt(s - a * a) + eps
         else:
-            avg = sqrt(square_avg[i]) + c.eps
-        if c.momentum > 0:
-            buf[i] = <floating>(c.momentum * buf[i] + d / avg)
-            p[i] = <floating>(p[i] - c.lr * buf[i])
+            avg = sqrt(s) + eps
+        if with_momentum:
+            b = mom * buf[i] + d / avg
+            buf[i] = b
+            pn = p[i] - lr * b
         else:
-            p[i] = <floating>(p[i] - c.lr * d / avg)
+            pn = p[i] - lr * d / avg
+        finite &= (pn - pn == 0) & (s - s == 0)
+        p[i] = pn
+        if clear:
+            g[i] = 0
+    return finite
 
 
-cdef inline void adagrad_range(const OptimConfig* c, floating* p, const floating* g,
-                               floating* sum_sq, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+cdef inline int adagrad_range(OptimConfig c, floating* p, floating* g, floating* sum_sq,
+                              floating clip, Py_ssize_t lo, Py_ssize_t hi,
+                              bint clear) noexcept nogil:
     cdef Py_ssize_t i
-    cdef double d
-    cdef double clr = c.lr / (1.0 + (c.step - 1) * c.lr_decay)
+    cdef floating d, s, pn
+    cdef floating wd = <floating>c.weight_decay, eps = <floating>c.eps
+    cdef floating clr = <floating>(c.lr / (1.0 + (c.step - 1) * c.lr_decay))
+    cdef int finite = 1
     for i in range(lo, hi):
-        d = g[i] + c.weight_decay * p[i]
-        sum_sq[i] = <floating>(sum_sq[i] + d * d)
-        p[i] = <floating>(p[i] - clr * d / (sqrt(sum_sq[i]) + c.eps))
+        d = g[i] * clip + wd * p[i]
+        s = sum_sq[i] + d * d
+        sum_sq[i] = s
+        pn = p[i] - clr * d / (sqrt(s) + eps)
+        finite &= (pn - pn == 0) & (s - s == 0)
+        p[i] = pn
+        if clear:
+            g[i] = 0
+    return finite
 
 
-cdef inline void update_range(const OptimConfig* c, floating* p, const floating* g,
-                              floating* s0, floating* s1, floating* s2,
-                              Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+cdef inline int update_range(const OptimConfig* c, floating* p, floating* g,
+                             floating* s0, floating* s1, floating* s2, floating clip,
+                             Py_ssize_t lo, Py_ssize_t hi, bint clear) noexcept nogil:
     if c.kind == SGD:
-        sgd_range(c, p, g, s0, lo, hi)
-    elif c.kind == ADAM:
-        adam_range(c, p, g, s0, s1, s2, lo, hi)
-    elif c.kind == RMSPROP:
-        rmsprop_range(c, p, g, s0, s1, s2, lo, hi)
-    elif c.kind == ADAGRAD:
-        adagrad_range(c, p, g, s0, lo, hi)
+        return sgd_range(c[0], p, g, s0, clip, lo, hi, clear)
+    if c.kind == ADAM:
+        return adam_range(c[0], p, g, s0, s1, s2, clip, lo, hi, clear)
+    if c.kind == RMSPROP:
+        return rmsprop_range(c[0], p, g, s0, s1, s2, clip, lo, hi, clear)
+    return adagrad_range(c[0], p, g, s0, clip, lo, hi, clear)
 
 
-cdef inline void update_and_clear(const OptimConfig* c, floating* p, floating* g,
-                                  floating* s0, floating* s1, floating* s2,
-                                  Py_ssize_t lo, Py_ssize_t hi, bint clear_grads) noexcept nogil:
-    update_range(c, p, g, s0, s1, s2, lo, hi)
-    if clear_grads:  # train_step's zero_grad, done while this chunk is still in cache
-        memset(g + lo, 0, (hi - lo) * sizeof(floating))
-
-
-cdef inline void optimizer_update(OptimConfig* c, floating* p, floating* g,
-                                  floating* s0, floating* s1, floating* s2,
-                                  Py_ssize_t n, int n_threads, bint clear_grads) noexcept nogil:
-    """One update of all n parameters; s0..s2 are the rule's state buffers (or unused)."""
-    cdef Py_ssize_t t, chunk
+cdef inline bint optimizer_update(OptimConfig* c, floating* p, floating* g,
+                                  floating* s0, floating* s1, floating* s2, double clip,
+                                  Py_ssize_t n, int n_threads, bint clear) noexcept nogil:
+    """One update of all n parameters from gradients times `clip` (1, or the clipping
+    factor); s0..s2 are the rule's state buffers (unused ones may be NULL).  `clear` zeroes
+    each gradient once it is used (train_step's zero_grad, while it is in cache).
+    Returns whether every value written is finite."""
+    cdef Py_ssize_t t, lo, hi
+    cdef int bad = 0
+    cdef floating factor = <floating>clip
     c.step += 1
     if n < PARALLEL_MIN_PARAMS or n_threads <= 1:
-        update_and_clear(c, p, g, s0, s1, s2, 0, n, clear_grads)
-        return
-    chunk = (n + n_threads - 1) // n_threads
-    for t in prange(n_threads, schedule='static', num_threads=n_threads):
-        update_and_clear(c, p, g, s0, s1, s2, t * chunk, min(n, (t + 1) * chunk), clear_grads)
+        return update_range(c, p, g, s0, s1, s2, factor, 0, n, clear)
+    for t in prange(n_threads, schedule="static", num_threads=n_threads):
+        lo = part_start(n, t, n_threads, 16)
+        hi = part_start(n, t + 1, n_threads, 16)
+        bad += 1 - update_range(c, p, g, s0, s1, s2, factor, lo, hi, clear)
+    return bad == 0
+
+
+cdef inline double _block_sum_of_squares(const floating* g, Py_ssize_t lo,
+                                         Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double total = 0.0
+    for i in range(lo, hi):
+        total += <double>g[i] * g[i]
+    return total
+
+
+cdef inline double sum_of_squares(const floating* g, Py_ssize_t n, double* block_sums,
+                                  int n_threads) noexcept nogil:
+    """The sum of g[i]^2 in double, identical for any thread count: blocks of STAT_BLOCK
+    values are summed in parallel, then the block sums in order.  `block_sums` has room
+    for (n + STAT_BLOCK - 1) // STAT_BLOCK doubles.  It is +inf or NaN if any g[i] is."""
+    cdef Py_ssize_t blocks = (n + STAT_BLOCK - 1) // STAT_BLOCK, b
+    cdef double total = 0.0
+    if n < PARALLEL_MIN_PARAMS or n_threads <= 1:
+        for b in range(blocks):
+            block_sums[b] = _block_sum_of_squares(g, b * STAT_BLOCK, min(n, (b + 1) * STAT_BLOCK))
+    else:
+        for b in prange(blocks, schedule="static", num_threads=n_threads):
+            block_sums[b] = _block_sum_of_squares(g, b * STAT_BLOCK, min(n, (b + 1) * STAT_BLOCK))
+    for b in range(blocks):
+        total += block_sums[b]
+    return total

@@ -1,125 +1,94 @@
-"""Checkpoints: one ``.npz`` file, written atomically, read without executing anything.
+"""Checkpoint files: named arrays in one ``.npz``, written atomically, read without
+executing anything and without trusting what the file says about itself.
 
-Format (version 1): a NumPy ``.npz`` archive (``np.savez``, no pickled objects) with
+This module only moves arrays between memory and disk; what they mean (a network's
+parameters, buffers, optimizer state and its JSON ``header``) is ``record.py``'s business.
 
-* ``header``: UTF-8 JSON as a uint8 array: ``{"format": "backprop-checkpoint",
-  "version": 1, "network": <Network.config()>, "optimizer": {"name", "hyperparameters",
-  "step"}, "rng": <numpy bit-generator state>, "epoch": int, "history": {...}}``;
-* ``params``: the flat parameter buffer, in the network's dtype;
-* ``optimizer.<name>``: each optimizer state buffer (same shape as ``params``).
+Writing: a temporary file in the destination's directory, flushed and fsynced, renamed
+over the destination (atomic on POSIX), then the directory fsynced: a crash at any point
+leaves either the old file or the new one, never a mix.
 
-Saving writes a temporary file in the destination's directory, flushes and fsyncs it,
-then renames it over the destination (atomic on POSIX) and fsyncs the directory: a
-crash at any point leaves either the old checkpoint or the new one, never a mix.
-Loading uses ``allow_pickle=False`` and validates everything it reads.
+Reading: the caller says which members it wants and what shape and dtype each must have
+(worked out from the header, not from the members).  Each is checked against the archive
+before a byte of it is read: present, stored uncompressed (as ``np.savez`` writes), its
+``.npy`` header matching the expected shape and dtype, its size matching, and lying
+inside the file.  Nothing else in the archive is read, so neither a header claiming a
+huge layer nor an extra member costs memory.
 """
-import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
-FORMAT = "backprop-checkpoint"
-VERSION = 1
+from backprop._atomic import write_atomically
+
+# The JSON header of a network with a long history is a few hundred KB at most.
+MAX_HEADER_BYTES = 16 << 20
 
 
-def save(net, path):
-    path = os.fspath(path)
-    opt = net.optimizer.state_dict()
-    header = {
-        "format": FORMAT, "version": VERSION, "network": net.config(),
-        "optimizer": {"name": opt["name"], "hyperparameters": opt["hyperparameters"],
-                      "step": opt["step"]},
-        "rng": net.rng.bit_generator.state, "epoch": net.epoch,
-        "history": net.history.to_dict(),
-    }
-    arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-              "params": net.params}
-    arrays.update({f"optimizer.{name}": value for name, value in opt["state"].items()})
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
+def write(path, arrays):
+    """Write {name: ndarray} as an .npz at `path`, atomically."""
+    write_atomically(path, lambda f: np.savez(f, **arrays), suffix=".npz")
 
 
-def _fsync_directory(directory):
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class Archive:
+    """An .npz opened for checked reading; use as a context manager."""
 
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.size = os.path.getsize(self.path)      # FileNotFoundError passes through
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{self.path}: not a readable checkpoint (truncated or "
+                             f"corrupted?): {e}") from None
 
-def load(path):
-    from backprop.layers import Dense
-    from backprop.network import Network
-    from backprop.optim import OPTIMIZERS
-    from backprop.training import History
+    def __enter__(self):
+        return self
 
-    path = os.fspath(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise ValueError(f"{path}: not a readable backprop checkpoint (truncated or "
-                         f"corrupted?): {e}") from None
-    header = _header(path, arrays)
-    try:
-        config = header["network"]
-        layers = [Dense(**layer) for layer in config["layers"]]
-        opt = header["optimizer"]
-        if opt["name"] not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {opt['name']!r}")
-        optimizer = OPTIMIZERS[opt["name"]](**opt["hyperparameters"])
-        net = Network(layers, loss=config["loss"], optimizer=optimizer, dtype=config["dtype"],
-                      seed=config["seed"])
-        params = arrays["params"]
-        if params.shape != net.params.shape or params.dtype != net.params.dtype:
-            raise ValueError(f"params has shape {params.shape} and dtype {params.dtype}, the "
-                             f"architecture needs {net.params.shape} {net.params.dtype}")
-        if not np.isfinite(params).all():
-            raise ValueError("params contain NaN or Inf")
-        net.params[...] = params
-        state = {name[len("optimizer."):]: value for name, value in arrays.items()
-                 if name.startswith("optimizer.")}
-        optimizer.load_state_dict({"name": opt["name"], "hyperparameters": opt["hyperparameters"],
-                                   "step": opt["step"], "state": state})
-        net.rng.bit_generator.state = header["rng"]
-        net.epoch = int(header["epoch"])
-        net.history = History(**header["history"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: invalid backprop checkpoint: {e}") from None
-    return net
+    def __exit__(self, *exc):
+        self.zip.close()
 
+    def has(self, name):
+        return f"{name}.npy" in self.zip.NameToInfo
 
-def _header(path, arrays):
-    if "header" not in arrays or "params" not in arrays:
-        raise ValueError(f"{path}: not a backprop checkpoint (no header/params)")
-    raw = arrays["header"]
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise ValueError(f"{path}: not a backprop checkpoint (malformed header)")
-    try:
-        header = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupted checkpoint header: {e}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a backprop checkpoint")
-    if not isinstance(header.get("version"), int) or header["version"] > VERSION:
-        raise ValueError(f"{path}: checkpoint format version {header.get('version')} is newer "
-                         f"than this backprop reads ({VERSION}); upgrade backprop")
-    return header
+    def array(self, name, shape=None, dtype=None, max_bytes=None):
+        """Member `name` as an ndarray, after checking it is what the caller expects:
+        `shape` and `dtype` exactly (1-D uint8 of at most `max_bytes` for a header)."""
+        info = self.zip.NameToInfo.get(f"{name}.npy")
+        if info is None:
+            raise ValueError(f"{self.path}: the checkpoint has no {name!r} array")
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size \
+                or info.header_offset + info.compress_size > self.size:
+            raise ValueError(f"{self.path}: array {name!r} is compressed or larger than the file")
+        try:
+            with self.zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"unsupported .npy version {version}")
+                stored_shape, fortran, stored_dtype = read_header(f)
+                if stored_dtype.hasobject or fortran:
+                    raise ValueError("object or Fortran-ordered arrays are not checkpoints")
+                if max_bytes is not None:          # the header: any 1-D uint8 up to a size
+                    shape, dtype = stored_shape, np.dtype(np.uint8)
+                    if len(shape) != 1 or shape[0] > max_bytes:
+                        raise ValueError(f"the header has shape {stored_shape}, at most "
+                                         f"({max_bytes},) allowed")
+                if stored_shape != tuple(shape) or stored_dtype.newbyteorder("=") != dtype:
+                    raise ValueError(f"array {name!r} has shape {stored_shape} and dtype "
+                                     f"{stored_dtype}, the network needs {tuple(shape)} {dtype}")
+                nbytes = int(np.prod(shape, dtype=np.int64)) * stored_dtype.itemsize
+                if f.tell() + nbytes != info.file_size:
+                    raise ValueError(f"array {name!r} holds {info.file_size - f.tell()} bytes "
+                                     f"of data, its shape needs {nbytes}")
+                out = np.empty(shape, dtype=stored_dtype)
+                if nbytes and f.readinto(memoryview(out).cast("B")) != nbytes:
+                    raise ValueError(f"array {name!r} is truncated")
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
+            raise ValueError(f"{self.path}: array {name!r} cannot be read (truncated or "
+                             f"corrupted?): {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{self.path}: {e}") from None
+        return out.astype(dtype, copy=False)

@@ -39,9 +39,31 @@ def load_dataset(name):
             return f["X"].astype(np.float32), f["y"]
     if name.endswith(".csv"):
         data = np.loadtxt(name, delimiter=",", dtype=np.float64, ndmin=2)
-        return data[:, :-1].astype(np.float32), data[:, -1].astype(np.int64)
+        if data.shape[1] < 2:
+            raise UsageError(f"{name}: a .csv dataset needs feature columns and a label column")
+        return data[:, :-1].astype(np.float32), data[:, -1]
     raise UsageError(f"unknown dataset {name!r}: use digits, mnist-sample, fashion-mnist, "
                      "FILE.npz or FILE.csv")
+
+
+def class_labels(y, name):
+    """y as int64 class labels 0..K-1, every class present; else a UsageError (a float
+    label such as 0.7, or a label of 1e9, is a mistake, not a class)."""
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) == 0:
+        raise UsageError(f"{name}: labels must be one non-empty column")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise UsageError(f"{name}: labels must be whole numbers (class 0, 1, ...), got "
+                         f"{y[~(y == np.round(y))][:3].tolist()}")
+    if y.dtype.kind not in "iuf" or y.min() < 0:
+        raise UsageError(f"{name}: labels must be whole numbers >= 0")
+    labels = y.astype(np.int64)
+    present = np.unique(labels)
+    if len(present) != present[-1] + 1:
+        gaps = np.flatnonzero(present != np.arange(len(present)))
+        raise UsageError(f"{name}: labels must be the classes 0..K-1, each present; class "
+                         f"{gaps[0]} never appears (largest label {present[-1]})")
+    return labels
 
 
 def parse_layers(text, n_features, n_classes):
@@ -63,6 +85,10 @@ def build_parser():
     train.add_argument("--layers", help="sizes from input to classes, e.g. 64,64,10 "
                                         "(default: input,128,classes)")
     train.add_argument("--activation", default="relu", choices=sorted(bp.ACTIVATIONS))
+    train.add_argument("--batch-norm", action="store_true",
+                       help="BatchNorm and the activation after each hidden Dense layer")
+    train.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                       help="Dropout with probability P after each hidden layer")
     train.add_argument("--optimizer", default="Adam", choices=sorted(OPTIMIZERS))
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--epochs", type=int, default=30)
@@ -76,6 +102,10 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--dataset", required=True)
+    demo = commands.add_parser("demo", help="demonstrations: vanishing-gradients")
+    demo.add_argument("name", choices=["vanishing-gradients"])
+    demo.add_argument("--epochs", type=int, default=5)
+    demo.add_argument("--plot", metavar="FILE.png")
     predict = commands.add_parser("predict", help="predictions of a saved model")
     predict.add_argument("--model", required=True)
     predict.add_argument("--input", required=True, help=".npz (array X) or .csv of features")
@@ -83,17 +113,45 @@ def build_parser():
     return parser
 
 
+def hidden_layers(sizes, activation, batch_norm=False, dropout=0.0):
+    """Dense layers from sizes[0] to sizes[-2], each followed by its activation (through
+    BatchNorm with batch_norm) and Dropout(dropout) when dropout > 0."""
+    layers = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        if batch_norm:
+            layers += [bp.Dense(a, b, bias=False), bp.BatchNorm(b), bp.Activation(activation)]
+        else:
+            layers.append(bp.Dense(a, b, activation=activation))
+        if dropout > 0:
+            layers.append(bp.Dropout(dropout))
+    return layers
+
+
 def train(args):
-    if args.epochs < 1 or args.batch_size < 1 or not 0 < args.test_size < 1 or args.lr <= 0:
+    if args.epochs < 1 or args.batch_size < 1 or not 0 < args.test_size < 1 or not (
+            0 < args.lr < float("inf")):
         raise UsageError("--epochs and --batch-size must be >= 1, --lr > 0, 0 < --test-size < 1")
-    bp.set_num_threads(max(0, args.threads))
+    if not 0 <= args.threads <= bp.MAX_THREADS:
+        raise UsageError(f"--threads must be in [0, {bp.MAX_THREADS}] (0: all available), "
+                         f"got {args.threads}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    bp.set_num_threads(args.threads)
     X, y = load_dataset(args.dataset)
+    y = class_labels(y, args.dataset)
+    if len(y) < 10:
+        raise UsageError(f"{args.dataset}: {len(y)} rows are too few to split into training, "
+                         "validation and test sets (10 at least)")
     n_classes = int(y.max()) + 1
     sizes = (parse_layers(args.layers, X.shape[1], n_classes) if args.layers
              else [X.shape[1], 128, n_classes])
-    X_train, X_test, y_train, y_test = datasets.train_test_split(
-        X, y, test_size=args.test_size, seed=args.seed, stratify=True)
-    layers = [bp.Dense(a, b, activation=args.activation) for a, b in zip(sizes[:-2], sizes[1:-1])]
+    try:
+        X_train, X_test, y_train, y_test = datasets.train_test_split(
+            X, y, test_size=args.test_size, seed=args.seed, stratify=True)
+    except ValueError as e:
+        raise UsageError(f"{args.dataset}: cannot split {len(y)} rows into training and test "
+                         f"sets: {e}") from None
+    layers = hidden_layers(sizes, args.activation, args.batch_norm, args.dropout)
     layers.append(bp.Dense(sizes[-2], sizes[-1], activation="softmax"))
     net = bp.Network(layers, loss="cross_entropy",
                      optimizer=OPTIMIZERS[args.optimizer](lr=args.lr), seed=args.seed)
@@ -116,9 +174,17 @@ def train(args):
         print(f"saved the training curves to {args.plot}", file=sys.stderr)
 
 
+def demo(args):
+    from backprop.demos import vanishing_gradients
+    if args.epochs < 1:
+        raise UsageError("--epochs must be >= 1")
+    vanishing_gradients(epochs=args.epochs, plot=args.plot)
+
+
 def evaluate(args):
     net = bp.Network.load(args.model)
     X, y = load_dataset(args.dataset)
+    y = class_labels(y, args.dataset)
     scores = net.evaluate(X, y)
     print("  ".join(f"{name} {value:.4f}" for name, value in scores.items()))
 
@@ -144,9 +210,12 @@ def predict(args):
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        {"train": train, "evaluate": evaluate, "predict": predict}[args.command](args)
-    except (UsageError, ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:
+        {"train": train, "evaluate": evaluate, "predict": predict, "demo": demo}[args.command](args)
+    except (UsageError, ValueError, TypeError, OSError, ImportError, ArithmeticError) as e:
         print(f"backprop: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        print(f"backprop: error: out of memory: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("backprop: interrupted", file=sys.stderr)

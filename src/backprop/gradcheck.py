@@ -1,17 +1,15 @@
 """Check backpropagation against finite differences, using forward passes alone."""
 import numpy as np
 
-from backprop.layers import Dense
-from backprop.network import Network
-from backprop.optim import SGD
+from backprop import record
 
 
 def float64_twin(net):
-    """A float64 copy of `net` with the same parameters (its optimizer is a plain SGD)."""
-    layers = [Dense(**layer.config()) for layer in net.layers]
-    twin = Network(layers, loss=net.loss, optimizer=SGD(), dtype="float64")
-    twin.params[...] = net.params
-    return twin
+    """A float64 copy of `net`: same layers, parameters, buffers, mode and dropout keys."""
+    header, arrays = record.to_record(net)
+    header["network"]["dtype"] = "float64"
+    return record.rebuild(type(net), header,
+                          {name: a.astype(np.float64) for name, a in arrays.items()})
 
 
 def gradcheck(net, x, y, *, eps=1e-5, floor=1e-4, max_params=None, seed=0):
@@ -25,12 +23,23 @@ def gradcheck(net, x, y, *, eps=1e-5, floor=1e-4, max_params=None, seed=0):
     difference's truncation error (~eps^2) against that rounding noise (~1e-16 / eps);
     both then stay near 1e-9 relative.
 
+    The check runs in the network's mode; in train mode every forward pass uses the same
+    dropout masks (those of the network's next pass), so the loss is one function of
+    the parameters.  BatchNorm in train mode is checked through its batch statistics.
+
     Returns a dict: ``max_error`` (worst over everything checked), ``param_error``,
     ``input_error``, ``checked`` (how many values).  The network itself is not modified.
     """
     twin = float64_twin(net)
+    engine, passes = twin._engine, twin._engine.passes
     x = np.array(x, dtype=np.float64)
+
+    def loss():
+        engine.passes = passes          # the same dropout masks every time
+        return twin.loss_of(x, y)
+
     twin.zero_grad()
+    engine.passes = passes
     twin.forward(x)
     twin.backward(y)
     analytic = twin.grads.copy()
@@ -43,18 +52,18 @@ def gradcheck(net, x, y, *, eps=1e-5, floor=1e-4, max_params=None, seed=0):
     for k, i in enumerate(indices):
         saved = twin.params[i]
         twin.params[i] = saved + eps
-        up = twin.loss_of(x, y)
+        up = loss()
         twin.params[i] = saved - eps
-        down = twin.loss_of(x, y)
+        down = loss()
         twin.params[i] = saved
         numeric[k] = (up - down) / (2 * eps)
     numeric_x = np.empty_like(x)
     for idx in np.ndindex(x.shape):
         saved = x[idx]
         x[idx] = saved + eps
-        up = twin.loss_of(x, y)
+        up = loss()
         x[idx] = saved - eps
-        down = twin.loss_of(x, y)
+        down = loss()
         x[idx] = saved
         numeric_x[idx] = (up - down) / (2 * eps)
 

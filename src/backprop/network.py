@@ -1,40 +1,56 @@
-"""Network: a stack of Dense layers trained by backpropagation.
+"""Network: a sequence of layers trained by backpropagation.
 
-All parameters live in ONE contiguous buffer (``net.params``) and all gradients in
-another (``net.grads``); each layer's ``weight``/``bias`` and their gradients are NumPy
-views into them.  The optimizer is then one fused loop, a checkpoint one array, and
-the compiled Engine needs only two pointers.
+All parameters live in ONE contiguous buffer (``net.params``), all gradients in another
+(``net.grads``) and all running statistics in a third (``net.buffers``); each layer's
+arrays are NumPy views into them.  The optimizer is then one fused loop, a checkpoint a
+few arrays, and the compiled Engine needs only three pointers.  ``plan.py`` lays the
+layers out; ``record.py`` turns a network into plain data and back (checkpoints,
+pickling, copies).
 """
 import numpy as np
 
 from backprop._core import LOSSES, Engine
-from backprop import checkpoint, training
-from backprop.layers import Dense
+from backprop import plan as planner, record, training
 from backprop.optim import Adam, Optimizer
 
 # The built-in losses that take the pre-activation logits need the matching output
 # activation, as in PyTorch's CrossEntropyLoss (softmax inside) and BCEWithLogitsLoss.
 LOSS_ACTIVATION = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
 DTYPES = ("float32", "float64")
+ACTIVATION_NAMES = {code: name for name, code in planner.ACTIVATIONS.items()}
+
+
+def _dtype(dtype):
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return np.dtype(name)
 
 
 class Network:
-    """A feed-forward network of Dense layers.
+    """A feed-forward network: layers applied in order.
 
     Parameters
     ----------
-    layers : list of Dense
-        Consecutive layers; each ``in_features`` must equal the previous ``out_features``.
+    layers : list of layers
+        ``Dense``, ``BatchNorm``, ``LayerNorm``, ``Dropout``, ``Activation``, ``Residual``;
+        each layer's input width must equal the previous layer's output width.
     loss : {"mse", "binary_cross_entropy", "cross_entropy"} or None
         The built-in loss used by ``backward(y)``, ``train_step`` and ``fit``.  PyTorch's
-        definitions and mean reductions.  ``cross_entropy`` needs a softmax output layer
+        definitions and mean reductions.  ``cross_entropy`` needs a softmax output
         and takes integer labels of shape (batch,) or probability rows of shape
         (batch, classes); ``binary_cross_entropy`` needs a sigmoid output.  With None,
         gradients come from ``backward(grad_output=...)``.
     optimizer : Optimizer, default Adam()
     dtype : {"float32", "float64"}
     seed : int or None
-        Seeds the weight initialisation (and, in ``fit``, the shuffling).
+        Seeds the weight initialisation, the shuffling in ``fit`` and the dropout masks.
+
+    A network starts in train mode (``net.training``); ``net.eval()`` and ``net.train()``
+    switch, as in PyTorch.
 
     Examples
     --------
@@ -47,41 +63,57 @@ class Network:
     """
 
     def __init__(self, layers, loss=None, optimizer=None, dtype="float32", seed=None):
-        layers = list(layers)
-        if not layers or not all(isinstance(layer, Dense) for layer in layers):
-            raise TypeError(f"layers must be a non-empty list of Dense layers, got {layers!r}")
-        for i, (a, b) in enumerate(zip(layers, layers[1:])):
-            if a.out_features != b.in_features:
-                raise ValueError(f"layers[{i + 1}].in_features must equal layers[{i}]."
-                                 f"out_features = {a.out_features}, got {b.in_features}")
+        self._build(list(layers), loss, optimizer, dtype, seed, initialise=True)
+
+    def _build(self, layers, loss, optimizer, dtype, seed, initialise, key_seed=None):
         if loss is not None and loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or None")
-        wanted = LOSS_ACTIVATION.get(loss)
-        if wanted and layers[-1].activation != wanted:
-            raise ValueError(f"loss {loss!r} needs a {wanted!r} output layer, "
-                             f"got activation {layers[-1].activation!r}")
-        if str(np.dtype(dtype) if dtype in (np.float32, np.float64) else dtype) not in DTYPES:
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        dtype = _dtype(dtype)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or not 0 <= seed < 2 ** 63):
+            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
         optimizer = Adam() if optimizer is None else optimizer
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a backprop.optim.Optimizer, got {optimizer!r}")
         if optimizer.attached:
             raise ValueError("this optimizer already updates another Network; give each "
                              "network its own optimizer")
+        # Dropout's masks are keyed by a seed even when the caller gave none.
+        if key_seed is None:
+            key_seed = int(seed) if seed is not None else int(
+                np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
+        plan = planner.plan(layers, loss, key_seed)
+        output = ACTIVATION_NAMES[plan.ops[-1]["activation"]]
+        wanted = LOSS_ACTIVATION.get(loss)
+        if wanted and output != wanted:
+            raise ValueError(f"loss {loss!r} needs a {wanted!r} output, got {output!r}")
+        for layer in plan.layers:      # refuse before changing any layer
+            layer._check_free(self)
 
         self.layers = layers
         self.loss = loss
-        self.dtype = np.dtype(dtype)
-        self.seed = seed
-        self.params = np.zeros(sum(layer.n_params for layer in layers), dtype=self.dtype)
+        self.dtype = dtype
+        self.seed = None if seed is None else int(seed)
+        self.output_activation = output
+        self._plan = plan
+        self._key_seed = key_seed
+        self.params = np.zeros(plan.n_params, dtype=dtype)
         self.grads = np.zeros_like(self.params)
+        self.buffers = np.zeros(plan.n_buffers, dtype=dtype)
         self._attach_views()
         rng = np.random.default_rng(seed)
-        for layer in layers:
-            layer.weight[...] = layer.initial_weights(rng)
-        self._engine = Engine([(l.in_features, l.out_features) for l in layers],
-                              [l.activation for l in layers], self._offsets(), loss,
-                              self.params, self.grads)
+        for layer in plan.layers:
+            carried = layer._carried
+            if carried is not None or initialise:
+                values = carried if carried is not None else layer.initial_parameters(rng)
+                for name, value in values.items():
+                    getattr(layer, name)[...] = value
+        for layer, name, offset, shape, value in plan.buffers:
+            if layer._carried is None:
+                self.buffers[offset:offset + planner._size(shape)] = value
+        for layer in plan.layers:
+            object.__setattr__(layer, "_carried", None)   # its values now live here
+        self._engine = Engine(plan.ops, plan.slots, loss, self.params, self.grads, self.buffers)
         self.optimizer = optimizer
         optimizer.bind(self.params.size, self.dtype)
         self.rng = np.random.default_rng(seed)   # shuffling in fit; saved in checkpoints
@@ -91,29 +123,41 @@ class Network:
 
     # ---- the flat buffers and their views
 
-    def _offsets(self):
-        offsets, start = [], 0
-        for layer in self.layers:
-            w = layer.out_features * layer.in_features
-            offsets.append((start, start + w if layer.use_bias else -1))
-            start += layer.n_params
-        return offsets
-
     def _attach_views(self):
-        for layer, (w, b) in zip(self.layers, self._offsets()):
-            shape = (layer.out_features, layer.in_features)
-            layer.weight = self.params[w:w + shape[0] * shape[1]].reshape(shape)
-            layer.weight_grad = self.grads[w:w + shape[0] * shape[1]].reshape(shape)
-            layer.bias = self.params[b:b + shape[0]] if b >= 0 else None
-            layer.bias_grad = self.grads[b:b + shape[0]] if b >= 0 else None
+        views = {id(layer): {} for layer in self._plan.layers}
+        for layer, name, offset, shape in self._plan.params:
+            end = offset + planner._size(shape)
+            views[id(layer)][name] = self.params[offset:end].reshape(shape)
+            views[id(layer)][name + "_grad"] = self.grads[offset:end].reshape(shape)
+        for layer, name, offset, shape, _ in self._plan.buffers:
+            views[id(layer)][name] = self.buffers[offset:offset + planner._size(shape)].reshape(shape)
+        for layer in self._plan.layers:
+            layer._attach(self, views[id(layer)])
 
     @property
     def n_inputs(self):
-        return self.layers[0].in_features
+        return self._plan.n_inputs
 
     @property
     def n_outputs(self):
-        return self.layers[-1].out_features
+        return self._plan.n_outputs
+
+    # ---- modes
+
+    @property
+    def training(self):
+        """True in train mode (batch statistics, dropout), False in eval mode."""
+        return self._engine.training
+
+    def train(self, mode=True):
+        """Switch to train mode (or eval mode with mode=False); returns the network."""
+        self._engine.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Switch to eval mode: BatchNorm uses its running statistics, Dropout passes
+        everything through.  Returns the network."""
+        return self.train(False)
 
     # ---- the training step, piece by piece (PyTorch style) or in one call
 
@@ -122,7 +166,7 @@ class Network:
 
         The activations are kept for the next ``backward``.  x may be float32 or float64,
         strided or read-only: it is copied into the network's own input buffer."""
-        return self._engine.forward(x).copy()
+        return self._engine.forward(x)
 
     __call__ = forward
 
@@ -138,24 +182,48 @@ class Network:
     @property
     def input_grad(self):
         """dL/dx of the last backward, shape (batch, n_inputs) (a copy)."""
-        return self._engine.input_grad().copy()
+        return self._engine.input_grad()
 
     def step(self):
-        """Update the parameters from the accumulated gradients."""
+        """Update the parameters from the accumulated gradients.  Gradients that are not
+        finite are refused (FloatingPointError) and nothing changes."""
         self._engine.step(self.optimizer)
 
     def zero_grad(self):
         """Set every gradient to zero."""
         self._engine.zero_grad()
 
-    def train_step(self, x, y, rows=None):
+    def train_step(self, x, y, rows=None, *, clip_grad_norm=None):
         """forward + loss + backward + step + zero_grad in one call into compiled code;
         returns the loss (of the batch, before the update).
 
         rows : 1-D integer array, optional
             Train on x[rows], y[rows] instead, gathered straight into the network's input
-            buffer (how ``fit`` draws shuffled minibatches without copying the dataset)."""
-        return self._engine.train_step(x, y, self.optimizer, rows)
+            buffer (how ``fit`` draws shuffled minibatches without copying the dataset).
+        clip_grad_norm : float, optional
+            Scale the gradients so their global norm is at most this before the update.
+
+        A step whose loss or gradients are not finite raises FloatingPointError and
+        changes nothing (weights, optimizer state, running statistics)."""
+        clip = 0.0 if clip_grad_norm is None else float(clip_grad_norm)
+        if clip_grad_norm is not None and not (clip > 0 and np.isfinite(clip)):
+            raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm!r}")
+        return self._engine.train_step(x, y, self.optimizer, rows, clip)
+
+    def compute_gradients(self, x, y, rows=None, *, scale=1.0, row_offset=0):
+        """forward + loss + backward in one call, without the update: adds
+        ``scale * dL/dparams`` to ``grads`` and returns the mean loss of the batch.
+
+        For gradient accumulation and data-parallel training: with a global batch split
+        between processes, give each process ``scale = its rows / global rows`` and
+        ``row_offset`` = the global number of its first row (dropout masks are keyed by
+        it), then sum the gradients (``backprop.distributed``) and ``step()``."""
+        return self._engine.compute_gradients(x, y, rows, scale, row_offset)
+
+    def clip_grad_norm(self, max_norm):
+        """Scale the gradients so their global norm is at most max_norm (as
+        ``torch.nn.utils.clip_grad_norm_``); returns the norm before clipping."""
+        return self._engine.clip_grad_norm(max_norm)
 
     def loss_of(self, x, y):
         """The built-in loss of the network on (x, y), without touching gradients."""
@@ -165,6 +233,12 @@ class Network:
     def grad_norm(self):
         """The Euclidean norm of all gradients together."""
         return self._engine.grad_norm()
+
+    def layer_grad_norms(self):
+        """{index: norm} of each weight matrix's gradient (Dense layers, nested ones
+        included, numbered depth first as ``plan.flatten`` lists them)."""
+        return {i: float(np.linalg.norm(layer.weight_grad))
+                for i, layer in enumerate(self._plan.layers) if layer.kind == "dense"}
 
     # ---- scikit-learn / Keras style training and inference
 
@@ -191,10 +265,11 @@ class Network:
         callbacks : callables ``callback(net, epoch, logs)`` run after each epoch; one may
             set ``net.stop_training = True``.
 
-        Shuffling draws from ``net.rng`` (seeded by ``seed``), so training is
-        reproducible, and resumable from a checkpoint.  If the loss stops being finite,
-        fit raises ``FloatingPointError`` naming the epoch, step and first non-finite
-        layer; the update of that step is not applied.
+        Training runs in train mode and validation in eval mode; the mode the network
+        had is restored at the end.  Shuffling draws from ``net.rng`` (seeded by
+        ``seed``), so training is reproducible, and resumable from a checkpoint.  If the
+        loss stops being finite, fit raises ``FloatingPointError`` naming the epoch, step
+        and first non-finite layer; the update of that step is not applied.
         """
         return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle,
                             validation_data=validation_data, validation_split=validation_split,
@@ -203,33 +278,45 @@ class Network:
                             callbacks=callbacks)
 
     def predict(self, X, batch_size=1024):
-        """Class labels for classifiers, raw outputs otherwise; computed in batches."""
+        """Class labels for classifiers, raw outputs otherwise; computed in batches, in
+        eval mode."""
         return training.predict(self, X, batch_size)
 
     def predict_proba(self, X, batch_size=1024):
-        """Class probabilities (the softmax or sigmoid outputs); computed in batches."""
-        if self.layers[-1].activation not in ("softmax", "sigmoid"):
-            raise ValueError("predict_proba needs a softmax or sigmoid output layer, got "
-                             f"{self.layers[-1].activation!r}; use predict")
+        """Class probabilities (the softmax or sigmoid outputs); computed in batches, in
+        eval mode."""
+        if self.output_activation not in ("softmax", "sigmoid"):
+            raise ValueError("predict_proba needs a softmax or sigmoid output, got "
+                             f"{self.output_activation!r}; use predict")
         return training.predict_proba(self, X, batch_size)
 
     def evaluate(self, X, y, batch_size=1024):
-        """{"loss": mean loss, "accuracy": fraction correct (classifiers)} on (X, y)."""
+        """{"loss": mean loss, "accuracy": fraction correct (classifiers)} on (X, y), in
+        eval mode."""
         return training.evaluate(self, X, y, batch_size)
 
+    # ---- persistence: checkpoints, pickling, copies
+
     def save(self, path):
-        """Write a checkpoint atomically (see ``backprop.checkpoint``)."""
-        checkpoint.save(self, path)
+        """Write a checkpoint atomically (see ``backprop.checkpoint``); a network whose
+        parameters, buffers or optimizer state are not finite is refused."""
+        record.save(self, path)
 
     @classmethod
     def load(cls, path):
-        """A network restored from ``save``: weights, optimizer state, RNG, history."""
-        return checkpoint.load(path)
+        """A network restored from ``save``: weights, running statistics, optimizer state,
+        mode, RNG and dropout counters, history.  Never executes code from the file."""
+        return record.load(cls, path)
+
+    def __reduce__(self):
+        # Pickle and deepcopy go through the checkpoint's plain data (arrays + JSON-able
+        # header), never through the compiled objects.
+        header, arrays = record.to_record(self)
+        return (record.rebuild, (type(self), header, arrays))
 
     def config(self):
         """The architecture as plain data (for checkpoints and copies)."""
-        return {"layers": [layer.config() for layer in self.layers], "loss": self.loss,
-                "dtype": self.dtype.name, "seed": self.seed}
+        return record.network_config(self)
 
     def __repr__(self):
         inner = ",\n  ".join(repr(layer) for layer in self.layers)

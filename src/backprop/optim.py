@@ -7,27 +7,41 @@ everything needed to resume training bit for bit.
 """
 import numpy as np
 
-from backprop._core import OptimizerBase
+import math
 
-_SGD, _ADAM, _RMSPROP, _ADAGRAD = range(4)   # the OptimizerKind codes of _optim.pxd
+from backprop._core import OptimizerBase
 
 
 def _check(name, value, low=0.0, high=None, *, open_high=False):
-    value = float(value)
-    if not (value >= low) or (high is not None and not (value < high if open_high else value <= high)):
+    """`value` as a finite float in [low, high] (or [low, high)), else a ValueError."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or not number >= low or (
+            high is not None and not (number < high if open_high else number <= high)):
         bounds = f"[{low}, {high})" if open_high else (f"[{low}, {high}]" if high else f">= {low}")
-        raise ValueError(f"{name} must be {bounds}, got {value}")
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+    return number
+
+
+def _flag(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
 class Optimizer(OptimizerBase):
-    """Base class: hyperparameters are validated by each subclass's ``__init__``."""
+    """Base class of the optimizers.  It has no update rule of its own: use SGD, Adam,
+    AdamW, RMSprop or Adagrad (or a subclass of one of them)."""
 
-    #: names of the state buffers, each shaped like the flat parameter buffer
-    state_names = ()
+    def __init__(self, *args, **kwargs):
+        raise TypeError("backprop.Optimizer is the base class; use SGD, Adam, AdamW, RMSprop "
+                        "or Adagrad (the update rules the compiled core has)")
 
     def initial_state(self):
-        return {name: 0.0 for name in self.state_names}
+        """{state buffer name: first value}; buffers not named start at 0."""
+        return {}
 
     def bind(self, size, dtype):
         """Attach to a flat parameter buffer of `size` values; resets the state."""
@@ -66,17 +80,16 @@ class SGD(Optimizer):
                       g = g + momentum * b if nesterov else b
         p = p - lr * g
     """
-    state_names = ("momentum_buffer",)
-
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         lr = _check("lr", lr)
         momentum = _check("momentum", momentum)
         dampening = _check("dampening", dampening)
         weight_decay = _check("weight_decay", weight_decay)
+        nesterov = _flag("nesterov", nesterov)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
-        super().__init__(kind=_SGD, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=bool(nesterov))
+        self._set_rule("sgd", lr=lr, momentum=momentum, dampening=dampening,
+                       weight_decay=weight_decay, nesterov=nesterov)
 
     def hyperparameters(self):
         c = self._config()
@@ -94,20 +107,19 @@ class Adam(Optimizer):
         v_max = max(v_max, v)                     (amsgrad only; then v_max replaces v)
         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     """
-    state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
         lr = _check("lr", lr)
-        if len(betas) != 2:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         beta1 = _check("betas[0]", betas[0], 0.0, 1.0, open_high=True)
         beta2 = _check("betas[1]", betas[1], 0.0, 1.0, open_high=True)
         eps = _check("eps", eps)
         weight_decay = _check("weight_decay", weight_decay)
-        super().__init__(kind=_ADAM, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                         weight_decay=weight_decay, amsgrad=bool(amsgrad),
-                         decoupled=self.decoupled)
+        self._set_rule("adam", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, amsgrad=_flag("amsgrad", amsgrad),
+                       decoupled=self.decoupled)
 
     @property
     def betas(self):
@@ -143,14 +155,13 @@ class RMSprop(Optimizer):
         momentum:  b = momentum * b + g / denom;  p = p - lr * b
         otherwise: p = p - lr * g / denom
     """
-    state_names = ("square_avg", "grad_avg", "momentum_buffer")
-
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False):
-        super().__init__(kind=_RMSPROP, lr=_check("lr", lr),
-                         alpha=_check("alpha", alpha, 0.0, 1.0), eps=_check("eps", eps),
-                         weight_decay=_check("weight_decay", weight_decay),
-                         momentum=_check("momentum", momentum), centered=bool(centered))
+        self._set_rule("rmsprop", lr=_check("lr", lr),
+                       alpha=_check("alpha", alpha, 0.0, 1.0), eps=_check("eps", eps),
+                       weight_decay=_check("weight_decay", weight_decay),
+                       momentum=_check("momentum", momentum),
+                       centered=_flag("centered", centered))
 
     def hyperparameters(self):
         c = self._config()
@@ -167,16 +178,12 @@ class Adagrad(Optimizer):
         s = s + g^2                      (s starts at initial_accumulator_value)
         p = p - lr / (1 + (t - 1) * lr_decay) * g / (sqrt(s) + eps)
     """
-    state_names = ("sum",)
-
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10):
         self.initial_accumulator_value = _check("initial_accumulator_value",
                                                 initial_accumulator_value)
-        super().__init__(kind=_ADAGRAD, lr=_check("lr", lr),
-                         lr_decay=_check("lr_decay", lr_decay),
-                         weight_decay=_check("weight_decay", weight_decay),
-                         eps=_check("eps", eps))
+        self._set_rule("adagrad", lr=_check("lr", lr), lr_decay=_check("lr_decay", lr_decay),
+                       weight_decay=_check("weight_decay", weight_decay), eps=_check("eps", eps))
 
     def initial_state(self):
         return {"sum": self.initial_accumulator_value}

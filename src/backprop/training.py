@@ -43,11 +43,27 @@ class History:
 
     def append(self, logs, grad_norms):
         for name in self.METRICS:
-            self.history[name].append(logs.get(name))
-        self.grad_norms.append(list(grad_norms))
+            self.history[name].append(_finite_or_none(logs.get(name)))
+        self.grad_norms.append([_finite_or_none(n) for n in grad_norms])
 
     def to_dict(self):
         return {"history": self.history, "grad_norms": self.grad_norms}
+
+    @classmethod
+    def from_dict(cls, record):
+        """A History from `to_dict`'s output, every value checked (checkpoints)."""
+        if not isinstance(record, dict) or set(record) - {"history", "grad_norms"}:
+            raise ValueError(f"not a training history: {record!r:.100}")
+        history, norms = record.get("history", {}), record.get("grad_norms", [])
+        if not isinstance(history, dict) or set(history) - set(cls.METRICS) \
+                or not isinstance(norms, list):
+            raise ValueError("not a training history")
+        columns = list(history.values()) + norms
+        if not all(isinstance(column, list) for column in columns) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and np.isfinite(v)) for column in columns for v in column):
+            raise ValueError("a training history holds lists of finite numbers (or None)")
+        return cls(history, norms)
 
     def plot(self, path):
         """Save loss, accuracy and per-layer gradient-norm curves to an image (matplotlib)."""
@@ -57,6 +73,30 @@ class History:
     def __repr__(self):
         last = {k: v[-1] for k, v in self.history.items() if v}
         return f"History(epochs={self.epochs}, last={last})"
+
+
+def _finite_or_none(value):
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class mode:
+    """Run a block in train (True) or eval (False) mode, restoring the mode found."""
+
+    def __init__(self, net, training):
+        self.net, self.training = net, training
+
+    def __enter__(self):
+        self.saved = self.net.training
+        self.net.train(self.training)
+
+    def __exit__(self, *exc):
+        self.net.train(self.saved)
 
 
 def _check_dataset(net, X, y, name="X"):
@@ -80,120 +120,117 @@ def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=No
     """Train `net` on (X, y); see ``Network.fit``."""
     X = _check_dataset(net, X, y)
     y = np.asarray(y)
-    if int(epochs) < 0 or int(batch_size) < 1:
-        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    batch_size = _positive("batch_size", batch_size)
     if not 0 <= validation_split < 1:
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
     if validation_split and validation_data is None:
         cut = len(X) - max(1, int(round(len(X) * validation_split)))
+        if cut < 1:
+            raise ValueError(f"validation_split={validation_split} leaves no training rows "
+                             f"out of {len(X)}")
         X, y, validation_data = X[:cut], y[:cut], (X[cut:], y[cut:])
     if validation_data is not None:
         _check_dataset(net, validation_data[0], validation_data[1], "validation_data[0]")
-    if clip_grad_norm is not None and not clip_grad_norm > 0:
-        raise ValueError(f"clip_grad_norm must be > 0, got {clip_grad_norm}")
-    if early_stopping is not None and int(early_stopping) < 1:
-        raise ValueError(f"early_stopping (patience in epochs) must be >= 1, got {early_stopping}")
+    if clip_grad_norm is not None and not (clip_grad_norm > 0 and np.isfinite(clip_grad_norm)):
+        raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm}")
+    if early_stopping is not None:
+        early_stopping = _positive("early_stopping (patience in epochs)", early_stopping)
 
     n, history, rng = len(X), net.history, net.rng
     steps_per_epoch = len(_batches(n, batch_size))
     bar = Progress(epochs * steps_per_epoch, wanted(progress))
-    best_loss, best_params, waited = np.inf, None, 0
+    best_loss, best, waited = np.inf, None, 0
     last_epoch = net.epoch + epochs
     net.stop_training = False
     try:
-        for _ in range(epochs):
-            epoch = net.epoch + 1
-            started = time.perf_counter()
-            order = rng.permutation(n) if shuffle else np.arange(n)
-            total = 0.0
-            for step, start in enumerate(_batches(n, batch_size)):
-                rows = order[start:start + batch_size]
-                total += _train_batch(net, X, y, rows, clip_grad_norm, epoch, step) * len(rows)
-                bar.batches(1)
-            seconds = time.perf_counter() - started
-            logs = {"loss": total / n, "lr": net.optimizer.lr, "seconds": seconds,
-                    "samples_per_second": n / seconds if seconds > 0 else float("inf"),
-                    "val_loss": None, "val_accuracy": None}
-            if validation_data is not None:
-                scores = evaluate(net, *validation_data)
-                logs["val_loss"], logs["val_accuracy"] = scores["loss"], scores.get("accuracy")
-            net.epoch = epoch
-            history.append(logs, _layer_grad_norms(net, X, y, rows))
-            bar.epoch(epoch, last_epoch, logs)
-            if lr_schedule is not None:
-                monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
-                lr_schedule.step(monitored if isinstance(lr_schedule, ReduceLROnPlateau) else None)
-            for callback in callbacks:
-                callback(net, epoch, logs)
-            if early_stopping is not None and logs["val_loss"] is not None:
-                if logs["val_loss"] < best_loss:
-                    best_loss, best_params, waited = logs["val_loss"], net.params.copy(), 0
-                else:
-                    waited += 1
-                    if waited >= early_stopping:
-                        net.params[...] = best_params    # keep the best epoch's weights
-                        net.stop_training = True
-            if net.stop_training:
-                break
+        with mode(net, True):
+            for _ in range(epochs):
+                epoch = net.epoch + 1
+                started = time.perf_counter()
+                order = rng.permutation(n) if shuffle else np.arange(n)
+                total, norms = 0.0, []
+                for step, start in enumerate(_batches(n, batch_size)):
+                    rows = order[start:start + batch_size]
+                    last = start + batch_size >= n
+                    loss, norms = _train_batch(net, X, y, rows, clip_grad_norm, epoch, step,
+                                               keep_norms=last)
+                    total += loss * len(rows)
+                    bar.batches(1)
+                seconds = time.perf_counter() - started
+                logs = {"loss": total / n, "lr": net.optimizer.lr, "seconds": seconds,
+                        "samples_per_second": n / seconds if seconds > 0 else None,
+                        "val_loss": None, "val_accuracy": None}
+                if validation_data is not None:
+                    scores = evaluate(net, *validation_data)
+                    logs["val_loss"], logs["val_accuracy"] = scores["loss"], scores.get("accuracy")
+                net.epoch = epoch
+                history.append(logs, norms)
+                bar.epoch(epoch, last_epoch, logs)
+                if lr_schedule is not None:
+                    monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
+                    lr_schedule.step(monitored if isinstance(lr_schedule, ReduceLROnPlateau) else None)
+                for callback in callbacks:
+                    callback(net, epoch, logs)
+                if early_stopping is not None and logs["val_loss"] is not None:
+                    if logs["val_loss"] < best_loss:      # never true for NaN
+                        best_loss, waited = logs["val_loss"], 0
+                        best = (net.params.copy(), net.buffers.copy())
+                    else:
+                        waited += 1
+                        if waited >= early_stopping:
+                            if best is not None:          # keep the best epoch's weights
+                                net.params[...], net.buffers[...] = best
+                            net.stop_training = True
+                if net.stop_training:
+                    break
     finally:
         bar.close()
     return history
 
 
-def _train_batch(net, X, y, rows, clip_grad_norm, epoch, step):
+def _train_batch(net, X, y, rows, clip_grad_norm, epoch, step, keep_norms=False):
+    """One train_step on X[rows], y[rows]: its loss, and (keep_norms) the gradient norm of
+    each weight matrix, taken inside the step before the update."""
+    clip = 0.0 if clip_grad_norm is None else float(clip_grad_norm)
     try:
-        if clip_grad_norm is None:
-            return net.train_step(X, y, rows=rows)
-        net.forward(X[rows])
-        loss = net.backward(y[rows])
-        if not np.isfinite(loss):
-            net.zero_grad()
-            raise FloatingPointError(f"the loss is {loss} (diverged)")
-        norm = net.grad_norm()
-        if norm > clip_grad_norm:
-            net.grads *= clip_grad_norm / norm
-        net.step()
-        net.zero_grad()
-        return loss
+        loss = net._engine.train_step(X, y, net.optimizer, rows, clip, keep_norms)
+        return loss, net._engine.weight_grad_norms() if keep_norms else []
     except FloatingPointError:
         raise FloatingPointError(
             f"training diverged at epoch {epoch}, step {step}: the loss is not finite; first "
-            f"non-finite layer: {_first_nonfinite_layer(net, X[rows])}.  The weights are those "
+            f"non-finite layer: {_first_nonfinite_layer(net)}.  The weights are those "
             "of the last good step; lower the learning rate or set clip_grad_norm.") from None
 
 
-def _first_nonfinite_layer(net, x):
-    net.forward(x)
-    for i in range(len(net.layers)):
-        if not np.isfinite(net._engine.layer_output(i)).all():
-            return f"layers[{i}] ({net.layers[i]!r})"
+def _first_nonfinite_layer(net):
+    """The first layer whose output in the refused step is not finite (read from the
+    step's own activations: running it again would move BatchNorm and Dropout on)."""
+    engine = net._engine
+    if not engine.has_forward:
+        return "unknown"
+    for i, layer in enumerate(net.layers):
+        if not np.isfinite(engine.slot_value(net._plan.layer_slot[id(layer)])).all():
+            return f"layers[{i}] ({layer!r})"
     return "none (the loss itself overflowed)"
 
 
-def _layer_grad_norms(net, X, y, rows):
-    """Norm of each layer's weight gradient on one batch (no update is made)."""
-    saved = net.grads.copy() if net._engine.has_grads else None
-    net.zero_grad()
-    net.forward(X[rows])
-    net.backward(y[rows])
-    norms = [float(np.linalg.norm(layer.weight_grad)) for layer in net.layers]
-    net.zero_grad()
-    if saved is not None:
-        net.grads[...] = saved
-    return norms
-
-
 def predict_proba(net, X, batch_size=1024):
-    """The network's outputs, computed batch by batch (bounded memory for any size)."""
+    """The network's outputs, computed batch by batch (bounded memory for any size), in
+    eval mode."""
     X = _check_dataset(net, X, None)
-    return np.concatenate([net.forward(X[i:i + batch_size]) for i in _batches(len(X), batch_size)])
+    batch_size = _positive("batch_size", batch_size)
+    with mode(net, False):
+        return np.concatenate([net.forward(X[i:i + batch_size])
+                               for i in _batches(len(X), batch_size)])
 
 
 def predict(net, X, batch_size=1024):
     """Class labels for classifiers (softmax: argmax; sigmoid: probability > 0.5);
     the raw outputs otherwise."""
     out = predict_proba(net, X, batch_size)
-    if net.loss == "cross_entropy" or net.layers[-1].activation == "softmax":
+    if net.loss == "cross_entropy" or net.output_activation == "softmax":
         return out.argmax(axis=1)
     if net.loss == "binary_cross_entropy":
         labels = (out > 0.5).astype(np.int64)
@@ -205,14 +242,16 @@ def evaluate(net, X, y, batch_size=1024):
     """{"loss": mean loss, "accuracy": fraction correct (classifiers only)}."""
     X = _check_dataset(net, X, y)
     y = np.asarray(y)
+    batch_size = _positive("batch_size", batch_size)
     if net.loss is None:
         raise RuntimeError("evaluate needs a network with a loss")
     total, correct = 0.0, 0.0
-    for i in _batches(len(X), batch_size):
-        xb, yb = X[i:i + batch_size], y[i:i + batch_size]
-        total += net.loss_of(xb, yb) * len(xb)
-        if net.loss in CLASSIFIER_LOSSES:
-            correct += _correct(net, net._engine.output(), yb)
+    with mode(net, False):
+        for i in _batches(len(X), batch_size):
+            xb, yb = X[i:i + batch_size], y[i:i + batch_size]
+            total += net.loss_of(xb, yb) * len(xb)
+            if net.loss in CLASSIFIER_LOSSES:
+                correct += _correct(net, net._engine.output(), yb)
     scores = {"loss": total / len(X)}
     if net.loss in CLASSIFIER_LOSSES:
         scores["accuracy"] = correct / len(X)

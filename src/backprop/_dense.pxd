@@ -1,0 +1,56 @@
+# Dense (fully connected) layer kernels: z = x W^T + b, and its gradients.
+#
+# Every product goes through the GEMM, which fuses the bias and an elementwise
+# activation into the write-back of each output tile (see _gemm.pxd); the bias
+# gradient is a column sum of dL/dz, split by columns between threads so every sum
+# runs over the rows in the same order whatever the thread count.
+from cython cimport floating
+from cython.parallel cimport prange
+from backprop._gemm cimport gemm
+from backprop._activations cimport IDENTITY
+from backprop._parallel cimport part_start, team_for
+
+
+cdef inline void dense_forward(const floating* x, Py_ssize_t ldx, floating* out, Py_ssize_t ldo,
+                               const floating* weight, const floating* bias,
+                               Py_ssize_t rows, Py_ssize_t n_in, Py_ssize_t n_out,
+                               int activation, int n_threads, void* scratch) noexcept nogil:
+    """out = activation(x weight^T + bias); weight is (n_out, n_in) like torch.nn.Linear,
+    bias may be NULL; `activation` must be elementwise (softmax is applied afterwards)."""
+    gemm(rows, n_out, n_in, x, ldx, False, weight, n_in, True, out, ldo, False,
+         bias, activation, n_threads, scratch)
+
+
+cdef inline void column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t rows,
+                             Py_ssize_t lo, Py_ssize_t hi, floating* out) noexcept nogil:
+    """out[j] += sum over rows of d[:, j] for j in [lo, hi), in row order."""
+    cdef Py_ssize_t i, j
+    for i in range(rows):
+        for j in range(lo, hi):
+            out[j] += d[i * ldd + j]
+
+
+cdef inline void dense_backward(const floating* dz, Py_ssize_t ldd,
+                                const floating* x, Py_ssize_t ldx, const floating* weight,
+                                floating* weight_grad, floating* bias_grad,
+                                floating* dx, Py_ssize_t lddx, bint accumulate_dx,
+                                Py_ssize_t rows, Py_ssize_t n_in, Py_ssize_t n_out,
+                                int n_threads, void* scratch) noexcept nogil:
+    """Given dz = dL/dz: weight_grad += dz^T x, bias_grad += column sums of dz (if not
+    NULL), and dx = dz weight (added to dx when `accumulate_dx`; skipped if dx is NULL)."""
+    cdef Py_ssize_t t, lo, hi
+    cdef int team
+    gemm(n_out, n_in, rows, dz, ldd, True, x, ldx, False, weight_grad, n_in, True,
+         NULL, IDENTITY, n_threads, scratch)
+    if bias_grad != NULL:
+        team = team_for(rows * n_out, n_threads)
+        if team == 1:
+            column_sums(dz, ldd, rows, 0, n_out, bias_grad)
+        else:
+            for t in prange(team, num_threads=team, schedule="static"):
+                lo = part_start(n_out, t, team, 16)
+                hi = part_start(n_out, t + 1, team, 16)
+                column_sums(dz, ldd, rows, lo, hi, bias_grad)
+    if dx != NULL:
+        gemm(rows, n_in, n_out, dz, ldd, False, weight, n_in, False, dx, lddx, accumulate_dx,
+             NULL, IDENTITY, n_threads, scratch)
