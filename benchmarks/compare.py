@@ -101,22 +101,25 @@ def calibrate(step, seconds):
 
 
 def time_config(config, steps, rounds, block_seconds, peak):
-    """Median µs per step of each framework over interleaved rounds, and the median
-    GFLOP/s of `peak` (one product per round, after the steps)."""
+    """Median µs per step of each framework over interleaved rounds, the median GFLOP/s
+    of `peak` (one product per round) and each framework's median CPU time ÷ wall time
+    over its blocks (the cores it kept busy: a check of its thread limit)."""
     first = {name: [step() for _ in range(AGREE_STEPS)] for name, step in steps.items()}
     check_agreement(config, first)
     counts = {name: calibrate(step, block_seconds) for name, step in steps.items()}
-    samples, peaks = {name: [] for name in steps}, []
+    samples, busy, peaks = {name: [] for name in steps}, {name: [] for name in steps}, []
     names = list(steps)
     for r in range(rounds):
         # Each round starts with the next framework, so none always follows the same one.
         for name in names[r % len(names):] + names[:r % len(names)]:
             step = steps[name]
             time.sleep(PAUSE)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for _ in range(counts[name]):
                 step()
-            samples[name].append((time.perf_counter() - start) / counts[name])
+            wall = time.perf_counter() - start
+            samples[name].append(wall / counts[name])
+            busy[name].append((time.process_time() - cpu) / wall)
         time.sleep(PAUSE)
         peaks.append(peak.gflops())
     for name, step in steps.items():
@@ -125,7 +128,7 @@ def time_config(config, steps, rounds, block_seconds, peak):
             raise Failure(f"{config.name}: {name}'s loss did not fall "
                           f"({first[name][0]:.4g} -> {last:.4g})")
     us = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
-    return us, statistics.median(peaks)
+    return us, statistics.median(peaks), {name: statistics.median(v) for name, v in busy.items()}
 
 
 class SgemmPeak:
@@ -282,19 +285,22 @@ def main(argv=None):
     if missing:
         lines.insert(3, f"Not installed, not timed: {', '.join(missing)}")
     print("\n".join(lines), flush=True)
-    notes = []
+    notes, cores = [], []
     try:
         for name in names:
             config = CONFIGS[name]
             steps, skipped = build(config, ["backprop", *peers])
             notes += [f"{name}: {fw} not timed: {why}" for fw, why in skipped.items()]
-            us, row_peak = time_config(config, steps, rounds, block, peak)
+            us, row_peak, busy = time_config(config, steps, rounds, block, peak)
             row = table_row(config, us, peers, row_peak)
+            cores.append(f"{name}: " + ", ".join(f"{fw} {b:.2f}" for fw, b in busy.items()))
             lines.append(row)
             print(row, flush=True)
     except Failure as e:
         sys.exit(f"compare.py: {e}")
-    notes.append(benchenv.load_line("after the steps"))
+    notes += ["Cores kept busy (process CPU time ÷ wall time over the timed blocks; spinning "
+              "OpenMP/OpenBLAS threads count as busy):", *cores,
+              benchenv.load_line("after the steps")]
     lines += [""] + notes
     print("\n" + "\n".join(notes), flush=True)
     if not args.no_matmul:
