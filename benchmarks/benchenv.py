@@ -113,7 +113,7 @@ def start_jax(threads):
     return jax, how
 
 
-def limit_threads(threads, peers):
+def limit_threads(threads, peers, torch_optim=None):
     """Give every library `threads` threads; return {name: how it was done}.
 
     Call it once every peer is imported: threadpoolctl limits the BLAS and OpenMP
@@ -133,6 +133,8 @@ def limit_threads(threads, peers):
         import torch
         torch.set_num_threads(threads)
         how["torch"] = f"torch.set_num_threads({threads}) -> {torch.get_num_threads()}"
+        if torch_optim:
+            how["torch"] += f", torch.optim {torch_optim} implementation"
     if "sklearn" in peers:
         how["sklearn"] = f"{blas}({threads}) on NumPy's/SciPy's OpenBLAS and its OpenMP"
     return how

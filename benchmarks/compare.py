@@ -16,9 +16,10 @@ rounds, so a noisy neighbour hurts all alike.  Before each block the script slee
 spin for a while after a call and would steal the cores of whoever runs next.
 
 Peers, each only if installed: a hand-written NumPy step (numpy_reference.py), JAX on the
-CPU (a jit-compiled step, parameters donated), PyTorch eager (torch==2.13.0, the CPU build),
-scikit-learn's MLP partial_fit (plain MLP configs only, its own initial weights).  Each
-gets the thread count of --threads, and the output says how.  OPENBLAS_CORETYPE and
+CPU (a jit-compiled step, parameters donated), PyTorch eager (torch==2.13.0, the CPU build;
+fused SGD, which torch's docs rank fastest, or --torch-optim), scikit-learn's MLP
+partial_fit (plain MLP configs only, its own initial weights).  Each gets the thread count
+of --threads, and the output says how.  OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE, set on this project's machines, would slow NumPy down: the script
 re-executes itself without them before NumPy is loaded, and prints which OpenBLAS kernel
 NumPy uses.
@@ -48,7 +49,7 @@ import numpy as np  # noqa: E402
 
 import backprop as bp  # noqa: E402
 from configs import CONFIGS, MATMUL_SHAPES, TARGET_US  # noqa: E402
-from networks import STEPS, Unsupported, initial_weights  # noqa: E402
+from networks import STEPS, TORCH_IMPLEMENTATIONS, Unsupported, initial_weights  # noqa: E402
 
 PAUSE = 0.25          # seconds before each timed block, so the previous library's spinners stop
 PEERS = ("numpy", "jax", "torch", "sklearn")
@@ -65,14 +66,15 @@ def installed(name):
     return importlib.util.find_spec(name) is not None
 
 
-def build(config, frameworks):
+def build(config, frameworks, torch_impl):
     """{name: step} for the frameworks that can build `config`, and {name: reason} for
     those that cannot."""
     weights = initial_weights(config)
     steps, skipped = {}, {}
     for name in frameworks:
+        options = {"implementation": torch_impl} if name == "torch" else {}
         try:
-            steps[name] = STEPS[name](config, weights)
+            steps[name] = STEPS[name](config, weights, **options)
         except Unsupported as e:
             skipped[name] = str(e)
     return steps, skipped
@@ -247,6 +249,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="3 rounds of short blocks, 4 matmul shapes")
     parser.add_argument("--no-matmul", action="store_true", help="skip the matmul table")
+    parser.add_argument("--torch-optim", choices=TORCH_IMPLEMENTATIONS, default="fused",
+                        help="torch.optim.SGD's implementation (default: fused)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the output here")
     args = parser.parse_args(argv)
     names = args.configs.split(",") if args.configs else [n for n in CONFIGS if n != "huge"]
@@ -267,7 +271,7 @@ def main(argv=None):
         _, how["jax"] = benchenv.start_jax(args.threads)
     for p in peers:                 # loaded now, so that the thread limits below reach them
         __import__(IMPORTS.get(p, p))
-    how = {**benchenv.limit_threads(args.threads, peers), **how}
+    how = {**benchenv.limit_threads(args.threads, peers, args.torch_optim), **how}
     peak = SgemmPeak()
 
     lines = [benchenv.machine_line(), benchenv.load_line("at the start"), versions(peers),
@@ -289,7 +293,7 @@ def main(argv=None):
     try:
         for name in names:
             config = CONFIGS[name]
-            steps, skipped = build(config, ["backprop", *peers])
+            steps, skipped = build(config, ["backprop", *peers], args.torch_optim)
             notes += [f"{name}: {fw} not timed: {why}" for fw, why in skipped.items()]
             us, row_peak, busy = time_config(config, steps, rounds, block, peak)
             row = table_row(config, us, peers, row_peak)

@@ -161,12 +161,23 @@ def torch_loss(config):
     return torch.nn.CrossEntropyLoss() if config.classifier else torch.nn.MSELoss()
 
 
-def torch_step(config, weights):
+# torch.optim's three implementations of an update: "for-loop" (its CPU default), "foreach"
+# (multi-tensor ops) and "fused" (one kernel; torch's docs rank fused > foreach > for-loop).
+TORCH_IMPLEMENTATIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True},
+                         "fused": {"fused": True}}
+
+
+def torch_optimizer(kind, model, lr, implementation="fused"):
+    """torch.optim.`kind` (e.g. "SGD", "Adam") over the model's parameters."""
+    import torch
+    return getattr(torch.optim, kind)(model.parameters(), lr=lr,
+                                      **TORCH_IMPLEMENTATIONS[implementation])
+
+
+def torch_step(config, weights, implementation="fused"):
     import torch
     model = torch_model(config, weights)
-    # torch's default SGD (a per-tensor loop on the CPU): fused=True and foreach=True were
-    # no faster on these configs (torch 2.13, 2 threads).
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr)
+    opt = torch_optimizer("SGD", model, config.lr, implementation)
     loss_fn = torch_loss(config)
     x, y = (torch.from_numpy(v) for v in batch_for(config))
 

@@ -10,7 +10,8 @@ The recipes are configs.RECIPES: Fashion-MNIST is issue 10's (784-256-128-10, re
 with its own seeded generator) including the last, partial batch, and are timed from the
 first step to the last (data loading and evaluation excluded).  The PyTorch loop is what a
 careful user writes without a DataLoader: a shuffled index per epoch, X[rows] per batch,
-zero_grad(set_to_none=True), torch.optim.Adam.  Repeats are interleaved and the median
+zero_grad(set_to_none=True), torch.optim.Adam (its fused implementation, which torch's
+docs rank fastest; --torch-optim picks another).  Repeats are interleaved and the median
 time is reported.
 
 Fashion-MNIST comes from Debian's dataset-fashion-mnist (apt-get install -y
@@ -27,6 +28,7 @@ if __name__ == "__main__":
     benchenv.drop_openblas_overrides()
 
 import argparse  # noqa: E402
+from functools import partial  # noqa: E402
 import importlib.util  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -36,7 +38,8 @@ import numpy as np  # noqa: E402
 import backprop as bp  # noqa: E402
 from backprop import datasets  # noqa: E402
 from configs import RECIPES  # noqa: E402
-from networks import backprop_network, initial_weights, torch_model  # noqa: E402
+from networks import (TORCH_IMPLEMENTATIONS, backprop_network, initial_weights,  # noqa: E402
+                      torch_model, torch_optimizer)
 
 PAUSE = 0.5     # seconds between runs, so the previous library's spinning threads stop
 
@@ -59,10 +62,10 @@ def run_backprop(config, epochs, train, test):
     return net.evaluate(*test)["accuracy"], seconds
 
 
-def run_torch(config, epochs, train, test):
+def run_torch(config, epochs, train, test, implementation):
     import torch
     model = torch_model(config, initial_weights(config))
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch_optimizer("Adam", model, config.lr, implementation)
     loss_fn = torch.nn.CrossEntropyLoss()
     X, y = torch.from_numpy(train[0]), torch.from_numpy(train[1])
     generator = torch.Generator().manual_seed(0)
@@ -87,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--datasets", default=",".join(RECIPES),
                         help=f"comma-separated, from {', '.join(RECIPES)}")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--torch-optim", choices=TORCH_IMPLEMENTATIONS, default="fused",
+                        help="torch.optim.Adam's implementation (default: fused)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="interleaved runs per framework; the median time is reported")
     args = parser.parse_args(argv)
@@ -100,8 +105,8 @@ def main(argv=None):
     runners = {"backprop": run_backprop}
     if importlib.util.find_spec("torch") is not None:
         import torch  # noqa: F401  (loaded before the limits, so they reach its runtime)
-        runners["torch"] = run_torch
-    how = benchenv.limit_threads(args.threads, list(runners))
+        runners["torch"] = partial(run_torch, implementation=args.torch_optim)
+    how = benchenv.limit_threads(args.threads, list(runners), args.torch_optim)
     print(benchenv.machine_line())
     print(benchenv.load_line("at the start"))
     print(benchenv.environment_note())
