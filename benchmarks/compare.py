@@ -1,119 +1,100 @@
-"""Time one training step (forward + loss + backward + SGD update) in backprop and its
-peers, side by side, and the core's matmul against numpy.matmul.
+"""Time one training step (forward + loss + backward + SGD update, float32) in backprop and
+its peers, side by side, against the machine's sgemm peak; then the core's matmul against
+numpy.matmul.
 
-    python benchmarks/compare.py                   # all configs but huge, 2 threads
-    python benchmarks/compare.py --quick           # a short run (< 1 min)
-    python benchmarks/compare.py --configs huge --rounds 3
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/compare.py
+    python benchmarks/compare.py                   # every config but huge, 2 threads
+    python benchmarks/compare.py --quick           # a short run (about a minute)
+    python benchmarks/compare.py --configs huge --rounds 3 --no-matmul
 
-Method: every framework trains the same network (float32, same sizes, SGD) on one fixed
-batch.  Rounds are interleaved: each round times a block of steps of every framework in
-turn, and the table reports the median over rounds, so a noisy neighbour hurts all
-frameworks alike.  Before each block the script pauses briefly: OpenBLAS and OpenMP
-workers spin for a while after a call, and would otherwise steal the cores of whoever
-runs next.  Each framework's loss must fall over its timed steps (a step that does not
-learn is not timed); the script exits with an error otherwise.
+Method.  Every framework trains the same network (configs.py, built for each framework in
+networks.py) from the same initial weights on one fixed batch: same sizes, batch, loss,
+float32, plain SGD.  Before timing, each framework's first three losses must agree with
+the NumPy reference's (so the networks really are the same), and after timing each loss
+must have fallen.  Rounds are interleaved: each round times a block of steps of every
+framework in turn (a different one first each round), and the table gives the median over
+rounds, so a noisy neighbour hurts all alike.  Before each block the script sleeps PAUSE seconds: OpenBLAS and OpenMP workers
+spin for a while after a call and would steal the cores of whoever runs next.
 
-Peers, each only if installed: a hand-written NumPy step (benchmarks/numpy_reference.py),
-PyTorch eager (pip install torch==2.13.0, the CPU build), scikit-learn's
-MLPClassifier/MLPRegressor.partial_fit.  The environment here may set OPENBLAS_CORETYPE
-and OPENBLAS_L2_SIZE, which slow a current NumPy: unset both for this command to compare
-against NumPy at its best (the script prints them).
+Peers, each only if installed: a hand-written NumPy step (numpy_reference.py), JAX on the
+CPU (a jit-compiled step, parameters donated), PyTorch eager (torch==2.13.0, the CPU build;
+fused SGD, which torch's docs rank fastest, or --torch-optim), scikit-learn's MLP
+partial_fit (plain MLP configs only, its own initial weights).  Each gets the thread count
+of --threads, and the output says how.  OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE, set on this project's machines, would slow NumPy down: the script
+re-executes itself without them before NumPy is loaded, and prints which OpenBLAS kernel
+NumPy uses.
+
+GFLOP/s counts the matrix products of the step only (configs.Config.gemm_flops: 2*B*in*out
+per Dense forward, twice that backward, without dX of the first layer) over the median
+step time.  The peak is numpy.matmul on 2048^3 float32 with the same threads, timed once
+in every round beside the steps, so each row is measured against the peak of its moment.
 """
-import argparse
 import os
-import platform
-import statistics
 import sys
-import time
-
-import numpy as np
-
-import backprop as bp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from configs import CONFIGS, TARGET_US  # noqa: E402
-from numpy_reference import NumpyMLP  # noqa: E402
+import benchenv  # noqa: E402  (imports nothing heavy: must run before NumPy loads)
 
-PAUSE = 0.1   # seconds between blocks, so the previous library's spinning threads stop
+if __name__ == "__main__":
+    benchenv.drop_openblas_overrides()
 
+import argparse  # noqa: E402
+from functools import partial  # noqa: E402
+import importlib.util  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 
-def data_for(config, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(config.batch, config.sizes[0])).astype(np.float32)
-    if config.classifier:
-        return x, rng.integers(0, config.sizes[-1], config.batch)
-    return x, (rng.random((config.batch, config.sizes[-1])) > 0.5).astype(np.float32)
+import numpy as np  # noqa: E402
 
+import backprop as bp  # noqa: E402
+from configs import CONFIGS, MATMUL_SHAPES, TARGET_US  # noqa: E402
+from networks import STEPS, TORCH_IMPLEMENTATIONS, Unsupported, initial_weights  # noqa: E402
 
-def backprop_step(config):
-    layers = [bp.Dense(a, b, config.hidden) for a, b in zip(config.sizes[:-2], config.sizes[1:-1])]
-    layers.append(bp.Dense(config.sizes[-2], config.sizes[-1], config.output))
-    net = bp.Network(layers, loss=config.loss, optimizer=bp.SGD(lr=config.lr), seed=0)
-    x, y = data_for(config)
-    return lambda: net.train_step(x, y)
-
-
-def numpy_step(config):
-    net = NumpyMLP(config)
-    x, y = data_for(config)
-    return lambda: net.train_step(x, y)
+PAUSE = 0.25          # seconds before each timed block, so the previous library's spinners stop
+PEERS = ("numpy", "jax", "torch", "sklearn")
+IMPORTS = {"sklearn": "sklearn.neural_network"}    # what a peer's step loads
+LABELS = {"numpy": "NumPy", "jax": "JAX jit", "torch": "PyTorch", "sklearn": "scikit-learn"}
+AGREE_STEPS, AGREE_RTOL = 3, 1e-3   # float32 steps agreed to ~1e-6 relative when written
 
 
-def torch_step(config):
-    import torch
-    mods = []
-    for i, (a, b) in enumerate(zip(config.sizes, config.sizes[1:])):
-        mods.append(torch.nn.Linear(a, b))
-        if i < len(config.sizes) - 2:
-            mods.append(torch.nn.ReLU() if config.hidden == "relu" else torch.nn.Sigmoid())
-    if not config.classifier:
-        mods.append(torch.nn.Sigmoid())
-    model = torch.nn.Sequential(*mods)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr)
-    loss_fn = torch.nn.CrossEntropyLoss() if config.classifier else torch.nn.MSELoss()
-    x, y = (torch.from_numpy(v) for v in data_for(config))
-
-    def step():
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss.item()
-    return step
+class Failure(Exception):
+    """A framework's step failed a check; the run stops with this message."""
 
 
-def sklearn_step(config):
-    from sklearn.neural_network import MLPClassifier, MLPRegressor
-    kind = MLPClassifier if config.classifier else MLPRegressor
-    model = kind(hidden_layer_sizes=config.sizes[1:-1], activation="relu" if config.hidden == "relu" else "logistic",
-                 solver="sgd", learning_rate_init=config.lr, momentum=0.0, batch_size=config.batch,
-                 random_state=0)
-    x, y = data_for(config)
-    classes = np.arange(config.sizes[-1])
-
-    def step():
-        if config.classifier:
-            model.partial_fit(x, y, classes=classes)
-        else:
-            model.partial_fit(x, y)
-        return model.loss_
-    return step
+def installed(name):
+    return importlib.util.find_spec(name) is not None
 
 
-PEERS = {"numpy": numpy_step, "torch": torch_step, "sklearn": sklearn_step}
+def build(config, frameworks, torch_impl):
+    """{name: step} for the frameworks that can build `config`, and {name: reason} for
+    those that cannot."""
+    weights = initial_weights(config)
+    steps, skipped = {}, {}
+    for name in frameworks:
+        options = {"implementation": torch_impl} if name == "torch" else {}
+        try:
+            steps[name] = STEPS[name](config, weights, **options)
+        except Unsupported as e:
+            skipped[name] = str(e)
+    return steps, skipped
 
 
-def available(name):
-    try:
-        __import__({"numpy": "numpy", "torch": "torch", "sklearn": "sklearn"}[name])
-        return True
-    except ImportError:
-        return False
+def check_agreement(config, first_losses):
+    """The networks are the same: their first losses match the reference's (scikit-learn,
+    with its own initial weights, is left out)."""
+    ref_name = "numpy" if "numpy" in first_losses else "backprop"
+    ref = first_losses.get(ref_name)
+    for name, losses in first_losses.items():
+        if name == "sklearn" or ref is None:
+            continue
+        if not np.allclose(losses, ref, rtol=AGREE_RTOL, atol=0):
+            raise Failure(f"{config.name}: {name}'s first losses {losses} differ from "
+                          f"{ref_name}'s {ref}: not the same network")
 
 
 def calibrate(step, seconds):
-    """How many steps of `step` fill a block of about `seconds` (at least 3)."""
+    """How many steps fill a block of about `seconds` (at least 3)."""
     start = time.perf_counter()
     for _ in range(3):
         step()
@@ -121,126 +102,211 @@ def calibrate(step, seconds):
     return max(3, min(100_000, int(seconds / per_step)))
 
 
-def time_config(config, frameworks, rounds, block_seconds):
-    steps = {name: make(config) for name, make in frameworks.items()}
-    first = {name: step() for name, step in steps.items()}          # the loss before timing
+def time_config(config, steps, rounds, block_seconds, peak):
+    """Median µs per step of each framework over interleaved rounds, the median GFLOP/s
+    of `peak` (one product per round) and each framework's median CPU time ÷ wall time
+    over its blocks (the cores it kept busy: a check of its thread limit)."""
+    first = {name: [step() for _ in range(AGREE_STEPS)] for name, step in steps.items()}
+    check_agreement(config, first)
     counts = {name: calibrate(step, block_seconds) for name, step in steps.items()}
-    samples = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    samples, busy, peaks = {name: [] for name in steps}, {name: [] for name in steps}, []
+    names = list(steps)
+    for r in range(rounds):
+        # Each round starts with the next framework, so none always follows the same one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = steps[name]
             time.sleep(PAUSE)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for _ in range(counts[name]):
                 step()
-            samples[name].append((time.perf_counter() - start) / counts[name])
+            wall = time.perf_counter() - start
+            samples[name].append(wall / counts[name])
+            busy[name].append((time.process_time() - cpu) / wall)
+        time.sleep(PAUSE)
+        peaks.append(peak.gflops())
     for name, step in steps.items():
         last = step()
-        if not last < first[name]:
-            sys.exit(f"{config.name}: {name}'s loss did not fall ({first[name]:.4g} -> {last:.4g})")
-    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+        if not last < first[name][0]:
+            raise Failure(f"{config.name}: {name}'s loss did not fall "
+                          f"({first[name][0]:.4g} -> {last:.4g})")
+    us = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+    return us, statistics.median(peaks), {name: statistics.median(v) for name, v in busy.items()}
+
+
+class SgemmPeak:
+    """numpy.matmul on 2048^3 float32: the machine's practical float32 GEMM limit."""
+    n = 2048
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.a, self.b = (rng.standard_normal((self.n, self.n), dtype=np.float32) for _ in range(2))
+        self.out = np.empty((self.n, self.n), np.float32)
+        np.matmul(self.a, self.b, out=self.out)          # OpenBLAS starts its threads
+
+    def gflops(self):
+        """GFLOP/s of one product."""
+        start = time.perf_counter()
+        np.matmul(self.a, self.b, out=self.out)
+        return 2 * self.n ** 3 / (time.perf_counter() - start) / 1e9
+
+
+def fmt_us(us):
+    return f"{us:,.1f}" if us < 1e4 else f"{us:,.0f}"
+
+
+def fmt_ratio(ratio):
+    digits = 2 if ratio < 10 else 1 if ratio < 100 else 0
+    return f"{ratio:,.{digits}f}×"
+
+
+def fmt_percent(fraction):
+    return "<1%" if fraction < 0.01 else f"{fraction:.0%}"
+
+
+def fmt_gflops(flops, us):
+    g = flops / us / 1e3
+    return f"{g:.3g}" if g < 10 else f"{g:.0f}"
+
+
+def table_head(peers):
+    head = ("| config | batch | target µs | backprop µs/step | samples/s | backprop GFLOP/s "
+            "| sgemm peak GFLOP/s | % of peak |")
+    head += "".join(f" {LABELS[p]} µs | {LABELS[p]} ÷ backprop | {LABELS[p]} GFLOP/s |"
+                    for p in peers)
+    return [head, "|" + "---|" * (8 + 3 * len(peers))]
+
+
+def table_row(config, us, peers, peak):
+    flops = config.gemm_flops()
+    target = TARGET_US.get(config.name)
+    ours = us.get("backprop")
+    cells = [f"{config.name} ({config.describe()})", str(config.batch),
+             f"{target:,}" if target else "—"]
+    if ours is None:
+        cells += ["skipped", "—", "—", f"{peak:.0f}", "—"]
+    else:
+        cells += [fmt_us(ours), f"{config.batch / ours * 1e6:,.0f}", fmt_gflops(flops, ours),
+                  f"{peak:.0f}", fmt_percent(flops / ours / 1e3 / peak)]
+    for p in peers:
+        if p not in us:
+            cells += ["—", "—", "—"]
+            continue
+        ratio = fmt_ratio(us[p] / ours) if ours is not None else "—"
+        cells += [fmt_us(us[p]), ratio, fmt_gflops(flops, us[p])]
+    return "| " + " | ".join(cells) + " |"
 
 
 def matmul_table(rounds, quick):
+    """GFLOP/s of bp.ops.matmul and numpy.matmul on MATMUL_SHAPES, interleaved rounds."""
     rng = np.random.default_rng(0)
-    shapes = [("1024x1024x1024", 1024, 1024, 1024, False, False),
-              ("X.W^T 256x1024->1024", 256, 1024, 1024, False, True),
-              ("X.W^T 128x784->512", 128, 512, 784, False, True),
-              ("X.W^T 64x784->128", 64, 128, 784, False, True),
-              ("dW 512x784, k=128", 512, 784, 128, True, False),
-              ("dX 128x784, k=512", 128, 784, 512, False, False)]
-    rows = []
-    for name, m, n, k, ta, tb in shapes[:3] if quick else shapes:
-        a = rng.normal(size=(k, m) if ta else (m, k)).astype(np.float32)
-        b = rng.normal(size=(n, k) if tb else (k, n)).astype(np.float32)
-        out = np.empty((m, n), np.float32)
-        A, B = (a.T if ta else a), (b.T if tb else b)
+    rows = ["| float32 product (m, n, k) | backprop GFLOP/s | NumPy GFLOP/s | backprop ÷ NumPy |",
+            "|---|---|---|---|"]
+    shapes = list(MATMUL_SHAPES.items())
+    for name, (m, n, k, ta, tb) in shapes[:4] if quick else shapes:
+        a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+        ours, theirs = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        runs = {"backprop": (partial(bp.ops.matmul, a, b, out=ours, trans_a=ta, trans_b=tb), []),
+                "numpy": (partial(np.matmul, a.T if ta else a, b.T if tb else b, out=theirs), [])}
+        for fn, _ in runs.values():
+            fn()
+        # float32 sums of k products of N(0, 1) numbers: entries ~ sqrt(k), rounding ~1e-6 of it
+        if not np.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.sqrt(k)):
+            raise Failure(f"matmul {name}: bp.ops.matmul and numpy.matmul disagree")
         reps = max(3, int(0.05 * 100e9 / (2 * m * n * k)))
-        ours, theirs = [], []
         for _ in range(rounds):
-            for fn, acc in ((lambda: bp.ops.matmul(a, b, out=out, trans_a=ta, trans_b=tb), ours),
-                            (lambda: np.matmul(A, B, out=out), theirs)):
+            for fn, acc in runs.values():
                 time.sleep(PAUSE)
                 fn()
                 start = time.perf_counter()
                 for _ in range(reps):
                     fn()
                 acc.append((time.perf_counter() - start) / reps)
-        g_ours = 2 * m * n * k / statistics.median(ours) / 1e9
-        g_np = 2 * m * n * k / statistics.median(theirs) / 1e9
-        rows.append(f"| {name} | {g_ours:.0f} | {g_np:.0f} | {g_ours / g_np:.2f} |")
-    return ["| float32 product | backprop GFLOP/s | numpy GFLOP/s | ratio |", "|---|---|---|---|"] + rows
+        g = {lib: 2 * m * n * k / statistics.median(acc) / 1e9 for lib, (_, acc) in runs.items()}
+        rows.append(f"| {name} ({m}, {n}, {k}) | {g['backprop']:.0f} | {g['numpy']:.0f} | "
+                    f"{g['backprop'] / g['numpy']:.2f} |")
+    return rows
 
 
-def machine():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    parts = [f"{cpu}, {os.cpu_count()} cores", f"Python {platform.python_version()}",
-             f"numpy {np.__version__}", f"backprop {bp.__version__} ({bp.simd_kernel()})"]
-    try:
-        import threadpoolctl
-        blas = [f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})"
-                for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-        parts.append("BLAS " + ", ".join(blas))
-    except ImportError:
-        pass
-    if available("torch"):
-        import torch
-        parts.append(f"torch {torch.__version__}")
-    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
-    if env:
-        parts.append(f"environment {env}")
-    return "; ".join(parts)
-
-
-def set_threads(n):
-    bp.set_num_threads(n)
-    try:
-        import threadpoolctl
-        threadpoolctl.threadpool_limits(n)
-    except ImportError:
-        pass
-    if available("torch"):
-        import torch
-        torch.set_num_threads(n)
+def versions(peers):
+    parts = [f"Python {platform.python_version()}",
+             f"backprop {bp.__version__} (SIMD kernel {bp.simd_kernel()})",
+             f"numpy {np.__version__}"]
+    for p in peers:
+        if p != "numpy":
+            parts.append(f"{p} {sys.modules[p].__version__}")
+    return "Versions: " + ", ".join(parts)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default=None, help="comma-separated; default: all but huge")
-    parser.add_argument("--peers", default="numpy,torch,sklearn")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="3 rounds of short blocks")
-    parser.add_argument("--no-matmul", action="store_true")
-    parser.add_argument("--markdown", metavar="FILE", help="also write the tables here")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated, from {', '.join(CONFIGS)}; default: all but huge")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help="comma-separated peers to time when installed (default: all)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every framework")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 rounds of short blocks, 4 matmul shapes")
+    parser.add_argument("--no-matmul", action="store_true", help="skip the matmul table")
+    parser.add_argument("--torch-optim", choices=TORCH_IMPLEMENTATIONS, default="fused",
+                        help="torch.optim.SGD's implementation (default: fused)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the output here")
     args = parser.parse_args(argv)
     names = args.configs.split(",") if args.configs else [n for n in CONFIGS if n != "huge"]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    wanted = [p for p in args.peers.split(",") if p]
+    if set(wanted) - set(PEERS):
+        parser.error(f"unknown peers {sorted(set(wanted) - set(PEERS))}; choose from {PEERS}")
+    if args.threads < 1 or args.rounds < 1:
+        parser.error("--threads and --rounds must be at least 1")
     rounds = 3 if args.quick else args.rounds
-    block = 0.02 if args.quick else 0.1
-    set_threads(args.threads)
-    peers = [p for p in args.peers.split(",") if p and available(p)]
-    frameworks = {"backprop": backprop_step, **{p: PEERS[p] for p in peers}}
+    block = 0.03 if args.quick else 0.2
 
-    lines = [f"Machine: {machine()}", f"Threads: {args.threads}; median of {rounds} interleaved rounds", ""]
-    head = "| config | batch | target µs | backprop µs/step | samples/s |" + "".join(
-        f" {p} µs | backprop speed-up vs {p} |" for p in peers)
-    lines += [head, "|" + "---|" * (5 + 2 * len(peers))]
+    peers = [p for p in PEERS if p in wanted and installed(p)]
+    how = {}
+    if "jax" in peers:              # before anything else starts threads of its own
+        _, how["jax"] = benchenv.start_jax(args.threads)
+    for p in peers:                 # loaded now, so that the thread limits below reach them
+        __import__(IMPORTS.get(p, p))
+    how = {**benchenv.limit_threads(args.threads, peers, args.torch_optim), **how}
+    peak = SgemmPeak()
+
+    lines = [benchenv.machine_line(), benchenv.load_line("at the start"), versions(peers),
+             benchenv.environment_note(),
+             *benchenv.blas_lines(),
+             f"Threads ({args.threads}): " + "; ".join(f"{k}: {v}" for k, v in how.items()),
+             (f"sgemm peak: numpy.matmul 2048^3 float32, {args.threads} threads, one product "
+              "in each round beside the steps; the row's median is its 'sgemm peak' column"),
+             (f"Median of {rounds} interleaved rounds; µs per step; ratio = peer time ÷ backprop "
+              "time (> 1: backprop is faster); GFLOP/s = GEMM flops of the step ÷ step time "
+              "(forward 2·B·in·out per Dense, backward twice that, no dX for the first layer; "
+              "element-wise work not counted); % of peak = backprop GFLOP/s ÷ sgemm peak."),
+             "", *table_head(peers)]
+    missing = [p for p in wanted if p not in peers]
+    if missing:
+        lines.insert(3, f"Not installed, not timed: {', '.join(missing)}")
     print("\n".join(lines), flush=True)
-    for name in names:
-        config = CONFIGS[name]
-        us = time_config(config, frameworks, rounds, block)
-        row = (f"| {name} ({'-'.join(map(str, config.sizes))}) | {config.batch} | {TARGET_US[name]:,} | "
-               f"{us['backprop']:,.1f} | {config.batch / us['backprop'] * 1e6:,.0f} |")
-        row += "".join(f" {us[p]:,.1f} | {us[p] / us['backprop']:.2f}× |" for p in peers)
-        lines.append(row)
-        print(row, flush=True)
+    notes, cores = [], []
+    try:
+        for name in names:
+            config = CONFIGS[name]
+            steps, skipped = build(config, ["backprop", *peers], args.torch_optim)
+            notes += [f"{name}: {fw} not timed: {why}" for fw, why in skipped.items()]
+            us, row_peak, busy = time_config(config, steps, rounds, block, peak)
+            row = table_row(config, us, peers, row_peak)
+            cores.append(f"{name}: " + ", ".join(f"{fw} {b:.2f}" for fw, b in busy.items()))
+            lines.append(row)
+            print(row, flush=True)
+    except Failure as e:
+        sys.exit(f"compare.py: {e}")
+    notes += ["Cores kept busy (process CPU time ÷ wall time over the timed blocks; spinning "
+              "OpenMP/OpenBLAS threads count as busy):", *cores,
+              benchenv.load_line("after the steps")]
+    lines += [""] + notes
+    print("\n" + "\n".join(notes), flush=True)
     if not args.no_matmul:
         table = matmul_table(rounds, args.quick)
         lines += [""] + table

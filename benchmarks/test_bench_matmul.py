@@ -3,15 +3,7 @@ import numpy as np
 import pytest
 
 import backprop as bp
-
-SHAPES = {   # name: (m, n, k, trans_a, trans_b)
-    "1024^3": (1024, 1024, 1024, False, False),
-    "XWt-256x1024-1024": (256, 1024, 1024, False, True),
-    "XWt-128x784-512": (128, 512, 784, False, True),
-    "XWt-64x784-128": (64, 128, 784, False, True),
-    "dW-512x784-k128": (512, 784, 128, True, False),
-    "dX-128x784-k512": (128, 784, 512, False, False),
-}
+from configs import MATMUL_SHAPES as SHAPES
 
 
 def operands(m, n, k, ta, tb):

@@ -1,102 +1,149 @@
-"""Train the same recipe in backprop and PyTorch; report test accuracy and wall time.
+"""Train the same recipe with backprop's `fit` and an equivalent PyTorch loop; report the
+wall time of training and the test accuracy of each.
 
-    python benchmarks/time_to_accuracy.py [--datasets digits,mnist-sample,fashion-mnist] [--threads 2]
+    python benchmarks/time_to_accuracy.py          # Fashion-MNIST, digits, mnist-sample
+    python benchmarks/time_to_accuracy.py --datasets fashion-mnist --repeats 3 --threads 2
 
-Same architecture (relu hidden layers, softmax output), Adam with PyTorch's defaults and
-the same learning rate, batch size, epochs and train/test split; each framework shuffles
-with its own generator.  Fashion-MNIST is used only when Debian's dataset-fashion-mnist
-is installed.  PyTorch is optional.
+The recipes are configs.RECIPES: Fashion-MNIST is issue 10's (784-256-128-10, relu, batch
+128, float32, Adam lr 1e-3, 8 epochs).  Both frameworks start from the same initial weights
+(networks.initial_weights), train every epoch on a fresh shuffle of the training set (each
+with its own seeded generator) including the last, partial batch, and are timed from the
+first step to the last (data loading and evaluation excluded).  The PyTorch loop is what a
+careful user writes without a DataLoader: a shuffled index per epoch, X[rows] per batch,
+zero_grad(set_to_none=True), torch.optim.Adam (its fused implementation, which torch's
+docs rank fastest; --torch-optim picks another).  Repeats are interleaved and the median
+time is reported.
+
+Fashion-MNIST comes from Debian's dataset-fashion-mnist (apt-get install -y
+dataset-fashion-mnist); without it that row says so.  PyTorch is optional.  Like
+compare.py, the script runs without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE.
 """
-import argparse
-import time
+import os
+import sys
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchenv  # noqa: E402  (imports nothing heavy: must run before NumPy loads)
 
-import backprop as bp
-from backprop import datasets
+if __name__ == "__main__":
+    benchenv.drop_openblas_overrides()
 
-RECIPES = {   # dataset: (hidden sizes, epochs, batch size, learning rate)
-    "digits": ((128,), 30, 32, 1e-3),
-    "mnist-sample": ((256,), 10, 64, 1e-3),
-    "fashion-mnist": ((256, 128), 10, 128, 1e-3),
-}
+import argparse  # noqa: E402
+from functools import partial  # noqa: E402
+import importlib.util  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import backprop as bp  # noqa: E402
+from backprop import datasets  # noqa: E402
+from configs import RECIPES  # noqa: E402
+from networks import (TORCH_IMPLEMENTATIONS, backprop_network, initial_weights,  # noqa: E402
+                      torch_model, torch_optimizer)
+
+PAUSE = 0.5     # seconds between runs, so the previous library's spinning threads stop
 
 
 def load(name):
+    """(X_train, y_train), (X_test, y_test), float32 features and int64 labels."""
     if name == "fashion-mnist":
         return datasets.load_fashion_mnist()
     X, y = datasets.load_digits() if name == "digits" else datasets.load_mnist_sample()
-    X_train, X_test, y_train, y_test = datasets.train_test_split(X, y, test_size=0.2, seed=0,
-                                                                 stratify=True)
+    X_train, X_test, y_train, y_test = datasets.train_test_split(
+        X.astype(np.float32), y, test_size=0.2, seed=0, stratify=True)
     return (X_train, y_train), (X_test, y_test)
 
 
-def run_backprop(sizes, epochs, batch, lr, train, test):
-    layers = [bp.Dense(a, b, "relu") for a, b in zip(sizes[:-2], sizes[1:-1])]
-    layers.append(bp.Dense(sizes[-2], sizes[-1], "softmax"))
-    net = bp.Network(layers, loss="cross_entropy", optimizer=bp.Adam(lr=lr), seed=0)
+def run_backprop(config, epochs, train, test):
+    net = backprop_network(config, initial_weights(config), optimizer=bp.Adam(lr=config.lr))
     start = time.perf_counter()
-    net.fit(*train, epochs=epochs, batch_size=batch, progress=False)
+    net.fit(*train, epochs=epochs, batch_size=config.batch, shuffle=True, progress=False)
     seconds = time.perf_counter() - start
     return net.evaluate(*test)["accuracy"], seconds
 
 
-def run_torch(sizes, epochs, batch, lr, train, test):
+def run_torch(config, epochs, train, test, implementation):
     import torch
-    torch.manual_seed(0)
-    mods = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        mods.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            mods.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*mods)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model = torch_model(config, initial_weights(config))
+    opt = torch_optimizer("Adam", model, config.lr, implementation)
     loss_fn = torch.nn.CrossEntropyLoss()
     X, y = torch.from_numpy(train[0]), torch.from_numpy(train[1])
-    gen = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
     start = time.perf_counter()
     for _ in range(epochs):
-        order = torch.randperm(len(X), generator=gen)
-        for i in range(0, len(X), batch):
-            rows = order[i:i + batch]
-            opt.zero_grad()
+        order = torch.randperm(len(X), generator=generator)
+        for i in range(0, len(X), config.batch):
+            rows = order[i:i + config.batch]
+            opt.zero_grad(set_to_none=True)
             loss_fn(model(X[rows]), y[rows]).backward()
             opt.step()
     seconds = time.perf_counter() - start
+    model.eval()
     with torch.no_grad():
         predicted = model(torch.from_numpy(test[0])).argmax(dim=1).numpy()
     return float(np.mean(predicted == test[1])), seconds
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="digits,mnist-sample,fashion-mnist")
+    parser.add_argument("--datasets", default=",".join(RECIPES),
+                        help=f"comma-separated, from {', '.join(RECIPES)}")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    bp.set_num_threads(args.threads)
+    parser.add_argument("--torch-optim", choices=TORCH_IMPLEMENTATIONS, default="fused",
+                        help="torch.optim.Adam's implementation (default: fused)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved runs per framework; the median time is reported")
+    args = parser.parse_args(argv)
+    names = [n for n in args.datasets.split(",") if n]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        parser.error(f"unknown datasets {unknown}; choose from {list(RECIPES)}")
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be at least 1")
+
     runners = {"backprop": run_backprop}
-    try:
-        import torch
-        torch.set_num_threads(args.threads)
-        runners["torch"] = run_torch
-    except ImportError:
-        pass
-    print("| dataset | recipe | " + " | ".join(f"{r} accuracy | {r} seconds" for r in runners) + " |")
-    print("|---|---|" + "---|---|" * len(runners))
-    for name in args.datasets.split(","):
+    if importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401  (loaded before the limits, so they reach its runtime)
+        runners["torch"] = partial(run_torch, implementation=args.torch_optim)
+    how = benchenv.limit_threads(args.threads, list(runners), args.torch_optim)
+    print(benchenv.machine_line())
+    print(benchenv.load_line("at the start"))
+    print(benchenv.environment_note())
+    print(f"Threads ({args.threads}): " + "; ".join(f"{k}: {how[k]}" for k in runners))
+    if "torch" not in runners:
+        print("PyTorch not installed: backprop alone")
+    print(f"Median training time of {args.repeats} interleaved runs; accuracy on the test set\n")
+    head = "| dataset | recipe |" + "".join(f" {r} accuracy | {r} seconds |" for r in runners)
+    if "torch" in runners:
+        head += " torch ÷ backprop time |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name in names:
+        config, epochs = RECIPES[name]
+        recipe = (f"{config.describe()}, batch {config.batch}, Adam {config.lr:g}, "
+                  f"{epochs} epochs, float32")
         try:
             train, test = load(name)
         except FileNotFoundError as e:
-            print(f"| {name} | skipped: {e} |")
+            print(f"| {name} | {recipe} | not run: {e} |", flush=True)
             continue
-        hidden, epochs, batch, lr = RECIPES[name]
-        sizes = (train[0].shape[1],) + hidden + (10,)
-        cells = []
-        for run in runners.values():
-            accuracy, seconds = run(sizes, epochs, batch, lr, train, test)
-            cells += [f"{accuracy:.4f}", f"{seconds:.2f}"]
-        recipe = f"{'-'.join(map(str, sizes))}, Adam {lr}, {epochs} epochs, batch {batch}"
+        results = {r: [] for r in runners}
+        for _ in range(args.repeats):
+            for r, run in runners.items():
+                time.sleep(PAUSE)
+                results[r].append(run(config, epochs, train, test))
+        cells, seconds = [], {}
+        for r, runs in results.items():
+            accuracies = sorted({round(a, 4) for a, _ in runs})
+            seconds[r] = statistics.median(s for _, s in runs)
+            accuracy = (f"{accuracies[0]:.4f}" if len(accuracies) == 1
+                        else f"{accuracies[0]:.4f}-{accuracies[-1]:.4f}")
+            cells += [accuracy, f"{seconds[r]:.2f}"]
+        if "torch" in seconds:
+            cells.append(f"{seconds['torch'] / seconds['backprop']:.2f}×")
         print(f"| {name} | {recipe} | " + " | ".join(cells) + " |", flush=True)
+    print("\n" + benchenv.load_line("at the end"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,314 @@
+"""The one place that turns a benchmark config into a network, for every framework.
+
+For each framework, a ``*_network`` function builds the network of a `configs.Config` and
+a ``*_step`` function returns a closure that runs one training step (forward, loss,
+backward, SGD update, float32) on one fixed batch and returns the loss as a Python float
+(so every framework finishes its step before the next starts).  All frameworks but
+scikit-learn start from the same weights (`initial_weights`), so their losses agree step
+for step: `compare.py` checks it before timing.
+
+A framework that cannot express a config raises `Unsupported` with the reason.
+"""
+import numpy as np
+
+from configs import EPS, MOMENTUM, Activation, BatchNorm, Dense, Residual
+from numpy_reference import NumpyNetwork
+
+
+class Unsupported(Exception):
+    """This framework cannot build this config (the message says why)."""
+
+
+def initial_weights(config, seed=0):
+    """(W, b) for every Dense layer in forward order, W of shape (out, in), float32.
+
+    W ~ N(0, gain/in): gain 2 before a fused relu (He et al., 2015), else 1 (LeCun), which
+    keeps the residual configs' logits moderate; b ~ U(-0.1, 0.1), so that the bias
+    gradients take part in the peers' agreement check.
+    """
+    rng = np.random.default_rng(seed)
+    weights = []
+    for d in config.dense_layers():
+        gain = 2.0 if d.activation == "relu" else 1.0
+        w = rng.normal(size=(d.out_features, d.in_features)) * np.sqrt(gain / d.in_features)
+        b = rng.uniform(-0.1, 0.1, d.out_features)
+        weights.append((w.astype(np.float32), b.astype(np.float32)))
+    return weights
+
+
+def batch_for(config, seed=0):
+    """One fixed batch: x ~ N(0, 1) float32 (batch, in); y class indices (int64) for a
+    classifier, else 0/1 targets float32 (batch, out)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(config.batch, config.n_inputs)).astype(np.float32)
+    if config.classifier:
+        return x, rng.integers(0, config.n_outputs, config.batch)
+    return x, (rng.random((config.batch, config.n_outputs)) > 0.5).astype(np.float32)
+
+
+def _output_fused(config, spec, last):
+    """Whether this Dense's softmax is left to a loss that applies it (torch, JAX, NumPy)."""
+    return last and config.classifier and spec.activation == "softmax"
+
+
+# ----------------------------------------------------------------------------- backprop
+
+def backprop_network(config, weights=None, optimizer=None, seed=0):
+    """A bp.Network of `config` (float32); SGD(lr=config.lr) unless `optimizer` is given."""
+    import backprop as bp
+    layers = [_bp_layer(bp, spec) for spec in config.layers]
+    net = bp.Network(layers, loss=config.loss, optimizer=optimizer or bp.SGD(lr=config.lr),
+                     dtype="float32", seed=seed)
+    if weights is not None:
+        for layer, (w, b) in zip(_bp_dense_layers(bp, net.layers), weights, strict=True):
+            layer.weight[...] = w
+            layer.bias[...] = b
+    return net
+
+
+def _bp_layer(bp, spec):
+    needs = {BatchNorm: "BatchNorm", Activation: "Activation", Residual: "Residual"}
+    if type(spec) in needs and not hasattr(bp, needs[type(spec)]):
+        raise Unsupported(f"backprop has no bp.{needs[type(spec)]} yet (issue 8)")
+    if isinstance(spec, Dense):
+        return bp.Dense(spec.in_features, spec.out_features, spec.activation)
+    if isinstance(spec, BatchNorm):
+        return bp.BatchNorm(spec.num_features, eps=EPS, momentum=MOMENTUM)
+    if isinstance(spec, Activation):
+        return bp.Activation(spec.name)
+    return bp.Residual(*(_bp_layer(bp, inner) for inner in spec.layers))
+
+
+def _bp_dense_layers(bp, layers):
+    for layer in layers:
+        if isinstance(layer, bp.Dense):
+            yield layer
+        elif hasattr(layer, "layers"):            # a Residual block
+            yield from _bp_dense_layers(bp, layer.layers)
+
+
+def backprop_step(config, weights):
+    net = backprop_network(config, weights)
+    x, y = batch_for(config)
+    return lambda: net.train_step(x, y)
+
+
+# -------------------------------------------------------------------------------- NumPy
+
+def numpy_step(config, weights):
+    net = NumpyNetwork(config, weights)
+    x, y = batch_for(config)
+    return lambda: net.train_step(x, y)
+
+
+# ------------------------------------------------------------------------------ PyTorch
+
+def torch_model(config, weights=None):
+    """A torch.nn.Sequential of `config`; a final softmax is left to CrossEntropyLoss."""
+    import torch
+    weights = iter(weights) if weights is not None else None
+    modules = _torch_modules(torch, config, config.layers, weights, top=True)
+    return torch.nn.Sequential(*modules)
+
+
+def _torch_modules(torch, config, specs, weights, top):
+    nn, modules = torch.nn, []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, Dense):
+            linear = nn.Linear(spec.in_features, spec.out_features)
+            if weights is not None:
+                w, b = next(weights)
+                with torch.no_grad():
+                    linear.weight.copy_(torch.from_numpy(w))
+                    linear.bias.copy_(torch.from_numpy(b))
+            modules.append(linear)
+            if not _output_fused(config, spec, top and i == len(specs) - 1):
+                modules += _torch_activation(nn, spec.activation)
+        elif isinstance(spec, BatchNorm):
+            modules.append(nn.BatchNorm1d(spec.num_features, eps=EPS, momentum=MOMENTUM))
+        elif isinstance(spec, Activation):
+            modules += _torch_activation(nn, spec.name)
+        else:
+            body = _torch_modules(torch, config, spec.layers, weights, top=False)
+            modules.append(_torch_residual(torch)(nn.Sequential(*body)))
+    return modules
+
+
+def _torch_activation(nn, name):
+    if name == "identity":
+        return []
+    kinds = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+    if name not in kinds:
+        raise Unsupported(f"no torch module mapped for activation {name!r}")
+    return [kinds[name]()]
+
+
+def _torch_residual(torch):
+    class Residual(torch.nn.Module):
+        """x + body(x)."""
+
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return x + self.body(x)
+    return Residual
+
+
+def torch_loss(config):
+    import torch
+    return torch.nn.CrossEntropyLoss() if config.classifier else torch.nn.MSELoss()
+
+
+# torch.optim's three implementations of an update: "for-loop" (its CPU default), "foreach"
+# (multi-tensor ops) and "fused" (one kernel; torch's docs rank fused > foreach > for-loop).
+TORCH_IMPLEMENTATIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True},
+                         "fused": {"fused": True}}
+
+
+def torch_optimizer(kind, model, lr, implementation="fused"):
+    """torch.optim.`kind` (e.g. "SGD", "Adam") over the model's parameters."""
+    import torch
+    return getattr(torch.optim, kind)(model.parameters(), lr=lr,
+                                      **TORCH_IMPLEMENTATIONS[implementation])
+
+
+def torch_step(config, weights, implementation="fused"):
+    import torch
+    model = torch_model(config, weights)
+    opt = torch_optimizer("SGD", model, config.lr, implementation)
+    loss_fn = torch_loss(config)
+    x, y = (torch.from_numpy(v) for v in batch_for(config))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+# ---------------------------------------------------------------------------------- JAX
+
+def jax_step(config, weights):
+    """A jit-compiled SGD step; parameters and running statistics are donated to it, so
+    XLA updates them in place."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    params, stats = [], []
+    apply = _jax_apply(jnp, config, config.layers, iter(weights), params, stats, top=True)
+
+    def loss_fn(params, stats, x, y):
+        new_stats = list(stats)
+        out = apply(params, stats, new_stats, x)
+        if config.classifier:
+            logp = jax.nn.log_softmax(out, axis=1)
+            loss = -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+        else:
+            loss = jnp.mean((out - y) ** 2)
+        return loss, new_stats
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, stats, x, y):
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+        return [p - config.lr * g for p, g in zip(params, grads)], new_stats, loss
+
+    x, y = (jnp.asarray(v) for v in batch_for(config))
+    state = [[jnp.asarray(p) for p in params], [jnp.asarray(s) for s in stats]]
+
+    def step():
+        state[0], state[1], loss = train_step(state[0], state[1], x, y)
+        return float(loss)
+    return step
+
+
+def _jax_apply(jnp, config, specs, weights, params, stats, top):
+    """Build f(params, stats, new_stats, x) -> y for `specs`, appending the initial values
+    of their parameters to `params` and of their running statistics to `stats`."""
+    fns = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, Dense):
+            fused = _output_fused(config, spec, top and i == len(specs) - 1)
+            fns.append(_jax_dense(jnp, len(params), "identity" if fused else spec.activation))
+            params.extend(next(weights))
+        elif isinstance(spec, BatchNorm):
+            fns.append(_jax_batchnorm(jnp, len(params), len(stats)))
+            n = spec.num_features
+            ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
+            params += [ones, zeros]                     # gamma, beta
+            stats += [zeros.copy(), ones.copy()]        # running mean, running variance
+        elif isinstance(spec, Activation):
+            act = _jax_activation(jnp, spec.name)
+            fns.append(lambda p, s, ns, x, act=act: act(x))
+        else:
+            body = _jax_apply(jnp, config, spec.layers, weights, params, stats, top=False)
+            fns.append(lambda p, s, ns, x, body=body: x + body(p, s, ns, x))
+
+    def apply(p, s, ns, x):
+        for fn in fns:
+            x = fn(p, s, ns, x)
+        return x
+    return apply
+
+
+def _jax_activation(jnp, name):
+    import jax
+    kinds = {"identity": lambda z: z, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid,
+             "tanh": jnp.tanh}
+    if name not in kinds:
+        raise Unsupported(f"no JAX function mapped for activation {name!r}")
+    return kinds[name]
+
+
+def _jax_dense(jnp, k, activation):
+    act = _jax_activation(jnp, activation)
+    return lambda p, s, ns, x: act(x @ p[k].T + p[k + 1])
+
+
+def _jax_batchnorm(jnp, k, j):
+    def batchnorm(p, s, ns, x):
+        rows = x.shape[0]
+        mean = jnp.mean(x, axis=0)
+        var = jnp.mean((x - mean) ** 2, axis=0)              # biased, for normalising
+        ns[j] = (1 - MOMENTUM) * s[j] + MOMENTUM * mean
+        ns[j + 1] = (1 - MOMENTUM) * s[j + 1] + MOMENTUM * var * (rows / (rows - 1))
+        return (x - mean) / jnp.sqrt(var + EPS) * p[k] + p[k + 1]
+    return batchnorm
+
+
+# -------------------------------------------------------------------------- scikit-learn
+
+def sklearn_step(config, weights=None):
+    """MLPClassifier/MLPRegressor.partial_fit on the batch: one SGD step without momentum
+    or L2 penalty (alpha=0), from scikit-learn's own initial weights (it cannot take
+    others before its first step).  MLPRegressor's output is linear, not sigmoid."""
+    shape = config.mlp_sizes()
+    if shape is None:
+        raise Unsupported("scikit-learn's MLP has no batch norm, residual or per-layer activations")
+    sizes, hidden = shape
+    kinds = {"relu": "relu", "sigmoid": "logistic", "tanh": "tanh", "identity": "identity"}
+    if hidden not in kinds:
+        raise Unsupported(f"scikit-learn's MLP has no activation {hidden!r}")
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    kind = MLPClassifier if config.classifier else MLPRegressor
+    model = kind(hidden_layer_sizes=sizes[1:-1], activation=kinds[hidden], solver="sgd",
+                 learning_rate_init=config.lr, momentum=0.0, nesterovs_momentum=False,
+                 alpha=0.0, batch_size=config.batch, shuffle=False, random_state=0)
+    x, y = batch_for(config)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.ravel()                       # scikit-learn wants one output as a vector
+    extra = {"classes": np.arange(config.n_outputs)} if config.classifier else {}
+
+    def step():
+        model.partial_fit(x, y, **extra)
+        return model.loss_
+    return step
+
+
+STEPS = {"backprop": backprop_step, "numpy": numpy_step, "jax": jax_step,
+         "torch": torch_step, "sklearn": sklearn_step}
