@@ -44,7 +44,9 @@ import backprop as bp
 from backprop import distributed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import PAUSE, data_for, machine  # noqa: E402
+from benchenv import machine_line as machine  # noqa: E402
+from compare import PAUSE  # noqa: E402
+from networks import Unsupported, backprop_network, batch_for as data_for  # noqa: E402
 from configs import CONFIGS  # noqa: E402
 
 comm = MPI.COMM_WORLD
@@ -53,9 +55,7 @@ BANDWIDTHS_GBIT = (10, 100)
 
 
 def network_for(config):
-    layers = [bp.Dense(a, b, config.hidden) for a, b in zip(config.sizes[:-2], config.sizes[1:-1])]
-    layers.append(bp.Dense(config.sizes[-2], config.sizes[-1], config.output))
-    return bp.Network(layers, loss=config.loss, optimizer=bp.SGD(lr=config.lr), seed=0)
+    return backprop_network(config)
 
 
 def sleeping_barrier():
@@ -160,7 +160,7 @@ def tables(results, latency):
         "|---|---|---|" + "---|" * (len(MACHINES) * len(BANDWIDTHS_GBIT))]
     for config, m in results:
         mb = m["gradient bytes"] / 1e6
-        name = f"{config.name} ({'-'.join(map(str, config.sizes))}, batch {config.batch})"
+        name = f"{config.name} ({config.describe()}, batch {config.batch})"
         measured.append(
             f"| {name} | {m['gradient bytes'] // 4:,} | {mb:.3g} | {m['train_step'] * 1e3:.3g} | "
             f"{m['distributed step'] * 1e3:.3g} | {m['allreduce'] * 1e3:.3g} | "
@@ -192,7 +192,11 @@ def main(argv=None):
     load = os.getloadavg()
     results = []
     for name in names:
-        results.append((CONFIGS[name], measure(CONFIGS[name], args.rounds, block=0.1)))
+        try:
+            results.append((CONFIGS[name], measure(CONFIGS[name], args.rounds, block=0.1)))
+        except Unsupported as e:
+            if comm.rank == 0:
+                print(f"{name}: skipped ({e})", file=sys.stderr)
         if comm.rank == 0:
             print(f"measured {name}", file=sys.stderr, flush=True)
     if comm.rank != 0:
