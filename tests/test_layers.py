@@ -340,6 +340,9 @@ def test_layers_are_read_only_and_belong_to_one_network():
     net = bp.Network([dense, bp.Dense(4, 2)])
     with pytest.raises(AttributeError, match="cannot be changed"):
         net.layers[0].weight = np.zeros((4, 4))
+    layer = net.layers[0]
+    layer.weight += 1.0                             # in place: allowed, and it is the network's
+    assert np.shares_memory(layer.weight, net.params)
     with pytest.raises(ValueError, match="already belongs to another Network"):
         bp.Network([dense])
     with pytest.raises(ValueError, match="appears twice"):

@@ -93,7 +93,8 @@ class Layer:
         object.__setattr__(self, "_frozen", True)
 
     def __setattr__(self, name, value):
-        if getattr(self, "_frozen", False):
+        # `layer.weight_grad += g` works in place and then sets the same array again.
+        if getattr(self, "_frozen", False) and value is not getattr(self, name, None):
             raise AttributeError(
                 f"{type(self).__name__}.{name} cannot be changed after construction (a network "
                 f"would otherwise run one thing and save another); build a new layer, or write "
