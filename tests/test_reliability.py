@@ -425,3 +425,19 @@ def test_cli_refuses_absurd_threads_and_bad_checkpoints(tmp_path):
     forge(tmp_path / "m.npz", header, arrays)
     result = run_cli("evaluate", "--model", "m.npz", "--dataset", "digits", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_parallel_input_copy_names_the_first_bad_row(rng):
+    """The copy of a large batch is split between threads; the error still names the
+    first bad row of the batch, whichever part found one."""
+    net = make_net([300, 4], "identity", "mse", dtype="float32")
+    x = rng.normal(size=(1000, 300))
+    x[900, 7] = np.inf
+    x[400, 3] = np.nan
+    for n in (1, 2, 7):
+        with threads(n):
+            with pytest.raises(ValueError, match=r"in row 400\)"):
+                net.forward(x)
+            order = np.arange(1000)[::-1]
+            with pytest.raises(ValueError, match=r"in row 900\)"):
+                net.train_step(x, np.zeros((1000, 4)), rows=order)

@@ -29,6 +29,8 @@ from backprop._losses cimport Loss, MSE, BINARY_CROSS_ENTROPY, CROSS_ENTROPY
 from backprop._optim cimport (OptimConfig, OptimizerKind, optimizer_update, sum_of_squares,
                               STAT_BLOCK)
 from backprop._dropout cimport mix64
+from backprop._parallel cimport part_start, team_for
+from cython.parallel cimport prange
 from backprop._tape cimport (Tape, Op, Slot, OpKind, DENSE, BATCHNORM, LAYERNORM,
                              forward_pass, loss_delta, backward_pass)
 
@@ -202,11 +204,12 @@ cdef int _copy_rows(cnp.ndarray src, str name, char* dst, Py_ssize_t ld, bint ds
     cdef const int64_t* picks = NULL if index is None else <const int64_t*>cnp.PyArray_DATA(index)
     cdef bint src64 = cnp.PyArray_TYPE(src) == cnp.NPY_FLOAT64
     cdef Py_ssize_t bad
+    cdef int nt = _num_threads()
     with nogil:
         if src64:
-            bad = _strided_copy(<double*>NULL, base, s0, s1, picks, dst, ld, rows, cols, dst64)
+            bad = _strided_copy(<double*>NULL, base, s0, s1, picks, dst, ld, rows, cols, dst64, nt)
         else:
-            bad = _strided_copy(<float*>NULL, base, s0, s1, picks, dst, ld, rows, cols, dst64)
+            bad = _strided_copy(<float*>NULL, base, s0, s1, picks, dst, ld, rows, cols, dst64, nt)
     if bad >= 0:
         raise ValueError(f"{name} contains NaN or Inf (in row {bad}), or a value too large "
                          "for the network's dtype; clean or impute the data first")
@@ -237,14 +240,14 @@ cdef inline bint _copy_row(const floating* row, Py_ssize_t step, destination* ou
     return finite
 
 
-cdef Py_ssize_t _strided_copy(floating* kind, const char* src, Py_ssize_t s0, Py_ssize_t s1,
-                              const int64_t* index, char* dst, Py_ssize_t ld,
-                              Py_ssize_t rows, Py_ssize_t cols, bint dst64) noexcept nogil:
-    # Returns the first source row holding a non-finite value, or -1.
+cdef Py_ssize_t _copy_part(floating* kind, const char* src, Py_ssize_t s0, Py_ssize_t s1,
+                           const int64_t* index, char* dst, Py_ssize_t ld, Py_ssize_t lo,
+                           Py_ssize_t hi, Py_ssize_t cols, bint dst64) noexcept nogil:
+    # Rows lo..hi; returns the first source row holding a non-finite value, or -1.
     cdef Py_ssize_t i, r, step = s1 // <Py_ssize_t>sizeof(floating)
     cdef const floating* row
     cdef bint finite
-    for i in range(rows):
+    for i in range(lo, hi):
         r = index[i] if index != NULL else i
         row = <const floating*>(src + r * s0)
         if s1 % <Py_ssize_t>sizeof(floating) != 0:     # unaligned strides: element by element
@@ -256,6 +259,26 @@ cdef Py_ssize_t _strided_copy(floating* kind, const char* src, Py_ssize_t s0, Py
         if not finite:
             return r
     return -1
+
+
+cdef Py_ssize_t _strided_copy(floating* kind, const char* src, Py_ssize_t s0, Py_ssize_t s1,
+                              const int64_t* index, char* dst, Py_ssize_t ld,
+                              Py_ssize_t rows, Py_ssize_t cols, bint dst64,
+                              int n_threads) noexcept nogil:
+    # The first source row holding a non-finite value, or -1.  Gathering shuffled rows
+    # of a large dataset waits on memory, so threads split the rows; if any part meets a
+    # bad value, one thread scans again to name the first bad row.
+    cdef Py_ssize_t t, lo, hi
+    cdef int bad = 0, team = team_for(rows * cols, n_threads)
+    if team == 1:
+        return _copy_part(kind, src, s0, s1, index, dst, ld, 0, rows, cols, dst64)
+    for t in prange(team, num_threads=team, schedule="static"):
+        lo = part_start(rows, t, team, 1)
+        hi = part_start(rows, t + 1, team, 1)
+        bad += _copy_part(kind, src, s0, s1, index, dst, ld, lo, hi, cols, dst64) >= 0
+    if bad == 0:
+        return -1
+    return _copy_part(kind, src, s0, s1, index, dst, ld, 0, rows, cols, dst64)
 
 
 cdef bint _copy_unaligned(const floating* row, Py_ssize_t s1, char* dst, Py_ssize_t ld,
