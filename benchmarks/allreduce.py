@@ -202,7 +202,7 @@ def main(argv=None):
     if comm.rank != 0:
         return
     measured, compute, projected = tables(results, args.latency_us * 1e-6)
-    lines = [f"Machine: {machine()}", f"MPI: {MPI.Get_library_version().splitlines()[0]}",
+    lines = [machine(), f"MPI: {MPI.Get_library_version().splitlines()[0]}",
              f"Median of {args.rounds} interleaved rounds; load average before "
              f"{load[0]:.1f}, after {os.getloadavg()[0]:.1f} (1 minute).", "", *measured, "",
              "One process, 2 threads (the inputs of the projection):", "", *compute, "",
