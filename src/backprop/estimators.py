@@ -147,8 +147,9 @@ except ImportError:     # scikit-learn (>= 1.6) is absent: the part of its contr
             except (TypeError, ValueError):
                 raise ValueError(f"{name} must hold numbers, got dtype {a.dtype}") from None
         if a.ndim not in ndims:
-            raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, "
-                             f"got an array of shape {a.shape}")
+            # scikit-learn's wording ("Expected 2D array"), so code that matches it works
+            raise ValueError(f"Expected {' or '.join(f'{n}D' for n in ndims)} array for "
+                             f"{name}, got an array of shape {a.shape}")
         if a.dtype.kind in "biuf" and not np.isfinite(a).all():
             raise ValueError(f"{name} contains NaN or infinity")
         return a
