@@ -363,7 +363,8 @@ def test_the_largest_team_allocates_little_and_changes_nothing(rng):
     """set_num_threads(n) used to size 4 MB of scratch per thread, whatever the product
     (gigabytes for a large n); now a product needs at most one share per strip of C."""
     team = bp.MAX_THREADS
-    assert scratch(64, 128, 784, team) == scratch(64, 128, 784, 4) < 4 << 20   # 4 strips
+    strips = -(-128 // blocking(np.float32)["nr"])     # C's 128 columns in NR-wide strips
+    assert scratch(64, 128, 784, team) == scratch(64, 128, 784, strips) < 4 << 20
     x = rng.normal(size=(64, 784)).astype(np.float32)
     w = rng.normal(size=(128, 784)).astype(np.float32)
     wide = rng.normal(size=(300 * blocking(np.float32)["nr"], 784)).astype(np.float32)

@@ -249,3 +249,15 @@ def test_input_may_be_strided_read_only_or_float32(rng):
     np.testing.assert_array_equal(net.forward(np.asfortranarray(strided)), expected)
     # float32 input is widened exactly, so only its own rounding (~6e-8) shows
     np.testing.assert_allclose(net.forward(strided.astype(np.float32)), expected, rtol=1e-6)
+
+
+def test_backward_can_skip_the_input_gradient(rng):
+    x, y = rng.normal(size=(5, 4)), rng.integers(0, 3, 5)
+    with_dx, without = (make_net([4, 6, 3], ["tanh", "softmax"], "cross_entropy") for _ in range(2))
+    for net, wanted in ((with_dx, True), (without, False)):
+        net.forward(x)
+        net.backward(y, input_grad=wanted)
+    np.testing.assert_array_equal(without.grads, with_dx.grads)
+    assert with_dx.input_grad.shape == (5, 4)
+    with pytest.raises(RuntimeError, match="no input gradient"):
+        without.input_grad

@@ -161,9 +161,9 @@ except ImportError:     # scikit-learn (>= 1.6) is absent: the part of its contr
         X = _fallback_array(X, "X", (2,), numeric=True)
         if X.dtype not in (np.float32, np.float64):
             X = X.astype(np.float64)
-        if X.shape[0] < 1 or X.shape[1] < 1:
-            raise ValueError(f"X has shape {X.shape}: at least 1 sample and 1 feature are "
-                             "required")
+        if X.shape[0] < 1 or X.shape[1] < 1:      # scikit-learn's wording again
+            raise ValueError(f"Found array with {X.shape[0]} sample(s) and {X.shape[1]} "
+                             f"feature(s) (shape={X.shape}); at least 1 of each is required")
         if reset:
             estimator.n_features_in_ = X.shape[1]
             if names is not None and all(isinstance(n, str) for n in names):
@@ -622,7 +622,7 @@ class _BaseMLP(BaseEstimator):
         if sw is not None:
             delta *= sw[:, None].astype(delta.dtype)
         delta /= delta.dtype.type(norm)
-        net.backward(grad_output=delta)
+        net.backward(grad_output=delta, input_grad=False)   # dL/dX is not needed
         penalty = 0.0
         scale = self.alpha / norm
         for layer in self._dense_layers(net):

@@ -170,14 +170,15 @@ class Network:
 
     __call__ = forward
 
-    def backward(self, y=None, *, grad_output=None):
+    def backward(self, y=None, *, grad_output=None, input_grad=True):
         """Backpropagate from the built-in loss against targets `y`, or from an external
         gradient `grad_output` = dL/d(output) of shape (batch, n_outputs).
 
         Gradients are added to ``grads`` (and each layer's ``weight_grad``/``bias_grad``)
-        until ``zero_grad()``; dL/dx is available as ``input_grad``.  Returns the loss, or
-        None with grad_output."""
-        return self._engine.backward(y, grad_output)
+        until ``zero_grad()``; dL/dx is available as ``input_grad`` unless
+        ``input_grad=False`` skips computing it (one matrix product less).  Returns the
+        loss, or None with grad_output."""
+        return self._engine.backward(y, grad_output, input_grad)
 
     @property
     def input_grad(self):
