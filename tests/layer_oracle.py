@@ -161,3 +161,20 @@ def torch_optimizer(net, twin):
     hp = dict(net.optimizer.hyperparameters())
     cls = getattr(torch.optim, type(net.optimizer).__name__)
     return cls(twin.parameters(), **hp)
+
+
+def non_trivial(net, seed):
+    """Give `net` parameters and running statistics a default initialisation would not:
+    biases and affine weights away from 0 and 1, running statistics away from 0 and 1,
+    so a converter that dropped one of them would show.  Returns the network."""
+    rng = np.random.default_rng(seed)
+    for layer in flatten(net.layers):
+        for name, shape in layer.parameters():
+            if name == "bias":
+                getattr(layer, name)[...] = rng.normal(0, 0.3, shape)
+            elif layer.kind != "dense":
+                getattr(layer, name)[...] = rng.uniform(0.5, 1.5, shape)
+        if layer.kind == "batchnorm":
+            layer.running_mean[...] = rng.normal(0, 0.5, layer.num_features)
+            layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
+    return net

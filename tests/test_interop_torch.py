@@ -10,7 +10,7 @@ from torch import nn  # noqa: E402
 
 import backprop as bp  # noqa: E402
 from backprop.interop import TorchModule, TorchResidual, from_torch, to_torch  # noqa: E402
-from backprop.plan import flatten  # noqa: E402
+from layer_oracle import non_trivial  # noqa: E402
 
 ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus",
                "softmax"]
@@ -507,17 +507,7 @@ def full_net(dtype="float64", p=0.2, seed=0, loss=None, optimizer=None):
         bp.LayerNorm(8, eps=1e-4, elementwise_affine=False),
         bp.Dense(8, 4, activation="softmax"),
     ], dtype=dtype, seed=seed, loss=loss, optimizer=optimizer)
-    rng = np.random.default_rng(seed + 1)
-    for layer in flatten(net.layers):
-        for name, shape in layer.parameters():
-            if name == "bias":
-                getattr(layer, name)[...] = rng.normal(0, 0.3, shape)
-            elif layer.kind != "dense":
-                getattr(layer, name)[...] = rng.uniform(0.5, 1.5, shape)
-        if layer.kind == "batchnorm":
-            layer.running_mean[...] = rng.normal(0, 0.5, layer.num_features)
-            layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
-    return net
+    return non_trivial(net, seed + 1)
 
 
 FULL_NET_MODULES = [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, TorchResidual, nn.GELU,
