@@ -32,7 +32,7 @@ from backprop._dropout cimport mix64
 from backprop._parallel cimport part_start, team_for
 from cython.parallel cimport prange
 from backprop._tape cimport (Tape, Op, Slot, OpKind, DENSE, BATCHNORM, LAYERNORM,
-                             forward_pass, loss_delta, backward_pass)
+                             forward_pass, loss_delta, backward_pass, weight_penalty)
 
 cnp.import_array()
 bp_gemm_init()
@@ -315,6 +315,39 @@ cdef Py_ssize_t _first_improper_row(const floating* y, Py_ssize_t ld, Py_ssize_t
     return -1
 
 
+cdef int _copy_weights(object sample_weight, Py_ssize_t n_x, double* dst, Py_ssize_t rows,
+                       cnp.ndarray index=None) except -1:
+    """Copy the batch's row weights (sample_weight[index], or all of it) into dst as
+    doubles: one per row of x, finite, >= 0, and not all 0 in the batch."""
+    if cnp.PyArray_Check(sample_weight) and sample_weight.dtype.kind in "biu":
+        sample_weight = sample_weight.astype(np.float64)      # counts are weights too
+    cdef cnp.ndarray arr = _as_float_array(sample_weight, "sample_weight", 1)
+    cdef Py_ssize_t i, r
+    cdef double v, total = 0.0
+    if arr.shape[0] != n_x:
+        raise ValueError(f"sample_weight must have one weight per row of x ({n_x}), got "
+                         f"{_describe(arr)}")
+    cdef const double[:] w = arr.astype(np.float64, copy=False)
+    cdef const int64_t* picks = NULL if index is None else <const int64_t*>cnp.PyArray_DATA(index)
+    for i in range(rows):
+        r = i if picks == NULL else picks[i]
+        v = w[r]
+        if not (isfinite(v) and v >= 0):
+            raise ValueError(f"sample_weight must be finite and >= 0, got {v} for row {r}")
+        dst[i] = v
+        total += v
+    if not total > 0:
+        raise ValueError("sample_weight: the weights of the batch's rows are all 0, so its "
+                         "mean loss is undefined")
+    return 0
+
+
+cdef int _check_l2(double l2) except -1:
+    if not (l2 >= 0 and isfinite(l2)):
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
+    return 0
+
+
 cdef cnp.ndarray _row_index(object rows, Py_ssize_t n_rows):
     """`rows` as a contiguous int64 vector of valid row numbers of an n_rows array."""
     cdef cnp.ndarray index = np.asarray(rows)
@@ -593,9 +626,11 @@ cdef double FLOAT32_MAX = 3.4028234663852886e38
 
 
 cdef double run_pass(floating* kind, Tape* t, int parts, int n_threads, int loss, bint labels,
-                     double scale, bint input_grad, bint from_logits) noexcept nogil:
+                     double scale, bint input_grad, bint from_logits, double l2,
+                     double* block_sums) noexcept nogil:
     """forward, loss, backward, as asked; the backward is skipped when the loss is not
-    finite (a refused step must leave the gradients as they were)."""
+    finite (a refused step must leave the gradients as they were).  l2 > 0 adds the
+    weights' L2 penalty to the loss and its gradient to theirs."""
     cdef double value = 0.0
     if parts & FORWARD:
         forward_pass(kind, t, n_threads)
@@ -605,6 +640,8 @@ cdef double run_pass(floating* kind, Tape* t, int parts, int n_threads, int loss
             return value
     if parts & BACKWARD:
         backward_pass(kind, t, n_threads, input_grad, from_logits)
+        if l2 > 0 and parts & LOSS:
+            value += weight_penalty(kind, t, l2, scale, block_sums, n_threads)
     return value
 
 
@@ -620,7 +657,7 @@ cdef class Workspace:
     """Everything an Engine needs per batch row, in one 64-byte-aligned allocation sized
     for `capacity` rows: two input buffers (a batch is staged into the spare one and only
     becomes the input once it has been validated), each slot's values and gradient, the
-    saved statistics, the targets and the log-sum-exp of each output row."""
+    saved statistics, the targets, the row weights and the log-sum-exp of each output row."""
     cdef char* base
     cdef Py_ssize_t capacity
     cdef char* inputs[2]
@@ -629,6 +666,7 @@ cdef class Workspace:
     cdef double* saved
     cdef char* target
     cdef int64_t* labels
+    cdef double* weights       # the rows' weights (sample_weight)
     cdef double* lse
     cdef char* backup          # the buffers before a train-mode forward, to undo a refused step
 
@@ -767,7 +805,8 @@ cdef class Engine:
                   for i in range(self.n_slots)]                                     # grads
         sizes += [8 * sum(self._saved_doubles(&self.tape.ops[i], capacity)
                           for i in range(self.tape.n_ops)),                         # saved
-                  capacity * out.width * item, capacity * 8, capacity * 8,          # targets
+                  capacity * out.width * item, capacity * 8, capacity * 8,  # targets, weights
+                  capacity * 8,                                             # log-sum-exp
                   self.n_buffers * item]                                            # backup
         starts, total = [], 0
         for size in sizes:
@@ -776,7 +815,7 @@ cdef class Engine:
         inputs = starts[:2]
         values = starts[2:2 + self.n_slots]
         grads = starts[2 + self.n_slots:2 + 2 * self.n_slots]
-        saved, target, labels, lse, backup = tuple(starts[2 + 2 * self.n_slots:])
+        saved, target, labels, weights, lse, backup = tuple(starts[2 + 2 * self.n_slots:])
         ws.values = <char**>bp_aligned_alloc(self.n_slots * sizeof(char*))
         ws.grads = <char**>bp_aligned_alloc(self.n_slots * sizeof(char*))
         ws.base = <char*>bp_aligned_alloc(total)
@@ -797,6 +836,7 @@ cdef class Engine:
         ws.saved = <double*>(ws.base + <Py_ssize_t>saved)
         ws.target = ws.base + <Py_ssize_t>target
         ws.labels = <int64_t*>(ws.base + <Py_ssize_t>labels)
+        ws.weights = <double*>(ws.base + <Py_ssize_t>weights)
         ws.lse = <double*>(ws.base + <Py_ssize_t>lse)
         ws.backup = ws.base + <Py_ssize_t>backup
         return ws
@@ -853,10 +893,12 @@ cdef class Engine:
 
     # ---- loading a batch (all validation happens here, before anything changes)
 
-    cdef int _load(self, object x, object y, object rows, object row_offset) except -1:
-        """Validate x (and targets y unless None), copy them into a workspace (a new one if
-        the batch is larger than any before), and only then make them the current batch.
-        Returns 1 when y holds integer class labels.  A refused batch changes nothing."""
+    cdef int _load(self, object x, object y, object rows, object row_offset,
+                   object sample_weight=None) except -1:
+        """Validate x (and targets y unless None, and their weights unless None), copy them
+        into a workspace (a new one if the batch is larger than any before), and only then
+        make them the current batch.  Returns 1 when y holds integer class labels.  A
+        refused batch changes nothing."""
         cdef cnp.ndarray arr = _as_float_array(x, "x", 2)
         cdef cnp.ndarray index = None if rows is None else _row_index(rows, arr.shape[0])
         cdef Py_ssize_t n = arr.shape[0] if index is None else index.shape[0]
@@ -880,9 +922,12 @@ cdef class Engine:
         _copy_rows(arr, "x", ws.inputs[spare], self.tape.slots[0].ld, self.is64, index)
         if y is not None:
             labels = self._load_target(y, ws, n, index)
+        if sample_weight is not None:
+            _copy_weights(sample_weight, arr.shape[0], ws.weights, n, index)
         # Valid: the batch becomes the network's input.
         self.active_input = spare
         self._bind(ws)
+        self.tape.weights = ws.weights if sample_weight is not None else NULL
         self.tape.batch = n
         self.tape.row_offset = offset
         self.has_forward = self.has_input_grad = False
@@ -1016,13 +1061,13 @@ cdef class Engine:
 
     @cython.nonecheck(False)
     cdef double _pass(self, int parts, int nt, bint labels, double scale,
-                      bint input_grad, bint from_logits) noexcept nogil:
+                      bint input_grad, bint from_logits, double l2=0.0) noexcept nogil:
         # The one place that picks the float32 or float64 kernels.
         if self.is64:
             return run_pass(<double*>NULL, &self.tape, parts, nt, self.loss, labels, scale,
-                            input_grad, from_logits)
+                            input_grad, from_logits, l2, self.block_sums)
         return run_pass(<float*>NULL, &self.tape, parts, nt, self.loss, labels, scale,
-                        input_grad, from_logits)
+                        input_grad, from_logits, l2, self.block_sums)
 
     @cython.nonecheck(False)
     cdef void _begin_forward(self) noexcept nogil:
@@ -1088,6 +1133,7 @@ cdef class Engine:
         try:
             self._check_forward("loss")
             labels = self._load_target(y, self.ws, self.tape.batch)
+            self.tape.weights = NULL
             with nogil:
                 value = self._pass(LOSS, 1, labels, 1.0, False, False)
             return value
@@ -1120,6 +1166,7 @@ cdef class Engine:
                     self._scale_slot_grad(out, scale)
             else:
                 labels = self._load_target(y, self.ws, self.tape.batch)
+                self.tape.weights = NULL
                 parts = LOSS | BACKWARD
             nt = self._ready_threads()
             with nogil:
@@ -1142,21 +1189,24 @@ cdef class Engine:
                 else:
                     (<float*>s.grad)[i * s.ld + j] *= <float>scale
 
-    def compute_gradients(self, x, y, rows=None, double scale=1.0, row_offset=0):
+    def compute_gradients(self, x, y, rows=None, double scale=1.0, row_offset=0,
+                          sample_weight=None, double l2=0.0):
         """forward + loss + backward in one call: adds scale * dL/dparams to the gradients
-        and returns the (unscaled) mean loss of the batch.  A loss that is not finite
-        raises FloatingPointError and changes nothing."""
+        and returns the (unscaled) mean loss of the batch (weighted by sample_weight, plus
+        the weights' L2 penalty l2/2 * sum(W^2)).  A loss that is not finite raises
+        FloatingPointError and changes nothing."""
         cdef int labels, nt
         cdef double value
         self._enter()
         try:
             _check_scale(scale)
-            labels = self._load(x, y, rows, row_offset)
+            _check_l2(l2)
+            labels = self._load(x, y, rows, row_offset, sample_weight)
             nt = self._ready_threads()
             with nogil:
                 self._begin_forward()
                 value = self._pass(FORWARD | LOSS | BACKWARD, nt, labels, scale, False,
-                                   self.from_logits)
+                                   self.from_logits, l2)
                 if not isfinite(value):
                     self._undo_forward()
             self.has_forward = True
@@ -1191,10 +1241,12 @@ cdef class Engine:
         return [self.weight_norms[i] for i in range(self.n_dense)]
 
     def train_step(self, x, y, OptimizerBase optimizer, rows=None, double clip=0.0,
-                   bint record_norms=False):
+                   bint record_norms=False, sample_weight=None, double l2=0.0):
         """forward, loss, backward, optimizer update and zero_grad in one call, with the
         GIL released from the first multiply to the last update.  With `rows`, the batch
-        is x[rows], y[rows], gathered straight into the workspace.  clip > 0 scales the
+        is x[rows], y[rows], gathered straight into the workspace (and the row weights
+        sample_weight[rows]); l2 > 0 adds the L2 penalty of the Dense weights to the loss
+        (see compute_gradients).  clip > 0 scales the
         gradients so their global norm is at most `clip` (torch's clip_grad_norm_).
         A step whose loss or gradients are not finite is refused: FloatingPointError,
         and the weights, optimizer, statistics and gradients are as they were."""
@@ -1206,7 +1258,8 @@ cdef class Engine:
         try:
             if not (clip >= 0 and isfinite(clip)):
                 raise ValueError(f"clip must be a finite number >= 0, got {clip}")
-            labels = self._load(x, y, rows, 0)
+            _check_l2(l2)
+            labels = self._load(x, y, rows, 0, sample_weight)
             nt = self._ready_threads()
             pending = self.has_grads
             if pending and self.grads_backup is None:
@@ -1221,7 +1274,7 @@ cdef class Engine:
                                self.params.shape[0] * self.dtype_size())
                     self._begin_forward()
                     value = self._pass(FORWARD | LOSS | BACKWARD, nt, labels, 1.0, False,
-                                       self.from_logits)
+                                       self.from_logits, l2)
                     ok = isfinite(value)
                     if ok:
                         sum_sq = self._sum_of_squares(nt)

@@ -19,7 +19,7 @@ from libc.stdint cimport int64_t, uint64_t
 from backprop._activations cimport (IDENTITY, SOFTMAX, activation_forward_threads,
                                     activation_backward_threads)
 from backprop._losses cimport (MSE, BINARY_CROSS_ENTROPY, mse, binary_cross_entropy,
-                               cross_entropy_labels, cross_entropy_probs)
+                               cross_entropy_labels, cross_entropy_probs, l2_penalty)
 from backprop._dense cimport dense_forward, dense_backward
 from backprop._batchnorm cimport batchnorm_forward, batchnorm_backward
 from backprop._layernorm cimport layernorm_forward, layernorm_backward
@@ -74,6 +74,7 @@ cdef struct Tape:
     char* target        # float targets, batch x n_out (row stride ldt)
     Py_ssize_t ldt
     int64_t* labels     # or integer class labels
+    double* weights     # the rows' weights, or NULL (all 1)
     double* lse         # log-sum-exp of each output row, when the output is a softmax
 
 
@@ -140,18 +141,36 @@ cdef inline double loss_delta(floating* kind, Tape* t, int loss, bint labels,
     cdef Slot* pre = &t.slots[op.z] if op.z >= 0 else y
     cdef const floating* target = <const floating*>t.target
     if loss == MSE:
-        return mse(<const floating*>y.value, y.ld, target, t.ldt, t.batch, y.width,
+        return mse(<const floating*>y.value, y.ld, target, t.ldt, t.weights, t.batch, y.width,
                    <floating*>y.grad, y.ld, scale)
     if loss == BINARY_CROSS_ENTROPY:
-        return binary_cross_entropy(<const floating*>pre.value, pre.ld, target, t.ldt, t.batch,
-                                    y.width, <floating*>y.grad, y.ld, scale)
+        return binary_cross_entropy(<const floating*>pre.value, pre.ld, target, t.ldt,
+                                    t.weights, t.batch, y.width, <floating*>y.grad, y.ld, scale)
     if labels:
         return cross_entropy_labels(<const floating*>pre.value, pre.ld, t.lse,
-                                    <const floating*>y.value, y.ld, t.labels, t.batch, y.width,
-                                    <floating*>y.grad, y.ld, scale)
+                                    <const floating*>y.value, y.ld, t.labels, t.weights,
+                                    t.batch, y.width, <floating*>y.grad, y.ld, scale)
     return cross_entropy_probs(<const floating*>pre.value, pre.ld, t.lse,
-                               <const floating*>y.value, y.ld, target, t.ldt, t.batch, y.width,
-                               <floating*>y.grad, y.ld, scale)
+                               <const floating*>y.value, y.ld, target, t.ldt, t.weights,
+                               t.batch, y.width, <floating*>y.grad, y.ld, scale)
+
+
+cdef inline double weight_penalty(floating* kind, Tape* t, double l2, double scale,
+                                  double* block_sums, int nt) noexcept nogil:
+    """The L2 penalty l2/2 * sum(W^2) over every Dense weight matrix (not biases, not the
+    normalisations' scale and shift: what scikit-learn's alpha and Keras's kernel
+    regularizers penalise), returned, with scale * l2 * W added to the weight gradients."""
+    cdef double total = 0.0
+    cdef Op* op
+    cdef int o
+    for o in range(t.n_ops):
+        op = &t.ops[o]
+        if op.kind == DENSE:
+            total += l2_penalty(<const floating*>t.params + op.weight,
+                                <floating*>t.grads + op.weight,
+                                t.slots[op.input].width * t.slots[op.output].width,
+                                l2, scale, block_sums, nt)
+    return total
 
 
 cdef inline void backward_pass(floating* kind, Tape* t, int nt, bint input_grad,

@@ -9,13 +9,17 @@ written for ``sklearn.neural_network`` runs unchanged with the import swapped::
 
 What scikit-learn's MLP does, and how it is done here:
 
-- The network is a ``backprop.Network`` of Dense layers (``network_``) whose last layer is
-  linear; the output function (identity, logistic, softmax or exp, ``out_activation_``) and
-  the loss are applied here, in NumPy, on the logits ``z``.  Each loss is paired with its
-  canonical output function, so dLoss/dz is ``p - y`` for all four, as in scikit-learn.
+- The network is a ``backprop.Network`` of Dense layers (``network_``) whose last layer
+  applies the output function (``out_activation_``: identity, logistic or softmax) and
+  trains with the matching built-in loss (mse, binary or categorical cross-entropy), so a
+  whole minibatch step runs in the compiled core.  Each loss is paired with its canonical
+  output function, so dLoss/dz is ``p - y`` for all of them, as in scikit-learn.  The
+  Poisson loss (output exp) has no built-in twin: its network ends linear and its loss
+  is computed here, in NumPy.
 - The loss of a minibatch of ``B`` rows (or of sample weight ``W = sum(w)``) is
   ``mean_loss + alpha / (2 B) * sum ||W_l||^2`` over the weight matrices (not the
-  intercepts); its gradient adds ``alpha * W_l / B`` to each weight gradient.
+  intercepts); its gradient adds ``alpha * W_l / B`` to each weight gradient (the core's
+  ``l2`` penalty).
 - ``solver='sgd'`` is ``backprop.SGD`` (momentum, Nesterov), ``'adam'`` is ``backprop.Adam``;
   'constant', 'invscaling' and 'adaptive' learning rates, ``tol`` / ``n_iter_no_change``,
   early stopping on the validation score and ``best_loss_`` follow scikit-learn's rules.
@@ -197,34 +201,35 @@ _DIVERGED = ("Solver produced non-finite parameter weights. The input data may c
 
 
 # --------------------------------------------------------------------------- output heads
-# Each head is an output function p = f(z) of the logits and the loss it is the canonical
-# link of, so the gradient of the loss with respect to z is p - y for all of them.
+# scikit-learn's output functions as the network's output activation and built-in loss.
+# The reductions differ by constant factors: for k outputs, scikit-learn's loss is
+# `loss_factor` times the built-in one, and its gradient, (p - y) / rows at the logits
+# for every head, is `grad_scale` times the built-in one's:
+#   softmax   categorical log-loss = cross_entropy                        1     1
+#   logistic  log-loss summed over the outputs = k * binary_cross_entropy  k     k
+#   identity  half squared error, mean over outputs = mse / 2             1/2   k/2
+# (scikit-learn's squared-error gradient is that of the sum over the outputs, not of the
+# mean its loss reports, hence k/2 for the gradient and 1/2 for the loss.)
+_BUILT_IN = {"softmax": ("softmax", "cross_entropy"),
+             "logistic": ("sigmoid", "binary_cross_entropy"),
+             "identity": ("identity", "mse")}
 
-def _head(name, z, y=None):
-    """Outputs p = f(z) for logits z of shape (n, n_outputs) and, given targets y, the
-    loss of each row as scikit-learn defines it (shape (n,)), computed from z."""
-    if name == "identity":                         # half squared error, mean over outputs
-        p = z
-        loss = None if y is None else 0.5 * ((p - y) ** 2).mean(axis=1)
-    elif name == "logistic":                       # binary log-loss, summed over outputs
-        p = np.exp(-np.logaddexp(0, -z))           # no overflow for any z
-        loss = None if y is None else (np.logaddexp(0, z) - y * z).sum(axis=1)
-    elif name == "softmax":                        # categorical log-loss, -sum(y * log p)
-        top = z.max(axis=1, keepdims=True)
-        exp = np.exp(z - top)
-        total = exp.sum(axis=1, keepdims=True)
-        p = exp / total
-        # log p = z - (top + log(total)); the one-hot rows of y sum to 1
-        loss = None if y is None else (top + np.log(total))[:, 0] - (y * z).sum(axis=1)
-    else:                                          # "exp": half Poisson deviance
-        p = np.exp(z)
-        if y is None:
-            loss = None
-        else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                y_log_y = np.where(y > 0, y * np.log(np.where(y > 0, y, 1)), 0)
-            loss = (y_log_y - y * z - y + p).sum(axis=1)
-    return p, loss
+
+def _loss_factors(head, k):
+    """(loss_factor, grad_scale) of the table above."""
+    return {"softmax": (1.0, 1.0), "logistic": (float(k), float(k)),
+            "identity": (0.5, k / 2.0)}[head]
+
+
+def _poisson(z, y=None):
+    """exp(z) and, given targets y, the half Poisson deviance of each row (summed over the
+    outputs), computed from the logits z."""
+    p = np.exp(z)
+    if y is None:
+        return p, None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y_log_y = np.where(y > 0, y * np.log(np.where(y > 0, y, 1)), 0)
+    return p, (y_log_y - y * z - y + p).sum(axis=1)
 
 
 def _mean(values, weights):
@@ -392,6 +397,7 @@ class _BaseMLP(BaseEstimator):
         intercepts are drawn as scikit-learn draws them; with None they stay zero (the
         caller copies trained ones in)."""
         act = _HIDDEN_ACTIVATIONS[self.activation]
+        output, loss = _BUILT_IN.get(self.out_activation_, ("identity", None))
         layers = []
         for fan_in, fan_out in zip(layer_units[:-2], layer_units[1:-1]):
             if self.batch_norm:     # Dense -> BatchNorm -> activation, as batch norm is used
@@ -401,7 +407,7 @@ class _BaseMLP(BaseEstimator):
                 layers.append(Dense(fan_in, fan_out, act, init="zeros"))
             if self.dropout > 0:
                 layers.append(Dropout(self.dropout))
-        layers.append(Dense(layer_units[-2], layer_units[-1], init="zeros"))
+        layers.append(Dense(layer_units[-2], layer_units[-1], output, init="zeros"))
         # The network's seed only keys dropout masks; drawing it only then keeps the
         # random_state draws identical to scikit-learn's otherwise.
         seed = int(rs.randint(2 ** 31 - 1)) if self.dropout > 0 and rs is not None else 0
@@ -411,7 +417,7 @@ class _BaseMLP(BaseEstimator):
         else:
             optimizer = Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2),
                              eps=self.epsilon)
-        net = Network(layers, loss=None, optimizer=optimizer, dtype=self.dtype, seed=seed)
+        net = Network(layers, loss=loss, optimizer=optimizer, dtype=self.dtype, seed=seed)
         if rs is not None:
             # Glorot & Bengio's uniform bound, with factor 2 instead of 6 for the logistic
             # function, for the weights and the intercepts alike (scikit-learn's _init_coef).
@@ -569,6 +575,8 @@ class _BaseMLP(BaseEstimator):
                               "It is going to be clipped", stacklevel=4)
             batch_size = min(self.batch_size, n)
         order = np.arange(n)
+        # The built-in cross-entropy takes class numbers: cheaper than one-hot rows.
+        T = Y.argmax(axis=1) if self.out_activation_ == "softmax" else Y
         self.network_.train()
         try:
             self.n_iter_ = 0
@@ -578,7 +586,7 @@ class _BaseMLP(BaseEstimator):
                 total = 0.0
                 for start in range(0, n, batch_size):
                     rows = order[start:start + batch_size]
-                    total += self._train_batch(X, Y, sample_weight, rows) * len(rows)
+                    total += self._train_batch(X, T, sample_weight, rows) * len(rows)
                 self.n_iter_ += 1
                 self.loss_ = total / n
                 self.t_ += n
@@ -605,35 +613,55 @@ class _BaseMLP(BaseEstimator):
         if self.early_stopping:
             self._restore(self._best_snapshot)
 
-    def _train_batch(self, X, Y, sample_weight, rows):
-        """One step on X[rows]: forward, the loss and p - y here, backward, L2 penalty,
-        update.  Returns the minibatch loss (before the update), as scikit-learn does."""
+    def _train_batch(self, X, T, sample_weight, rows):
+        """One step on X[rows] against targets T[rows] (class numbers for softmax): the
+        loss with its L2 penalty, the gradients, the update.  Returns the minibatch loss
+        (before the update), as scikit-learn does."""
         net = self.network_
-        z = net.forward(_rows(X, rows))
-        y, sw = Y[rows], None if sample_weight is None else sample_weight[rows]
-        norm = len(rows) if sw is None else sw.sum()
+        norm = len(rows) if sample_weight is None else float(sample_weight[rows].sum())
         if norm == 0:                   # nothing to learn from in this minibatch
             return 0.0
-        p, loss_rows = _head(self.out_activation_, z, y)
+        if hasattr(X, "toarray"):       # sparse: densify just this batch
+            X, T = _rows(X, rows), T[rows]
+            sample_weight = None if sample_weight is None else sample_weight[rows]
+            rows = None
+        try:
+            if self.out_activation_ == "exp":
+                loss = self._poisson_gradients(X, T, sample_weight, rows, norm)
+            else:
+                factor, scale = _loss_factors(self.out_activation_, self.n_outputs_)
+                loss = factor * net.compute_gradients(X, T, rows, sample_weight=sample_weight,
+                                                      l2=self.alpha / (norm * scale),
+                                                      scale=scale)
+                if factor != scale and self.alpha > 0:  # the penalty in the loss: see above
+                    loss += 0.5 * self.alpha / norm * (1 - factor / scale) * sum(
+                        float(w.ravel() @ w.ravel()) for w in self.coefs_)
+            net.step()
+        except FloatingPointError as error:  # refused: the weights are the last good ones
+            raise ValueError(f"{_DIVERGED} ({error}; epoch {self.n_iter_ + 1}.)") from None
+        net.zero_grad()
+        return loss
+
+    def _poisson_gradients(self, X, T, sample_weight, rows, norm):
+        """The Poisson head's loss and gradients, computed here (see _BUILT_IN)."""
+        net = self.network_
+        rows = slice(None) if rows is None else rows
+        z = net.forward(X[rows])
+        y, sw = T[rows], None if sample_weight is None else sample_weight[rows]
+        p, loss_rows = _poisson(z, y)
         loss = _mean(loss_rows, sw)
-        if not np.isfinite(loss):       # stop here: the weights are still the last good ones
-            raise ValueError(f"{_DIVERGED} (The loss was {loss} at epoch {self.n_iter_ + 1}.)")
-        delta = p - y                   # dLoss/dz for every output head
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss}")
+        delta = p - y                   # dLoss/dz
         if sw is not None:
             delta *= sw[:, None].astype(delta.dtype)
         delta /= delta.dtype.type(norm)
         net.backward(grad_output=delta, input_grad=False)   # dL/dX is not needed
         penalty = 0.0
-        scale = self.alpha / norm
         for layer in self._dense_layers(net):
             w, grad = layer.weight.ravel(), layer.weight_grad.ravel()     # views
             penalty += float(w @ w)
-            grad += w * w.dtype.type(scale)
-        try:
-            net.step()
-        except FloatingPointError:      # a step that refuses non-finite gradients
-            raise ValueError(_DIVERGED) from None
-        net.zero_grad()
+            grad += w * w.dtype.type(self.alpha / norm)
         return loss + 0.5 * self.alpha * penalty / norm
 
     def _set_lr(self, lr):
@@ -714,7 +742,8 @@ class _BaseMLP(BaseEstimator):
         """Outputs p = f(z) of the network for validated X, in chunks of rows."""
         chunks = [self.network_.forward(_rows(X, slice(i, i + _PREDICT_CHUNK)))
                   for i in range(0, X.shape[0], _PREDICT_CHUNK)]
-        return _head(self.out_activation_, np.concatenate(chunks))[0]
+        outputs = np.concatenate(chunks)
+        return _poisson(outputs)[0] if self.out_activation_ == "exp" else outputs
 
     def _predict_outputs(self, X):
         """Outputs for new X, in X's precision (float32 for float32 X, else float64) as

@@ -194,13 +194,22 @@ class Network:
         """Set every gradient to zero."""
         self._engine.zero_grad()
 
-    def train_step(self, x, y, rows=None, *, clip_grad_norm=None):
+    def train_step(self, x, y, rows=None, *, sample_weight=None, l2=0.0,
+                   clip_grad_norm=None):
         """forward + loss + backward + step + zero_grad in one call into compiled code;
         returns the loss (of the batch, before the update).
 
         rows : 1-D integer array, optional
             Train on x[rows], y[rows] instead, gathered straight into the network's input
             buffer (how ``fit`` draws shuffled minibatches without copying the dataset).
+        sample_weight : 1-D float array, optional
+            One weight per row of x (finite, >= 0): the loss becomes the weighted mean
+            sum(w_i * loss_i) / sum(w_i) over the batch's rows, as in scikit-learn and Keras.
+        l2 : float, default 0
+            Add the L2 penalty ``l2 / 2 * sum(W ** 2)`` over every Dense weight matrix
+            (not biases, not the normalisations' parameters) to the loss, so ``l2 * W`` to
+            those gradients: scikit-learn's ``alpha`` is ``l2 = alpha / batch rows``.
+            Unlike an optimizer's ``weight_decay`` it is part of the returned loss.
         clip_grad_norm : float, optional
             Scale the gradients so their global norm is at most this before the update.
 
@@ -209,17 +218,21 @@ class Network:
         clip = 0.0 if clip_grad_norm is None else float(clip_grad_norm)
         if clip_grad_norm is not None and not (clip > 0 and np.isfinite(clip)):
             raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm!r}")
-        return self._engine.train_step(x, y, self.optimizer, rows, clip)
+        return self._engine.train_step(x, y, self.optimizer, rows, clip, False,
+                                       sample_weight, l2)
 
-    def compute_gradients(self, x, y, rows=None, *, scale=1.0, row_offset=0):
+    def compute_gradients(self, x, y, rows=None, *, sample_weight=None, l2=0.0, scale=1.0,
+                          row_offset=0):
         """forward + loss + backward in one call, without the update: adds
-        ``scale * dL/dparams`` to ``grads`` and returns the mean loss of the batch.
+        ``scale * dL/dparams`` to ``grads`` and returns the mean loss of the batch
+        (``sample_weight`` and ``l2`` as in ``train_step``).
 
         For gradient accumulation and data-parallel training: with a global batch split
         between processes, give each process ``scale = its rows / global rows`` and
         ``row_offset`` = the global number of its first row (dropout masks are keyed by
         it), then sum the gradients (``backprop.distributed``) and ``step()``."""
-        return self._engine.compute_gradients(x, y, rows, scale, row_offset)
+        return self._engine.compute_gradients(x, y, rows, scale, row_offset, sample_weight,
+                                              l2)
 
     def clip_grad_norm(self, max_norm):
         """Scale the gradients so their global norm is at most max_norm (as
