@@ -9,10 +9,12 @@ Everything about compilation lives here, once:
   turns bounds, wraparound and initialisation checks back on: the test suite
   is run against such a build in CI.
 * ``BACKPROP_SANITIZE=address`` instruments the extension with AddressSanitizer.
-* No ``-march=native``: the wheel must run on any x86-64.  The AVX2+FMA GEMM
-  kernels carry their own ``target`` attributes and are chosen at run time.
+* No ``-march=native``: the wheel must run on any x86-64.  The core is built
+  three times (baseline, AVX2+FMA, AVX-512) and the best build the CPU runs is
+  imported at run time (``backprop/_simd.py``).
 """
 import os
+import platform
 import sys
 import tempfile
 import textwrap
@@ -70,6 +72,7 @@ class BuildWithOpenMP(build_ext):
             ext.extra_compile_args += compile_args
             ext.extra_link_args += link_args
             ext.define_macros.append(("BACKPROP_OPENMP", "0" if SERIAL else "1"))
+        self.parallel = self.parallel or os.cpu_count()    # the builds compile side by side
         super().build_extensions()
 
 
@@ -85,18 +88,37 @@ directives = {
 
 optimise = ["-O1", "-g"] if DEBUG else ["-O3"]
 sanitize = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"] if SANITIZE else []
-core = Extension(
-    "backprop._core",
-    ["src/backprop/_core.pyx"],
-    include_dirs=[np.get_include(), "src/backprop"],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    extra_compile_args=[] if sys.platform == "win32" else optimise + ["-fno-math-errno"] + sanitize,
-    extra_link_args=sanitize,
-)
+
+# The core is compiled once per SIMD level, so that the compiler vectorises every
+# element-wise loop as wide as the CPU allows; backprop/_simd.py imports the build the
+# CPU runs best.  BACKPROP_BUILD_LEVEL tells the GEMM which kernels belong to the build.
+# Only GCC and Clang on x86-64 get the variants; elsewhere `_core` is the only build.
+LEVELS = {"_core": (0, []),
+          "_core_avx2": (1, ["-mavx2", "-mfma"]),
+          "_core_avx512": (2, ["-mavx2", "-mfma", "-mavx512f", "-mavx512cd", "-mavx512bw",
+                               "-mavx512dq", "-mavx512vl"])}
+X86_64 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+
+
+def core(name):
+    level, flags = LEVELS[name]
+    return Extension(
+        f"backprop.{name}",
+        [f"src/backprop/{name}.pyx"],
+        include_dirs=[np.get_include(), "src/backprop"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                       ("BACKPROP_BUILD_LEVEL", str(level))],
+        extra_compile_args=([] if sys.platform == "win32"
+                            else optimise + ["-fno-math-errno"] + flags + sanitize),
+        extra_link_args=sanitize,
+    )
+
+
+cores = [core(name) for name in (LEVELS if X86_64 else ["_core"])]
 
 setup(
     # force: the generated C depends on the directives above, which cythonize's
     # timestamp check cannot see (a debug build must never reuse release C, or back).
-    ext_modules=cythonize([core], compiler_directives=directives, force=True),
+    ext_modules=cythonize(cores, compiler_directives=directives, force=True),
     cmdclass={"build_ext": BuildWithOpenMP},
 )

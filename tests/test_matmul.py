@@ -46,7 +46,7 @@ def cpu_levels():
     levels = ["generic"]
     if {"avx2", "fma"} <= flags:
         levels.insert(0, "avx2")
-        if {"avx512f", "avx512vl", "avx512dq"} <= flags:
+        if {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= flags:
             levels.insert(0, "avx512")
     return levels
 

@@ -35,7 +35,9 @@ from backprop._tape cimport (Tape, Op, Slot, OpKind, DENSE, BATCHNORM, LAYERNORM
                              forward_pass, loss_delta, backward_pass, weight_penalty)
 
 cnp.import_array()
-bp_gemm_init()
+if bp_gemm_init() != 0:
+    raise ImportError(f"{__name__} was compiled for SIMD instructions this CPU lacks; "
+                      "import backprop, which picks the build the CPU runs (backprop/_simd.py)")
 
 cdef extern from *:
     """
@@ -97,10 +99,10 @@ MAX_THREADS = 1024
 
 
 def simd_kernel():
-    """The GEMM micro-kernels in use: "avx512" (AVX-512 F/VL/DQ), "avx2+fma", or
-    "generic" (portable C).  The best level the CPU has is chosen at import;
-    BACKPROP_SIMD=avx512|avx2|generic set before import caps it (it never raises it
-    past what the CPU has), and any other value is ignored."""
+    """The SIMD level the compiled core runs at, GEMM micro-kernels and element-wise
+    loops alike: "avx512" (AVX-512 F/CD/BW/DQ/VL), "avx2+fma", or "generic" (baseline
+    x86-64, or portable C elsewhere).  The best level the CPU has is chosen at import;
+    BACKPROP_SIMD=avx512|avx2|generic set before import caps it (see backprop/_simd.py)."""
     return bp_gemm_kernel_name().decode()
 
 

@@ -60,7 +60,7 @@ cdef extern from "_gemm_kernels.h" nogil:
         long size[4]
     const bp_context bp_ctx
     const bp_caches bp_ctx_caches
-    void bp_gemm_init()
+    int bp_gemm_init()
     const char* bp_gemm_kernel_name()
     int bp_team_size()
 

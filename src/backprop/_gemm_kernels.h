@@ -15,15 +15,13 @@
  * both packs zero the columns valid..width-1, so the kernel can run over whole tiles.
  *
  * Levels: "generic" (portable C, 6x16 / 6x8), "avx2+fma" (6x16 float / 6x8 double,
- * _gemm_avx2.h) and "avx512" (8x32 float / 8x16 double, _gemm_avx512.h).  The SIMD
- * code carries `target` attributes, so the module is compiled for baseline x86-64 and
- * imports everywhere; bp_gemm_init() fills one context (bp_ctx, as BLIS's context
- * does) with the best level the CPU has, once, at import.  MR, NR and the cache
- * blocking differ per level and per element type, so the loop nest reads them from
- * bp_ctx, never from compile-time constants.
- *
- * BACKPROP_SIMD=avx512|avx2|generic caps the level (it can only lower it: asking for
- * avx512 on an AVX2 machine gives avx2); any other value is ignored.
+ * _gemm_avx2.h) and "avx512" (8x32 float / 8x16 double, _gemm_avx512.h).  The core is
+ * compiled once per level (setup.py; backprop/_simd.py imports the build the CPU runs
+ * best), and BACKPROP_BUILD_LEVEL says which build this is: bp_gemm_init() fills one
+ * context (bp_ctx, as BLIS's context does) with that level's kernels and blocking, once,
+ * at import.  MR, NR and the cache blocking differ per level and per element type, so
+ * the loop nest reads them from bp_ctx, never from compile-time constants.  The SIMD
+ * kernels also carry `target` attributes, so the headers compile in every build.
  */
 #ifndef BP_GEMM_KERNELS_H
 #define BP_GEMM_KERNELS_H
@@ -176,7 +174,8 @@ static int bp_cpu_level(void)
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-            && __builtin_cpu_supports("avx512dq"))
+            && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512cd"))
         return BP_LEVEL_AVX512;
     if (avx2)
         return BP_LEVEL_AVX2;
@@ -184,17 +183,10 @@ static int bp_cpu_level(void)
     return BP_LEVEL_GENERIC;
 }
 
-/* BACKPROP_SIMD as a level; -1 for unset or unknown (then the best level is used). */
-static int bp_requested_level(void)
-{
-    const char *forced = getenv("BACKPROP_SIMD");
-    if (forced == NULL)
-        return -1;
-    if (strcmp(forced, "generic") == 0) return BP_LEVEL_GENERIC;
-    if (strcmp(forced, "avx2") == 0) return BP_LEVEL_AVX2;
-    if (strcmp(forced, "avx512") == 0) return BP_LEVEL_AVX512;
-    return -1;
-}
+/* The level this build was compiled for: 0 generic, 1 avx2+fma, 2 avx512 (setup.py). */
+#ifndef BACKPROP_BUILD_LEVEL
+#define BACKPROP_BUILD_LEVEL BP_LEVEL_GENERIC
+#endif
 
 /* ------------------------------------------------------------------ cache blocking */
 
@@ -316,18 +308,19 @@ static bp_blocking bp_blocking_for(bp_blocking blk, int level, size_t size, bp_c
 static bp_context bp_ctx;        /* written once by bp_gemm_init, read-only afterwards */
 static bp_caches bp_ctx_caches;  /* what the blocking was computed from */
 
-/* Called once at import, before any thread exists. */
-static void bp_gemm_init(void)
+/* Called once at import, before any thread exists.  Returns -1 (and changes nothing)
+ * when the CPU lacks the instructions this build was compiled with. */
+static int bp_gemm_init(void)
 {
-    int level = bp_cpu_level();
-    int requested = bp_requested_level();
-    if (requested >= 0 && requested < level)
-        level = requested;
+    int level = BACKPROP_BUILD_LEVEL;
+    if (bp_cpu_level() < level)
+        return -1;
     bp_ctx = bp_levels[level];
     bp_ctx_caches = bp_sane_caches(bp_detect_caches());
     long n_cpus = bp_online_cpus();
     bp_ctx.s.blk = bp_blocking_for(bp_ctx.s.blk, level, sizeof(float), bp_ctx_caches, n_cpus);
     bp_ctx.d.blk = bp_blocking_for(bp_ctx.d.blk, level, sizeof(double), bp_ctx_caches, n_cpus);
+    return 0;
 }
 
 static const char *bp_gemm_kernel_name(void) { return bp_ctx.name; }
