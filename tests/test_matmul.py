@@ -147,7 +147,8 @@ def check_every_operand_layout(dtype, trans_a, trans_b, seed=0):
 
 def team_shapes(dtype):
     """Products above the 2^20 multiply-adds below which one thread is used: C split by
-    columns into 256+ strips, by rows into 256+ strips, and one with three k blocks."""
+    columns into 256+ strips, by rows into 256+ strips, one with three k blocks, and two
+    too thin for the tiles."""
     b = blocking(dtype)
     mr, nr, kc = b["mr"], b["nr"], b["kc"]
 
@@ -157,7 +158,11 @@ def team_shapes(dtype):
     return [(mr + 1, 256 * nr + 3, deep_enough(mr + 1, 256 * nr + 3), False, True),  # X.W^T
             (256 * mr + 5, 3, deep_enough(256 * mr + 5, 3), True, False),           # dZ^T X
             (2 * mr + 1, 3 * nr + 1, max(2 * kc + 1, deep_enough(2 * mr + 1, 3 * nr + 1)),
-             False, False)]
+             False, False),
+            # the unpacked loops of _gemm_skinny.h, split by rows: a 3-output layer's
+            # forward (dot products) and a 1-output layer's input gradient (k = 1)
+            (4099, 3, deep_enough(4099, 3), False, True),
+            ((1 << 20) // 37 + 1, 37, 1, False, False)]
 
 
 def check_any_team_is_bit_identical(dtype, teams=TEAMS, seed=0):

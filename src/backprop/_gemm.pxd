@@ -27,7 +27,7 @@
 # function of the shape and the thread count asked for, shared by gemm() and
 # gemm_scratch_bytes(), so a caller can size the scratch exactly beforehand.
 from cython cimport floating
-from cython.parallel cimport parallel, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.string cimport memset
 from backprop._activations cimport activate_tile
 from backprop._parallel cimport part_start
@@ -63,6 +63,20 @@ cdef extern from "_gemm_kernels.h" nogil:
     int bp_gemm_init()
     const char* bp_gemm_kernel_name()
     int bp_team_size()
+
+cdef extern from "_gemm_skinny.h" nogil:
+    void bp_dot_rows_s(Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t n, Py_ssize_t k,
+                       const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb,
+                       float* c, Py_ssize_t ldc, int accumulate)
+    void bp_dot_rows_d(Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t n, Py_ssize_t k,
+                       const double* a, Py_ssize_t lda, const double* b, Py_ssize_t ldb,
+                       double* c, Py_ssize_t ldc, int accumulate)
+    void bp_axpy_rows_s(Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t n, Py_ssize_t k,
+                        const float* a, Py_ssize_t lda, int trans_a, const float* b,
+                        Py_ssize_t ldb, float* c, Py_ssize_t ldc, int accumulate)
+    void bp_axpy_rows_d(Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t n, Py_ssize_t k,
+                        const double* a, Py_ssize_t lda, int trans_a, const double* b,
+                        Py_ssize_t ldb, double* c, Py_ssize_t ldc, int accumulate)
 
 cdef enum:
     # Below ~1M multiply-adds (~10-25 us on one core) a second thread saves less than the
@@ -258,6 +272,70 @@ cdef inline void gemm_share(const GemmPlan* plan, int share, Py_ssize_t m, Py_ss
                    b, ldb, trans_b, c, ldc, accumulate, bias, activation, slot)
 
 
+# ---- products too thin for the tiles (_gemm_skinny.h)
+
+cdef enum SkinnyForm:
+    TILED = 0
+    DOT = 1           # C[i, j] = A's row i . B's row j: op(A) = A, op(B) = B^T
+    AXPY = 2          # C's row i += A(i, p) * B's row p: op(B) = B
+
+cdef enum:
+    # The widest C computed as dot products, and the most rows of C or terms of k that
+    # go to the unpacked loop when B is not transposed.  Measured on Zen 4 (200 x 100
+    # operands): the tiles cost about the same for 1 to NR columns (15 us), the dot
+    # products grow with the columns (4.5 us for 1, 8 for 4, 15 for 8).
+    SKINNY_COLUMNS = 4
+    SKINNY_SIDE = 2
+
+
+cdef inline int skinny_form(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint trans_a,
+                            bint trans_b) noexcept nogil:
+    if trans_b and not trans_a and n <= SKINNY_COLUMNS:
+        return DOT
+    if not trans_b and (m <= SKINNY_SIDE or k <= SKINNY_SIDE):
+        return AXPY
+    return TILED
+
+
+cdef inline void skinny_rows(int form, Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t n,
+                             Py_ssize_t k, const floating* a, Py_ssize_t lda, bint trans_a,
+                             const floating* b, Py_ssize_t ldb, floating* c, Py_ssize_t ldc,
+                             bint accumulate, const floating* bias,
+                             int activation) noexcept nogil:
+    """Rows i0..i1 of C by the unpacked loop `form`, then their bias and activation."""
+    if form == DOT:
+        if floating is float:
+            bp_dot_rows_s(i0, i1, n, k, a, lda, b, ldb, c, ldc, accumulate)
+        else:
+            bp_dot_rows_d(i0, i1, n, k, a, lda, b, ldb, c, ldc, accumulate)
+    else:
+        if floating is float:
+            bp_axpy_rows_s(i0, i1, n, k, a, lda, trans_a, b, ldb, c, ldc, accumulate)
+        else:
+            bp_axpy_rows_d(i0, i1, n, k, a, lda, trans_a, b, ldb, c, ldc, accumulate)
+    epilogue(c + i0 * ldc, ldc, i1 - i0, n, bias, activation)
+
+
+cdef inline void gemm_skinny(int form, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                             const floating* a, Py_ssize_t lda, bint trans_a,
+                             const floating* b, Py_ssize_t ldb, floating* c, Py_ssize_t ldc,
+                             bint accumulate, const floating* bias, int activation,
+                             int n_threads) noexcept nogil:
+    """Threads split C by rows, each row computed whole by one thread: the same result
+    for any team."""
+    cdef Py_ssize_t t, lo, hi
+    cdef int team = n_threads if <double>m * n * k >= PARALLEL_MIN_WORK and m > 1 else 1
+    if team <= 1:
+        skinny_rows(form, 0, m, n, k, a, lda, trans_a, b, ldb, c, ldc, accumulate, bias,
+                    activation)
+        return
+    for t in prange(team, num_threads=team, schedule="static"):
+        lo = part_start(m, t, team, 1)
+        hi = part_start(m, t + 1, team, 1)
+        skinny_rows(form, lo, hi, n, k, a, lda, trans_a, b, ldb, c, ldc, accumulate, bias,
+                    activation)
+
+
 cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                       const floating* a, Py_ssize_t lda, bint trans_a,
                       const floating* b, Py_ssize_t ldb, bint trans_b,
@@ -271,7 +349,7 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
     64-byte aligned, from the caller (a network allocates it once; nothing is allocated
     here).  If OpenMP grants fewer threads than asked, each runs several shares in turn,
     each in its own thread's slot: the result is the same."""
-    cdef int tid, team, share
+    cdef int tid, team, share, form
     cdef Py_ssize_t i
     cdef GemmPlan plan
     if m <= 0 or n <= 0:
@@ -281,6 +359,11 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
             for i in range(m):
                 memset(c + i * ldc, 0, n * sizeof(floating))
         epilogue(c, ldc, m, n, bias, activation)
+        return
+    form = skinny_form(m, n, k, trans_a, trans_b)
+    if form != TILED:
+        gemm_skinny(form, m, n, k, a, lda, trans_a, b, ldb, c, ldc, accumulate, bias,
+                    activation, n_threads)
         return
     plan = plan_gemm(m, n, k, n_threads, sizeof(floating))
     if plan.workers == 1:    # no parallel region at all: it costs microseconds to enter
