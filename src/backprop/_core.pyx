@@ -1243,12 +1243,14 @@ cdef class Engine:
         return [self.weight_norms[i] for i in range(self.n_dense)]
 
     def train_step(self, x, y, OptimizerBase optimizer, rows=None, double clip=0.0,
-                   bint record_norms=False, sample_weight=None, double l2=0.0):
+                   bint record_norms=False, sample_weight=None, double l2=0.0,
+                   double scale=1.0):
         """forward, loss, backward, optimizer update and zero_grad in one call, with the
         GIL released from the first multiply to the last update.  With `rows`, the batch
         is x[rows], y[rows], gathered straight into the workspace (and the row weights
         sample_weight[rows]); l2 > 0 adds the L2 penalty of the Dense weights to the loss
-        (see compute_gradients).  clip > 0 scales the
+        (see compute_gradients), whose gradient is multiplied by `scale` (the factor
+        between another library's loss and the built-in one).  clip > 0 scales the
         gradients so their global norm is at most `clip` (torch's clip_grad_norm_).
         A step whose loss or gradients are not finite is refused: FloatingPointError,
         and the weights, optimizer, statistics and gradients are as they were."""
@@ -1261,6 +1263,7 @@ cdef class Engine:
             if not (clip >= 0 and isfinite(clip)):
                 raise ValueError(f"clip must be a finite number >= 0, got {clip}")
             _check_l2(l2)
+            _check_scale(scale)
             labels = self._load(x, y, rows, 0, sample_weight)
             nt = self._ready_threads()
             pending = self.has_grads
@@ -1275,7 +1278,7 @@ cdef class Engine:
                         memcpy(backup, self.tape.grads,
                                self.params.shape[0] * self.dtype_size())
                     self._begin_forward()
-                    value = self._pass(FORWARD | LOSS | BACKWARD, nt, labels, 1.0, False,
+                    value = self._pass(FORWARD | LOSS | BACKWARD, nt, labels, scale, False,
                                        self.from_logits, l2)
                     ok = isfinite(value)
                     if ok:

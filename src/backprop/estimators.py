@@ -628,19 +628,20 @@ class _BaseMLP(BaseEstimator):
         try:
             if self.out_activation_ == "exp":
                 loss = self._poisson_gradients(X, T, sample_weight, rows, norm)
-            else:
-                factor, scale = _loss_factors(self.out_activation_, self.n_outputs_)
-                loss = factor * net.compute_gradients(X, T, rows, sample_weight=sample_weight,
-                                                      l2=self.alpha / (norm * scale),
-                                                      scale=scale)
-                if factor != scale and self.alpha > 0:  # the penalty in the loss: see above
-                    loss += 0.5 * self.alpha / norm * (1 - factor / scale) * sum(
-                        float(w.ravel() @ w.ravel()) for w in self.coefs_)
-            net.step()
+                net.step()
+                net.zero_grad()
+                return loss
+            factor, scale = _loss_factors(self.out_activation_, self.n_outputs_)
+            loss = 0.0
+            if factor != scale and self.alpha > 0:   # the penalty's share: see _BUILT_IN
+                loss = 0.5 * self.alpha / norm * (1 - factor / scale) * sum(
+                    float(w.ravel() @ w.ravel()) for w in self.coefs_)
+            # forward, loss, backward and update in one call into the core
+            return loss + factor * net._engine.train_step(
+                X, T, net.optimizer, rows, 0.0, False, sample_weight,
+                self.alpha / (norm * scale), scale)
         except FloatingPointError as error:  # refused: the weights are the last good ones
             raise ValueError(f"{_DIVERGED} ({error}; epoch {self.n_iter_ + 1}.)") from None
-        net.zero_grad()
-        return loss
 
     def _poisson_gradients(self, X, T, sample_weight, rows, norm):
         """The Poisson head's loss and gradients, computed here (see _BUILT_IN)."""
