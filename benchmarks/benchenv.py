@@ -11,21 +11,33 @@ import sys
 # NumPy's OpenBLAS pick its Haswell kernels on an AVX-512 CPU (about half the sgemm speed).
 OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 _REMOVED = "BACKPROP_BENCH_REMOVED_ENV"     # what the re-executed script was started with
+# An AVX2-only CPU (Zen 3, Haswell to Skylake client) emulated on an AVX-512 one: every
+# library capped at AVX2+FMA, through the variable each reads when it loads.  The cores
+# stay this machine's (caches, clocks, two FMA pipes), so it shows the code paths, not
+# a Zen 3's speed.
+AVX2_ONLY = {"BACKPROP_SIMD": "avx2", "OPENBLAS_CORETYPE": "Haswell",
+             "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}
 
 
-def drop_openblas_overrides():
-    """Re-execute this script without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if either is set.
+def drop_openblas_overrides(avx2_only=False):
+    """Re-execute this script without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if either is set
+    (or, with avx2_only, with exactly the AVX2_ONLY caps).
 
     OpenBLAS reads them once, when it is loaded, so they must be gone from the process's
     environment before NumPy (or anything else linking OpenBLAS) is imported: the script
     starts again with a cleaned environment.  Benchmarks only; tests and CI keep them.
     """
-    found = {name: os.environ[name] for name in OPENBLAS_OVERRIDES if name in os.environ}
-    if not found:
+    wanted = AVX2_ONLY if avx2_only else {}
+    found = {name: os.environ[name] for name in OPENBLAS_OVERRIDES
+             if name in os.environ and os.environ[name] != wanted.get(name)}
+    missing = {name: value for name, value in wanted.items() if os.environ.get(name) != value}
+    if not found and not missing:
         return
     if "numpy" in sys.modules:
         raise RuntimeError("drop_openblas_overrides must run before numpy is imported")
     env = {k: v for k, v in os.environ.items() if k not in found}
+    env.update(wanted)
     env[_REMOVED] = " ".join(f"{k}={v}" for k, v in found.items())
     sys.stdout.flush()
     os.execve(sys.executable, sys.orig_argv, env)
@@ -34,9 +46,12 @@ def drop_openblas_overrides():
 def environment_note():
     """One line saying what was removed from the environment, or that nothing was set."""
     removed = os.environ.get(_REMOVED)
-    if removed:
-        return f"Environment: removed {removed} (re-executed without them)"
-    return f"Environment: {' and '.join(OPENBLAS_OVERRIDES)} not set"
+    note = (f"Environment: removed {removed} (re-executed without them)" if removed else
+            f"Environment: {' and '.join(OPENBLAS_OVERRIDES)} not set")
+    if all(os.environ.get(name) == value for name, value in AVX2_ONLY.items()):
+        note = ("Environment: an AVX2-only CPU emulated, every library capped at AVX2 ("
+                + ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items()) + ")")
+    return note
 
 
 def machine_line():

@@ -5,6 +5,7 @@ numpy.matmul.
     python benchmarks/compare.py                   # every config but huge, 2 threads
     python benchmarks/compare.py --quick           # a short run (about a minute)
     python benchmarks/compare.py --configs huge --rounds 3 --no-matmul
+    python benchmarks/compare.py --avx2-only       # every library capped at AVX2+FMA
 
 Method.  Every framework trains the same network (configs.py, built for each framework in
 networks.py) from the same initial weights on one fixed batch: same sizes, batch, loss,
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchenv  # noqa: E402  (imports nothing heavy: must run before NumPy loads)
 
 if __name__ == "__main__":
-    benchenv.drop_openblas_overrides()
+    benchenv.drop_openblas_overrides(avx2_only="--avx2-only" in sys.argv)
 
 import argparse  # noqa: E402
 from functools import partial  # noqa: E402
@@ -249,6 +250,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="3 rounds of short blocks, 4 matmul shapes")
     parser.add_argument("--no-matmul", action="store_true", help="skip the matmul table")
+    parser.add_argument("--avx2-only", action="store_true",
+                        help="cap every library at AVX2+FMA, as on a CPU without AVX-512 "
+                             "(benchenv.AVX2_ONLY)")
     parser.add_argument("--torch-optim", choices=TORCH_IMPLEMENTATIONS, default="fused",
                         help="torch.optim.SGD's implementation (default: fused)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the output here")
