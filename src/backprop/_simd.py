@@ -11,9 +11,10 @@ NumPy detects (which include the operating system's support for the wider regist
     BACKPROP_SIMD=avx512|avx2|generic   caps the level (it never raises it past what
                                         the CPU has; other values are ignored)
 
-Each build also checks the CPU itself at import and refuses to load on one that lacks
-its instructions.  Elsewhere (ARM, or a build without the variants) ``_core`` is the
-only build.
+This choice is the gate: importing ``_core_avx512`` directly on a CPU without AVX-512
+may stop the process with an illegal instruction before the build's own check (at the
+end of its initialisation, ImportError) is reached.  Elsewhere (ARM, Windows, or a
+build without the variants) ``_core`` is the only build.
 """
 import importlib
 import os
