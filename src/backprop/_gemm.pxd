@@ -14,11 +14,13 @@
 # contiguous streams the micro-kernel reads, so one kernel serves all three products
 # of a dense layer.  Edge tiles are computed whole from zero-padded panels and the
 # kernel writes only their valid part.  When the last KC block of a tile is done, its
-# bias and activation are applied while the tile is still in cache.
+# bias and activation are applied while the tile is still in cache.  Products with a
+# side too thin for the tiles (a layer with one to four outputs) skip all of this and
+# run the unpacked loops of _gemm_skinny.h.
 #
 # The micro-kernels, the packing routines and MR, NR, KC, MC, NC come from the SIMD
-# level chosen at import (bp_ctx in _gemm_kernels.h: generic, avx2+fma or avx512, the
-# blocking from the CPU's cache sizes); nothing here assumes a tile shape.
+# level of this build of the core (bp_ctx in _gemm_kernels.h: generic, avx2+fma or
+# avx512, the blocking from the CPU's cache sizes); nothing here assumes a tile shape.
 #
 # Threads split C into disjoint strips of whole tiles (never the k sum): each share
 # packs its own panels into its own scratch slot, so there is no barrier and every
