@@ -4,6 +4,7 @@ and that each trains a network as the others do.
 The CPU's own levels come from /proc/cpuinfo (test_matmul.cpu_levels), independently of
 NumPy's feature detection that _simd.py uses."""
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -63,3 +64,13 @@ def test_every_build_trains_alike():
         assert module == _simd.MODULES[level]
         np.testing.assert_allclose(losses, reference[1], rtol=1e-12)
         np.testing.assert_allclose(params, reference[2], rtol=1e-9, atol=1e-12)
+
+
+def test_functions_pickle_under_the_name_every_build_answers_to():
+    """A function sent to another machine (joblib, Dask, Ray) must not name this
+    machine's build, which the other CPU may not run."""
+    for name in ("get_num_threads", "set_num_threads", "simd_kernel", "matmul"):
+        function = getattr(bp._core, name)
+        data = pickle.dumps(function)
+        assert b"_core_avx" not in data
+        assert pickle.loads(data) is function

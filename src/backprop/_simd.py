@@ -75,6 +75,14 @@ def load_core():
                               f"({error}); a lower level's build is used, which is slower",
                               RuntimeWarning, stacklevel=3)
             level = LEVELS[LEVELS.index(level) - 1]
+    # Functions pickle by reference (joblib, Dask and Ray send them to other machines,
+    # whose CPUs may lack this build's instructions): they must name backprop._core,
+    # which every machine resolves to its own build.  (The compiled classes' module names
+    # cannot change; they are never pickled: Networks and optimizers pickle as data.)
+    for value in vars(module).values():
+        if callable(value) and not isinstance(value, type) \
+                and getattr(value, "__module__", None) == module.__name__:
+            value.__module__ = "backprop._core"
     sys.modules["backprop._core"] = module
     sys.modules["backprop"]._core = module
     return module
