@@ -77,7 +77,8 @@ def edge_shapes(dtype):
     b = blocking(dtype)
     mr, nr, kc, mc, nc = b["mr"], b["nr"], b["kc"], b["mc"], b["nc"]
     ms = [1, mr - 1, mr, mr + 1, 2 * mr + 1, mc - 1, mc, mc + 1]
-    ns = [1, nr - 1, nr, nr + 1, 2 * nr + 1]
+    # nr // 2 and nr // 2 + 1: on both sides of where a kernel skips an empty right half
+    ns = [1, nr // 2, nr // 2 + 1, nr - 1, nr, nr + 1, 2 * nr + 1]
     ks = [1, 2, kc - 1, kc, kc + 1, 2 * kc + 1]
     yield from ((m, n, k) for m in ms for n in ns for k in (1, kc + 1))
     yield from ((m, n, k) for m, n in [(mr + 1, nr + 1), (mc + 1, nr - 1), (mr, nr)] for k in ks)

@@ -8,7 +8,8 @@
  * 14 x 32 and 12 x 32 (more accumulators) measured 2-6% slower on Zen 5, 6 x 64 lost up
  * to 10% when N = 784 leaves a mostly empty last panel.
  * Edge tiles need no scratch tile: rows past the edge are simply not stored, columns
- * past it are masked off.
+ * past it are masked off.  A tile no wider than one vector (a 10-class output layer,
+ * or N = 784's last 16 columns) skips the zero-padded right half of B's panel.
  */
 #ifndef BP_GEMM_AVX512_H
 #define BP_GEMM_AVX512_H
@@ -37,6 +38,22 @@ static inline __mmask8 bp_mask8(ptrdiff_t n)
       c##i##0 = fmadd(ai, b0, c##i##0);                                                 \
       c##i##1 = fmadd(ai, b1, c##i##1); }
 
+/* The same for a tile whose columns all lie in B's left vector. */
+#define BP_HALF512(i, set1, fmadd)                                                      \
+    c##i##0 = fmadd(set1(a[i]), b0, c##i##0);
+
+/* The k loop of a tile: per step, B's vectors (`load_b`), the eight rows (`row`, one of
+ * the two above), then the next column of A's panel and row of B's. */
+#define BP_KLOOP512(row, load_b, NR, set1, fmadd)                                      \
+    _Pragma("GCC unroll 4")                                                             \
+    for (ptrdiff_t p = 0; p < k; p++) {                                                 \
+        load_b                                                                          \
+        row(0, set1, fmadd) row(1, set1, fmadd) row(2, set1, fmadd) row(3, set1, fmadd) \
+        row(4, set1, fmadd) row(5, set1, fmadd) row(6, set1, fmadd) row(7, set1, fmadd) \
+        a += BP_AVX512_MR;                                                              \
+        b += NR;                                                                        \
+    }
+
 /* Row i of the tile, if it is inside C: masked to the valid columns, added to C's
  * values when `add`. */
 #define BP_STORE512(i, W, loadz, store, addv)                                           \
@@ -60,20 +77,13 @@ BP_AVX512 static void bp_skernel_avx512(ptrdiff_t k, const float *a, const float
         _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
         _mm_prefetch((const char *)(c + i * ldc + 16), _MM_HINT_T0);
     }
-#pragma GCC unroll 4
-    for (ptrdiff_t p = 0; p < k; p++) {
-        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-        BP_ROW512(0, _mm512_set1_ps, _mm512_fmadd_ps)
-        BP_ROW512(1, _mm512_set1_ps, _mm512_fmadd_ps)
-        BP_ROW512(2, _mm512_set1_ps, _mm512_fmadd_ps)
-        BP_ROW512(3, _mm512_set1_ps, _mm512_fmadd_ps)
-        BP_ROW512(4, _mm512_set1_ps, _mm512_fmadd_ps)
-        BP_ROW512(5, _mm512_set1_ps, _mm512_fmadd_ps)
-        BP_ROW512(6, _mm512_set1_ps, _mm512_fmadd_ps)
-        BP_ROW512(7, _mm512_set1_ps, _mm512_fmadd_ps)
-        a += BP_AVX512_MR;
-        b += BP_AVX512_NR_FLOAT;
-    }
+    if (cols <= 16)       /* the right half of B's panel is zero padding: skip it */
+        BP_KLOOP512(BP_HALF512, __m512 b0 = _mm512_loadu_ps(b);,
+                    BP_AVX512_NR_FLOAT, _mm512_set1_ps, _mm512_fmadd_ps)
+    else
+        BP_KLOOP512(BP_ROW512, __m512 b0 = _mm512_loadu_ps(b);
+                    __m512 b1 = _mm512_loadu_ps(b + 16);,
+                    BP_AVX512_NR_FLOAT, _mm512_set1_ps, _mm512_fmadd_ps)
     __mmask16 m0 = bp_mask16(cols), m1 = bp_mask16(cols - 16);
     BP_STORE512(0, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
     BP_STORE512(1, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
@@ -95,20 +105,13 @@ BP_AVX512 static void bp_dkernel_avx512(ptrdiff_t k, const double *a, const doub
         _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
         _mm_prefetch((const char *)(c + i * ldc + 8), _MM_HINT_T0);
     }
-#pragma GCC unroll 4
-    for (ptrdiff_t p = 0; p < k; p++) {
-        __m512d b0 = _mm512_loadu_pd(b), b1 = _mm512_loadu_pd(b + 8);
-        BP_ROW512(0, _mm512_set1_pd, _mm512_fmadd_pd)
-        BP_ROW512(1, _mm512_set1_pd, _mm512_fmadd_pd)
-        BP_ROW512(2, _mm512_set1_pd, _mm512_fmadd_pd)
-        BP_ROW512(3, _mm512_set1_pd, _mm512_fmadd_pd)
-        BP_ROW512(4, _mm512_set1_pd, _mm512_fmadd_pd)
-        BP_ROW512(5, _mm512_set1_pd, _mm512_fmadd_pd)
-        BP_ROW512(6, _mm512_set1_pd, _mm512_fmadd_pd)
-        BP_ROW512(7, _mm512_set1_pd, _mm512_fmadd_pd)
-        a += BP_AVX512_MR;
-        b += BP_AVX512_NR_DOUBLE;
-    }
+    if (cols <= 8)
+        BP_KLOOP512(BP_HALF512, __m512d b0 = _mm512_loadu_pd(b);,
+                    BP_AVX512_NR_DOUBLE, _mm512_set1_pd, _mm512_fmadd_pd)
+    else
+        BP_KLOOP512(BP_ROW512, __m512d b0 = _mm512_loadu_pd(b);
+                    __m512d b1 = _mm512_loadu_pd(b + 8);,
+                    BP_AVX512_NR_DOUBLE, _mm512_set1_pd, _mm512_fmadd_pd)
     __mmask8 m0 = bp_mask8(cols), m1 = bp_mask8(cols - 8);
     BP_STORE512(0, 8, _mm512_maskz_loadu_pd, _mm512_mask_storeu_pd, _mm512_add_pd)
     BP_STORE512(1, 8, _mm512_maskz_loadu_pd, _mm512_mask_storeu_pd, _mm512_add_pd)
