@@ -33,6 +33,8 @@ TRANS = [(False, False), (False, True), (True, False), (True, True)]
 # split of C into strips, including more threads than strips.
 TEAMS = range(1, 257)
 # BACKPROP_SIMD values and the name bp.simd_kernel() gives each level.
+# The fewest multiply-adds a product splits between threads.
+PARALLEL_MIN_WORK = bp._core._gemm_config()["parallel_min_work"]
 KERNEL_NAMES = {"avx512": "avx512", "avx2": "avx2+fma", "generic": "generic"}
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -154,7 +156,7 @@ def team_shapes(dtype):
     mr, nr, kc = b["mr"], b["nr"], b["kc"]
 
     def deep_enough(m, n):         # the smallest k that makes m x n x k parallel
-        return -(-(1 << 20) // (m * n))
+        return -(-PARALLEL_MIN_WORK // (m * n))
 
     return [(mr + 1, 256 * nr + 3, deep_enough(mr + 1, 256 * nr + 3), False, True),  # X.W^T
             (256 * mr + 5, 3, deep_enough(256 * mr + 5, 3), True, False),           # dZ^T X
@@ -163,7 +165,7 @@ def team_shapes(dtype):
             # the unpacked loops of _gemm_skinny.h, split by rows: a 3-output layer's
             # forward (dot products) and a 1-output layer's input gradient (k = 1)
             (4099, 3, deep_enough(4099, 3), False, True),
-            ((1 << 20) // 37 + 1, 37, 1, False, False)]
+            (PARALLEL_MIN_WORK // 37 + 1, 37, 1, False, False)]
 
 
 def check_any_team_is_bit_identical(dtype, teams=TEAMS, seed=0):
@@ -171,7 +173,7 @@ def check_any_team_is_bit_identical(dtype, teams=TEAMS, seed=0):
     the one-thread result bit for bit, written or accumulated."""
     rng = np.random.default_rng(seed)
     for m, n, k, trans_a, trans_b in team_shapes(dtype):
-        assert m * n * k >= 1 << 20
+        assert m * n * k >= PARALLEL_MIN_WORK
         a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
         b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
         start = rng.normal(size=(m, n)).astype(dtype)
@@ -361,7 +363,8 @@ def test_scratch_per_thread_shrinks_and_stops_at_the_strip_count():
         per_thread = [scratch(m, n, k, t) / shares(t) for t in range(1, 300)]
         assert all(x >= y for x, y in zip(per_thread, per_thread[1:])), (m, n, k)
         assert scratch(m, n, k, 100000) == scratch(m, n, k, strips) == scratch(m, n, k, 10**9)
-    # below 2^20 multiply-adds one thread runs it, whatever the team
+    # below PARALLEL_MIN_WORK multiply-adds one thread runs it, whatever the team
+    assert 32 * 32 * 64 < PARALLEL_MIN_WORK
     assert scratch(32, 32, 64, 256) == scratch(32, 32, 64, 1)
 
 

@@ -23,7 +23,7 @@ from libc.math cimport sqrt, isfinite
 import numpy as np
 
 from backprop._gemm cimport (gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name,
-                             bp_ctx, bp_ctx_caches)
+                             bp_ctx, bp_ctx_caches, PARALLEL_MIN_WORK)
 from backprop._activations cimport Activation, IDENTITY, SOFTMAX
 from backprop._losses cimport Loss, MSE, BINARY_CROSS_ENTROPY, CROSS_ENTROPY
 from backprop._optim cimport (OptimConfig, OptimizerKind, optimizer_update, sum_of_squares,
@@ -108,9 +108,11 @@ def simd_kernel():
 
 def _gemm_config():
     """The GEMM's run-time configuration, for tests and benchmarks: the level, the cache
-    sizes its blocking was derived from (bytes, by level), and per dtype the micro-tile
-    (mr x nr) and the blocking (kc, mc, nc)."""
+    sizes its blocking was derived from (bytes, by level), the fewest multiply-adds a
+    product splits between threads, and per dtype the micro-tile (mr x nr) and the
+    blocking (kc, mc, nc)."""
     return {"kernel": simd_kernel(),
+            "parallel_min_work": PARALLEL_MIN_WORK,
             "caches": {"L1": bp_ctx_caches.size[1], "L2": bp_ctx_caches.size[2],
                        "L3": bp_ctx_caches.size[3]},
             "float32": bp_ctx.s.blk, "float64": bp_ctx.d.blk}   # structs become dicts

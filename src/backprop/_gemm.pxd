@@ -81,10 +81,14 @@ cdef extern from "_gemm_skinny.h" nogil:
                         Py_ssize_t ldb, double* c, Py_ssize_t ldc, int accumulate)
 
 cdef enum:
-    # Below ~1M multiply-adds (~10-25 us on one core) a second thread saves less than the
-    # few microseconds a parallel region costs, and far less than it loses when another
-    # process holds the other core (every region ends in a barrier).
-    PARALLEL_MIN_WORK = 1 << 20
+    # Below ~2M multiply-adds (~20-40 us on one core) a second thread saves less than it
+    # costs a training step: the serial work that follows (the optimizer, the next
+    # layer's packing) must first pull the other thread's half of C from its core's
+    # cache.  Measured on Zen 4, 64-100-10 with batch 200 (1.3M multiply-adds in the
+    # first layer's products): the product alone 33 -> 19 us on two threads, the whole
+    # step 101 us on one thread and 107 us on two.  Far less than it loses when another
+    # process holds the other core, either (every region ends in a barrier).
+    PARALLEL_MIN_WORK = 1 << 21
 
 
 cdef struct GemmPlan:
