@@ -32,9 +32,9 @@ TRANS = [(False, False), (False, True), (True, False), (True, True)]
 # Teams of 1..256 threads, forced through threadpoolctl on this 2-core machine: every
 # split of C into strips, including more threads than strips.
 TEAMS = range(1, 257)
-# BACKPROP_SIMD values and the name bp.simd_kernel() gives each level.
 # The fewest multiply-adds a product splits between threads.
 PARALLEL_MIN_WORK = bp._core._gemm_config()["parallel_min_work"]
+# BACKPROP_SIMD values and the name bp.simd_kernel() gives each level.
 KERNEL_NAMES = {"avx512": "avx512", "avx2": "avx2+fma", "generic": "generic"}
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
