@@ -169,12 +169,12 @@ def non_trivial(net, seed):
     so a converter that dropped one of them would show.  Returns the network."""
     rng = np.random.default_rng(seed)
     for layer in flatten(net.layers):
-        for name, shape in layer.parameters():
+        for name, shape, weight in layer.parameters():
             if name == "bias":
                 getattr(layer, name)[...] = rng.normal(0, 0.3, shape)
-            elif layer.kind != "dense":
+            elif not weight:                 # a normalisation's scale
                 getattr(layer, name)[...] = rng.uniform(0.5, 1.5, shape)
-        if layer.kind == "batchnorm":
+        if isinstance(layer, bp.BatchNorm):
             layer.running_mean[...] = rng.normal(0, 0.5, layer.num_features)
             layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
     return net

@@ -34,7 +34,7 @@ GOOD_Y = np.zeros(5, dtype=np.int64)
 
 BAD_X = [
     (np.zeros(4, dtype=np.float32), ValueError, "x must be 2-dimensional"),
-    (np.zeros((5, 3), dtype=np.float32), ValueError, "x must have 4 features"),
+    (np.zeros((5, 3), dtype=np.float32), ValueError, r"x must have shape \(batch, 4\)"),
     (np.zeros((0, 4), dtype=np.float32), ValueError, "empty batch"),
     (np.zeros((5, 4), dtype=np.int64), TypeError, "x must have dtype float32 or float64, got int64"),
     (np.zeros((5, 4), dtype=bool), TypeError, "got bool"),
@@ -132,7 +132,8 @@ def test_bad_architecture():
         bp.Dense(3, -2)
     with pytest.raises(ValueError, match="unknown activation 'swish'.*'relu'"):
         bp.Dense(3, 2, activation="swish")
-    with pytest.raises(ValueError, match=r"layers\[1\] .* takes 5 features, but the layer before it gives 4"):
+    with pytest.raises(ValueError, match=r"layers\[1\] .* takes samples whose last dimension is 5, "
+                                         r"but its input is \(4,\)"):
         bp.Network([bp.Dense(3, 4), bp.Dense(5, 2)])
     with pytest.raises(ValueError, match="unknown loss 'hinge'.*'mse'"):
         bp.Network([bp.Dense(3, 2)], loss="hinge")

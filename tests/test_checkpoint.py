@@ -101,7 +101,7 @@ def test_newer_version_and_inconsistent_contents_are_refused(tmp_path):
         bp.Network.load(path)
     net.save(path)
     rewrite_header(path, lambda h: h["network"]["layers"][0]["config"].update(out_features=17))
-    with pytest.raises(ValueError, match="takes 16 features, but the layer before it gives 17"):
+    with pytest.raises(ValueError, match=r"last dimension is 16, but its input is \(17,\)"):
         bp.Network.load(path)
 
     def wider_hidden_layer(h):

@@ -42,11 +42,11 @@ def test_gradient_monitor_names_the_vanishing_layer(rng):
     monitor = bp.GradientMonitor()
     with pytest.warns(UserWarning) as caught:         # one warning per vanishing layer
         net.fit(X, y, epochs=1, progress=False, callbacks=[monitor])
-    assert any(re.search(r"layers\[0\] \(Dense\(8, 16.*\) is vanishing: its norm .* of the "
+    assert any(re.search(r"layers\[0\]\.weight \(Dense\(8, 16.*\) is vanishing: its norm .* of the "
                          r"largest", str(w.message)) for w in caught)
     norms = np.array(net.history.grad_norms[-1])
     flagged = {message.split("gradient of ")[1].split(" (")[0] for _, message in monitor.warnings}
-    expected = {f"layers[{i}]" for i, n in enumerate(norms) if n < 1e-4 * norms.max()}
+    expected = {f"layers[{i}].weight" for i, n in enumerate(norms) if n < 1e-4 * norms.max()}
     assert flagged == expected and expected
 
 

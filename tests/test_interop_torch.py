@@ -238,7 +238,7 @@ def test_from_torch_names_a_nested_module_by_its_path():
     (nn.Sequential(), ValueError, "no layers"),
     (nn.Sequential(nn.Identity()), ValueError, "no layers"),
     (nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)), ValueError,
-     r"module 1 \(Linear\(in_features=5.*in_features=5, but the module before it gives 4"),
+     r"module 1 \(Linear\(in_features=5.*last dimension is 5, but its input is \(4,\)"),
 ])
 def test_from_torch_bad_input(module, error, message):
     with pytest.raises(error, match=message):
@@ -475,7 +475,7 @@ def test_bad_input_to_the_module():
     with pytest.raises(TypeError, match=r"x has dtype torch.float32, the network computes in "
                                         r"torch.float64: convert x with x.to\(torch.float64\)"):
         module(torch.zeros(2, 5))
-    with pytest.raises(ValueError, match="x must have 5 features"):
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 5\)"):
         module(torch.zeros(2, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="TorchModule: net must be a backprop.Network"):
         TorchModule(to_torch(make_net("relu")))
@@ -596,11 +596,11 @@ def test_from_torch_reads_a_model_written_in_torch():
     (lambda: nn.BatchNorm1d(4, track_running_stats=False), "track_running_stats=True"),
     (lambda: nn.BatchNorm1d(4, momentum=None), "momentum a number"),
     (lambda: nn.BatchNorm1d(4, bias=False), "bias=False is not available"),
-    (lambda: nn.BatchNorm1d(5), r"num_features=5, but the module before it gives 4"),
+    (lambda: nn.BatchNorm1d(5), r"takes samples of shape \(5,\).*but its input is \(4,\)"),
     (lambda: nn.LayerNorm((2, 2)), "normalizes one dimension"),
     (lambda: nn.LayerNorm(4, bias=False), "bias=False is not available"),
-    (lambda: nn.LayerNorm(3), r"normalized_shape=3, but the module before it gives 4"),
-    (lambda: TorchResidual(nn.Linear(4, 3)), "maps 4 features to 3"),
+    (lambda: nn.LayerNorm(3), r"normalises a last dimension of 3, but its input is \(4,\)"),
+    (lambda: TorchResidual(nn.Linear(4, 3)), r"maps \(4,\) to \(3,\)"),
     (lambda: TorchResidual(nn.Linear(4, 4), nn.AlphaDropout()),
      r"module 1\.1 \(AlphaDropout"),
 ])

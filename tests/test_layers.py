@@ -301,7 +301,7 @@ def test_bad_layer_arguments_are_refused_by_name():
             bp.Dropout(p)
     with pytest.raises(ValueError, match="Activation: unknown activation 'swish'"):
         bp.Activation("swish")
-    with pytest.raises(ValueError, match="Residual: f must keep the width .* maps 8 features to 4"):
+    with pytest.raises(ValueError, match=r"Residual: f must keep the shape .* maps \(8,\) to \(4,\)"):
         bp.Residual(bp.Dense(8, 4))
     with pytest.raises(ValueError, match="at least one layer"):
         bp.Residual()
@@ -310,12 +310,13 @@ def test_bad_layer_arguments_are_refused_by_name():
 
 
 def test_widths_that_do_not_fit_are_refused():
-    with pytest.raises(ValueError, match=r"layers\[1\] \(BatchNorm.*takes 5 features, but the "
-                                         r"layer before it gives 4"):
+    with pytest.raises(ValueError, match=r"layers\[1\] \(BatchNorm.*takes samples of shape \(5,\), "
+                                         r"\(5, L\) or \(5, H, W\), but its input is \(4,\)"):
         bp.Network([bp.Dense(3, 4), bp.BatchNorm(5)])
-    with pytest.raises(ValueError, match=r"layers\[1\] \(Residual.*takes 5 features"):
+    with pytest.raises(ValueError, match=r"layers\[1\]\.layers\[0\] \(Dense.*last dimension is 5, "
+                                         r"but its input is \(4,\)"):
         bp.Network([bp.Dense(3, 4), bp.Residual(bp.Dense(5, 5))])
-    with pytest.raises(ValueError, match="no layer fixes the input width"):
+    with pytest.raises(ValueError, match="input shape is not fixed by its first layer"):
         bp.Network([bp.Dropout(0.1), bp.Activation("relu")])
 
 

@@ -54,9 +54,9 @@ def test_every_layer_copies_free_with_its_values(copier):
     for layer in net._plan.layers:
         twin = copier(layer)
         assert type(twin) is type(layer) and twin.config() == layer.config()
-        other = bp.Network([twin], dtype="float32") if layer.n_in else None
+        other = bp.Network([twin], dtype="float32") if layer.fixes_input() else None
         if other is not None:                               # the copy carries its arrays
-            for name, _ in layer.parameters():
+            for name, _, _ in layer.parameters():
                 np.testing.assert_array_equal(getattr(twin, name), getattr(layer, name))
             for name, _, _ in layer.buffers():
                 np.testing.assert_array_equal(getattr(twin, name), getattr(layer, name))

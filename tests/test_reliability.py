@@ -138,13 +138,18 @@ def test_the_optimizer_base_class_cannot_be_configured():
         bp.Network([bp.Dense(2, 2)], optimizer=NoRule())
 
     class FourBuffers(bp.Adam):
-        state_names = ("a", "b", "c", "d")     # the kernel's buffers do not change
+        STATE_NAMES = ("a", "b", "c", "d")     # the kernel keeps three: refused
 
-    net = bp.Network([bp.Dense(2, 2)], loss="mse", optimizer=FourBuffers())
-    assert list(net.optimizer.state) == ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
-    net.train_step(np.ones((3, 2)), np.zeros((3, 2)))
+    with pytest.raises(TypeError, match="keeps 3 state buffers, but 4 are named"):
+        FourBuffers()
+
+    class UnknownRule(bp.SGD):
+        RULE = "lion"                          # no such row in the rule table
+
+    with pytest.raises(ValueError, match="unknown optimizer rule 'lion'"):
+        UnknownRule()
     with pytest.raises(TypeError, match="unknown optimizer setting"):
-        bp.SGD()._set_rule("sgd", kind=1)
+        bp.SGD()._set_rule(rule=1)
 
 
 @pytest.mark.parametrize("make", [
@@ -322,6 +327,7 @@ def test_a_header_claiming_a_huge_layer_is_refused_before_allocating(tmp_path):
     header, arrays = small_header(net)
     header["network"]["layers"][0]["config"].update(in_features=50000, out_features=4000)
     header["network"]["layers"] = header["network"]["layers"][:1]
+    header["network"]["input_shape"] = [50000]
     forge(tmp_path / "huge.npz", header, arrays)
     tracemalloc.start()
     started = time.perf_counter()

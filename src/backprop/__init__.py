@@ -11,12 +11,14 @@ from backprop._simd import load_core as _load_core
 
 _load_core()        # the build of the compiled core this CPU runs best, as backprop._core
 
-from backprop._core import (ACTIVATIONS, LOSSES, MAX_THREADS, get_num_threads, openmp_enabled,
+from backprop._core import (ACTIVATIONS, MAX_THREADS, get_num_threads, openmp_enabled,
                             set_num_threads, simd_kernel)
 from backprop import datasets, distributed, ops
 from backprop.callbacks import GradientMonitor
 from backprop.gradcheck import gradcheck
-from backprop.layers import Activation, BatchNorm, Dense, Dropout, LayerNorm, Residual
+from backprop.layers import (Activation, BatchNorm, BatchNorm1d, BatchNorm2d, Dense, Dropout,
+                             Flatten, LayerNorm, Residual)
+from backprop.losses import LOSSES
 from backprop.network import Network
 from backprop.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
@@ -30,6 +32,7 @@ if hasattr(_os, "register_at_fork"):
 __version__ = "0.1.0"
 
 __all__ = ["ACTIVATIONS", "LOSSES", "MAX_THREADS", "Activation", "Adagrad", "Adam", "AdamW",
-           "BatchNorm", "Dense", "Dropout", "GradientMonitor", "LayerNorm", "Network", "Optimizer",
-           "RMSprop", "Residual", "SGD", "datasets", "distributed", "get_num_threads", "gradcheck",
-           "openmp_enabled", "ops", "set_num_threads", "simd_kernel"]
+           "BatchNorm", "BatchNorm1d", "BatchNorm2d", "Dense", "Dropout", "Flatten",
+           "GradientMonitor", "LayerNorm", "Network", "Optimizer", "RMSprop", "Residual", "SGD",
+           "datasets", "distributed", "get_num_threads", "gradcheck", "openmp_enabled", "ops",
+           "set_num_threads", "simd_kernel"]

@@ -1,4 +1,8 @@
-# Batch normalization (Ioffe & Szegedy, 2015), as torch.nn.BatchNorm1d.
+# Batch normalization (Ioffe & Szegedy, 2015), as torch.nn.BatchNorm1d and BatchNorm2d.
+#
+# Statistics are per channel, over the batch and every position: the input's channels are
+# stored last (the planner sees to it), so the batch is a (batch * positions) x channels
+# matrix and each "row" below is one position of one sample.
 #
 # Train mode normalises each feature with the batch's mean and biased variance,
 #     xhat = (x - mean) / sqrt(var + eps),   y = gamma * xhat + beta,
@@ -19,6 +23,8 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from backprop._activations cimport activate_tile
 from backprop._parallel cimport part_start, team_for
+from backprop._ops cimport (Op, Tape, Slot, matrix_stride, input_of, output_of, result_of,
+                            param_of, dx_of)
 
 
 cdef inline void _statistics(const floating* x, Py_ssize_t ldx, Py_ssize_t rows,
@@ -167,3 +173,28 @@ cdef inline void batchnorm_backward(const floating* dy, Py_ssize_t ldd,
         hi = part_start(width, t + 1, team, 16)
         _backward_features(dy, ldd, x, ldx, rows, lo, hi, gamma, gamma_grad, beta_grad,
                            dx, lddx, accumulate, saved, width, training)
+
+
+# ---- the kind's kernels (see _ops.pxd): parameters 0 = weight (gamma), 1 = bias (beta);
+# buffers running_mean then running_var; saved: 4 doubles per channel
+
+cdef inline void batchnorm_run(floating* kind, const Op* op, Tape* t, int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* r = result_of(op, t)
+    cdef floating* running = (<floating*>t.buffers) + op.buffer
+    batchnorm_forward(<const floating*>x.value, matrix_stride(x), <floating*>r.value,
+                      matrix_stride(r), t.batch * x.rows, x.cols,
+                      param_of(kind, t.params, op, 0), param_of(kind, t.params, op, 1),
+                      running, running + x.cols, t.saved + op.saved, op.eps, op.momentum,
+                      t.training, op.fused, nt)
+
+
+cdef inline void batchnorm_back(floating* kind, const Op* op, Tape* t, bint want_dx,
+                                int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* y = output_of(op, t)
+    batchnorm_backward(<const floating*>y.grad, matrix_stride(y), <const floating*>x.value,
+                       matrix_stride(x), t.batch * x.rows, x.cols,
+                       param_of(kind, t.params, op, 0), param_of(kind, t.grads, op, 0),
+                       param_of(kind, t.grads, op, 1), dx_of(kind, op, t, want_dx),
+                       matrix_stride(x), op.accumulate, t.saved + op.saved, t.training, nt)

@@ -1,5 +1,9 @@
 # Dense (fully connected) layer kernels: z = x W^T + b, and its gradients.
 #
+# Like torch.nn.Linear, the layer acts on the last dimension: a (batch, ..., in) input is a
+# (batch * ...) x in matrix (the slot's matrix view, see _ops.pxd), so one product serves
+# rows of features and sequences of them alike.
+#
 # Every product goes through the GEMM, which fuses the bias and an elementwise
 # activation into the write-back of each output tile (see _gemm.pxd); the bias
 # gradient is a column sum of dL/dz, split by columns between threads so every sum
@@ -9,6 +13,9 @@ from cython.parallel cimport prange
 from backprop._gemm cimport gemm
 from backprop._activations cimport IDENTITY
 from backprop._parallel cimport part_start, team_for
+from backprop._gemm cimport gemm_scratch_bytes
+from backprop._ops cimport (Op, Tape, Slot, matrix_stride, input_of, output_of, result_of,
+                            param_of, dx_of)
 
 
 cdef inline void dense_forward(const floating* x, Py_ssize_t ldx, floating* out, Py_ssize_t ldo,
@@ -54,3 +61,35 @@ cdef inline void dense_backward(const floating* dz, Py_ssize_t ldd,
     if dx != NULL:
         gemm(rows, n_in, n_out, dz, ldd, False, weight, n_in, False, dx, lddx, accumulate_dx,
              NULL, IDENTITY, n_threads, scratch)
+
+
+# ---- the kind's kernels (see _ops.pxd): parameters 0 = weight (out, in), 1 = bias (out)
+
+cdef inline void dense_run(floating* kind, const Op* op, Tape* t, int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* r = result_of(op, t)
+    dense_forward(<const floating*>x.value, matrix_stride(x), <floating*>r.value,
+                  matrix_stride(r), param_of(kind, t.params, op, 0),
+                  param_of(kind, t.params, op, 1), t.batch * x.rows, x.cols, r.cols,
+                  op.fused, nt, t.scratch)
+
+
+cdef inline void dense_back(floating* kind, const Op* op, Tape* t, bint want_dx,
+                            int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* y = output_of(op, t)
+    dense_backward(<const floating*>y.grad, matrix_stride(y), <const floating*>x.value,
+                   matrix_stride(x), param_of(kind, t.params, op, 0),
+                   param_of(kind, t.grads, op, 0), param_of(kind, t.grads, op, 1),
+                   dx_of(kind, op, t, want_dx), matrix_stride(x), op.accumulate,
+                   t.batch * x.rows, x.cols, y.cols, nt, t.scratch)
+
+
+cdef inline Py_ssize_t dense_scratch(const Op* op, const Tape* t, Py_ssize_t batch, int nt,
+                                     Py_ssize_t itemsize) noexcept nogil:
+    """The largest of the three products' packing scratch."""
+    cdef Py_ssize_t rows = batch * t.slots[op.input].rows
+    cdef Py_ssize_t n_in = t.slots[op.input].cols, n_out = t.slots[op.output].cols
+    return max(gemm_scratch_bytes(rows, n_out, n_in, nt, itemsize),
+               gemm_scratch_bytes(n_out, n_in, rows, nt, itemsize),
+               gemm_scratch_bytes(rows, n_in, n_out, nt, itemsize))

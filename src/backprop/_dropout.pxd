@@ -8,11 +8,14 @@
 # mask; every pass draws a fresh one; no thread's draw depends on another's, so the mask
 # is the same for any thread count; and `row` is the row's number in the global batch
 # (row_offset + local row), so a batch split across processes draws the masks one
-# process would.
+# process would.  `col` is the element's place in the sample as stored: for a slot whose
+# channels are stored last (after a convolution or pooling), pixel by pixel.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport uint32_t, uint64_t
 from backprop._parallel cimport part_start, team_for
+from backprop._residual cimport pass_gradient
+from backprop._ops cimport Op, Tape, Slot, input_of, output_of, result_of, dx_of
 
 cdef extern from *:
     """
@@ -82,3 +85,30 @@ cdef inline void dropout_apply(const floating* x, Py_ssize_t ldx, floating* y, P
         lo = part_start(rows, t, team, 1)
         hi = part_start(rows, t + 1, team, 1)
         _dropout_rows(x, ldx, y, ldy, accumulate, lo, hi, cols, key, row_offset, threshold, scale)
+
+
+# ---- the kind's kernels (see _ops.pxd): no parameters; the identity in eval mode
+
+cdef inline void dropout_run(floating* kind, const Op* op, Tape* t, int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* r = result_of(op, t)
+    if t.training and op.p > 0:
+        dropout_apply(<const floating*>x.value, x.ld, <floating*>r.value, r.ld, False,
+                      t.batch, x.size, pass_key(op.key, t.passes), t.row_offset, op.p, nt)
+    else:
+        pass_gradient(<const floating*>x.value, x.ld, <floating*>r.value, r.ld, False,
+                      t.batch, x.size, nt)
+
+
+cdef inline void dropout_back(floating* kind, const Op* op, Tape* t, bint want_dx,
+                              int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* y = output_of(op, t)
+    if not want_dx:
+        return
+    if t.training and op.p > 0:
+        dropout_apply(<const floating*>y.grad, y.ld, <floating*>x.grad, x.ld, op.accumulate,
+                      t.batch, x.size, pass_key(op.key, t.passes), t.row_offset, op.p, nt)
+    else:
+        pass_gradient(<const floating*>y.grad, y.ld, <floating*>x.grad, x.ld, op.accumulate,
+                      t.batch, x.size, nt)

@@ -1,5 +1,6 @@
 # Layer normalization (Ba, Kiros & Hinton, 2016), as torch.nn.LayerNorm over the last
-# dimension: each row is normalised with its own mean and biased variance,
+# dimension: each row (of the input's matrix view, see _ops.pxd: a (batch * ...) x last
+# matrix) is normalised with its own mean and biased variance,
 #     xhat = (x - mean) / sqrt(var + eps),   y = gamma * xhat + beta.
 #
 # Backward, with W features and sums over one row:
@@ -16,6 +17,8 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from backprop._activations cimport activate_tile
 from backprop._parallel cimport part_start, team_for
+from backprop._ops cimport (Op, Tape, Slot, matrix_stride, input_of, output_of, result_of,
+                            param_of, dx_of)
 
 
 cdef inline void _normalize_rows(const floating* x, Py_ssize_t ldx, floating* y, Py_ssize_t ldy,
@@ -143,3 +146,28 @@ cdef inline void layernorm_backward(const floating* dy, Py_ssize_t ldd,
             hi = part_start(rows, t + 1, team, 1)
             _input_grad_rows(dy, ldd, x, ldx, lo, hi, width, gamma, dx, lddx, accumulate,
                              mean, inv_std)
+
+
+# ---- the kind's kernels (see _ops.pxd): parameters 0 = weight (gamma), 1 = bias (beta);
+# saved: 2 doubles per row of the matrix view (its capacity: t.capacity * rows per
+# sample), then 2 per feature
+
+cdef inline void layernorm_run(floating* kind, const Op* op, Tape* t, int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* r = result_of(op, t)
+    layernorm_forward(<const floating*>x.value, matrix_stride(x), <floating*>r.value,
+                      matrix_stride(r), t.batch * x.rows, x.cols,
+                      param_of(kind, t.params, op, 0), param_of(kind, t.params, op, 1),
+                      op.eps, t.saved + op.saved, t.capacity * x.rows, op.fused, nt)
+
+
+cdef inline void layernorm_back(floating* kind, const Op* op, Tape* t, bint want_dx,
+                                int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* y = output_of(op, t)
+    layernorm_backward(<const floating*>y.grad, matrix_stride(y), <const floating*>x.value,
+                       matrix_stride(x), t.batch * x.rows, x.cols,
+                       param_of(kind, t.params, op, 0), param_of(kind, t.grads, op, 0),
+                       param_of(kind, t.grads, op, 1), dx_of(kind, op, t, want_dx),
+                       matrix_stride(x), op.accumulate, t.saved + op.saved,
+                       t.capacity * x.rows, nt)

@@ -19,11 +19,21 @@ from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 from backprop._activations cimport sigmoid
 from backprop._optim cimport STAT_BLOCK, PARALLEL_MIN_PARAMS, _block_sum_of_squares
+from backprop._ops cimport Op, Tape, Slot, result_of
 
-cdef enum Loss:
-    MSE = 0
-    BINARY_CROSS_ENTROPY = 1
-    CROSS_ENTROPY = 2
+# A loss's kernel: the loss of the last record's output (or, for the cross-entropies, its
+# kept logits) against t.target or t.labels, with grad_scale * dL/d(output) (dL/d(logits))
+# written to the output slot's gradient.  One row each in the loss table (_kernels.pxi);
+# what the Python side needs to know about a loss is declared in backprop/losses.py.
+ctypedef double (*loss32_t)(float* kind, const Op* last, Tape* t, bint labels,
+                            double grad_scale) noexcept nogil
+ctypedef double (*loss64_t)(double* kind, const Op* last, Tape* t, bint labels,
+                            double grad_scale) noexcept nogil
+
+cdef struct LossKernel:
+    const char* name
+    loss32_t value32
+    loss64_t value64
 
 
 cdef inline double row_weight(const double* w, Py_ssize_t i) noexcept nogil:
@@ -124,6 +134,38 @@ cdef inline double cross_entropy_probs(const floating* z, Py_ssize_t ldz, const 
             delta[i * ldd + j] = <floating>(
                 wi * scale * (p[i * ldp + j] * row_sum - y[i * ldy + j]))
     return total / denominator
+
+
+# ---- the losses' kernels: the output is (batch, size), samples ld apart; targets are
+# batch x size, ldt apart
+
+cdef inline double mse_loss(floating* kind, const Op* last, Tape* t, bint labels,
+                            double grad_scale) noexcept nogil:
+    cdef const Slot* y = &t.slots[last.output]
+    return mse(<const floating*>y.value, y.ld, <const floating*>t.target, t.ldt, t.weights,
+               t.batch, y.size, <floating*>y.grad, y.ld, grad_scale)
+
+
+cdef inline double binary_cross_entropy_loss(floating* kind, const Op* last, Tape* t,
+                                             bint labels, double grad_scale) noexcept nogil:
+    cdef const Slot* y = &t.slots[last.output]
+    cdef const Slot* z = result_of(last, t)
+    return binary_cross_entropy(<const floating*>z.value, z.ld, <const floating*>t.target,
+                                t.ldt, t.weights, t.batch, y.size, <floating*>y.grad, y.ld,
+                                grad_scale)
+
+
+cdef inline double cross_entropy_loss(floating* kind, const Op* last, Tape* t, bint labels,
+                                      double grad_scale) noexcept nogil:
+    cdef const Slot* y = &t.slots[last.output]
+    cdef const Slot* z = result_of(last, t)
+    if labels:
+        return cross_entropy_labels(<const floating*>z.value, z.ld, t.lse,
+                                    <const floating*>y.value, y.ld, t.labels, t.weights,
+                                    t.batch, y.size, <floating*>y.grad, y.ld, grad_scale)
+    return cross_entropy_probs(<const floating*>z.value, z.ld, t.lse, <const floating*>y.value,
+                               y.ld, <const floating*>t.target, t.ldt, t.weights, t.batch,
+                               y.size, <floating*>y.grad, y.ld, grad_scale)
 
 
 cdef inline double _penalise_block(const floating* w, floating* g, Py_ssize_t lo,

@@ -8,19 +8,12 @@
 # The rule's settings arrive by value (a local copy): stores into the parameters can then
 # not alias them, every setting is a loop constant, and each loop vectorises.  Each pass
 # also reports whether everything it wrote is finite, and gradients are checked before
-# any update (gradient_statistics), so a step either applies a finite update or is
-# refused with nothing changed.
+# any update, so a step either applies a finite update or is refused.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, sqrtf, pow
 from libc.string cimport memset
 from backprop._parallel cimport part_start
-
-cdef enum OptimizerKind:
-    SGD = 0
-    ADAM = 1
-    RMSPROP = 2
-    ADAGRAD = 3
 
 cdef enum:
     # Below this many parameters one thread is faster than waking a second one.
@@ -30,7 +23,7 @@ cdef enum:
     STAT_BLOCK = 4096
 
 cdef struct OptimConfig:
-    int kind
+    int rule               # the row of the rule table
     long step              # updates done so far; incremented before each update
     double lr
     double weight_decay
@@ -55,6 +48,35 @@ cdef inline floating root(floating x) noexcept nogil:
         return sqrt(x)
 
 
+# A rule's kernel: one update of parameters lo..hi, from the settings (by value), the
+# parameters, their gradients (times `clip`) and up to three state buffers (the rule's
+# own, in the order its Python class names them; unused ones may be NULL).  `keep` is 0
+# when the gradients are cleared as they are used (train_step), else 1.  Returns whether
+# every value written is finite.  One row each in the rule table (_kernels.pxi); the
+# Python class in optim.py declares the rest (settings, state names, the rule in words).
+ctypedef int (*rule32_t)(OptimConfig c, float* p, float* g, float* s0, float* s1, float* s2,
+                         float clip, Py_ssize_t lo, Py_ssize_t hi, float keep) noexcept nogil
+ctypedef int (*rule64_t)(OptimConfig c, double* p, double* g, double* s0, double* s1,
+                         double* s2, double clip, Py_ssize_t lo, Py_ssize_t hi,
+                         double keep) noexcept nogil
+
+cdef struct Rule:
+    const char* name
+    int n_state
+    rule32_t update32
+    rule64_t update64
+
+
+cdef inline int update_range(const Rule* rule, const OptimConfig* c, floating* p, floating* g,
+                             floating* s0, floating* s1, floating* s2, floating clip,
+                             Py_ssize_t lo, Py_ssize_t hi, bint clear) noexcept nogil:
+    cdef floating keep = 0 if clear else 1
+    if floating is float:
+        return rule.update32(c[0], p, g, s0, s1, s2, clip, lo, hi, keep)
+    else:
+        return rule.update64(c[0], p, g, s0, s1, s2, clip, lo, hi, keep)
+
+
 # Each rule below is a few straight loops, one per combination of its options, so the
 # compiler vectorises every one: options are loop constants, and an option that only
 # changes a coefficient is folded into it (x * 1 and x + 0 * y are exact for finite
@@ -63,7 +85,7 @@ cdef inline floating root(floating x) noexcept nogil:
 # cleared as they are used (train_step), else 1.
 
 cdef inline int sgd_range(OptimConfig c, floating* p, floating* g, floating* buf,
-                          floating clip, Py_ssize_t lo, Py_ssize_t hi, floating keep) noexcept nogil:
+                          floating* unused1, floating* unused2, floating clip, Py_ssize_t lo, Py_ssize_t hi, floating keep) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating d, b, pn
     cdef floating lr = <floating>c.lr, wd = <floating>c.weight_decay, mom = <floating>c.momentum
@@ -165,7 +187,7 @@ cdef inline int rmsprop_range(OptimConfig c, floating* p, floating* g, floating*
 
 
 cdef inline int adagrad_range(OptimConfig c, floating* p, floating* g, floating* sum_sq,
-                              floating clip, Py_ssize_t lo, Py_ssize_t hi,
+                              floating* unused1, floating* unused2, floating clip, Py_ssize_t lo, Py_ssize_t hi,
                               floating keep) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating d, s, pn
@@ -183,20 +205,7 @@ cdef inline int adagrad_range(OptimConfig c, floating* p, floating* g, floating*
     return finite
 
 
-cdef inline int update_range(const OptimConfig* c, floating* p, floating* g,
-                             floating* s0, floating* s1, floating* s2, floating clip,
-                             Py_ssize_t lo, Py_ssize_t hi, bint clear) noexcept nogil:
-    cdef floating keep = 0 if clear else 1
-    if c.kind == SGD:
-        return sgd_range(c[0], p, g, s0, clip, lo, hi, keep)
-    if c.kind == ADAM:
-        return adam_range(c[0], p, g, s0, s1, s2, clip, lo, hi, keep)
-    if c.kind == RMSPROP:
-        return rmsprop_range(c[0], p, g, s0, s1, s2, clip, lo, hi, keep)
-    return adagrad_range(c[0], p, g, s0, clip, lo, hi, keep)
-
-
-cdef inline bint optimizer_update(OptimConfig* c, floating* p, floating* g,
+cdef inline bint optimizer_update(const Rule* rule, OptimConfig* c, floating* p, floating* g,
                                   floating* s0, floating* s1, floating* s2, double clip,
                                   Py_ssize_t n, int n_threads, bint clear) noexcept nogil:
     """One update of all n parameters from gradients times `clip` (1, or the clipping
@@ -208,11 +217,11 @@ cdef inline bint optimizer_update(OptimConfig* c, floating* p, floating* g,
     cdef floating factor = <floating>clip
     c.step += 1
     if n < PARALLEL_MIN_PARAMS or n_threads <= 1:
-        return update_range(c, p, g, s0, s1, s2, factor, 0, n, clear)
+        return update_range(rule, c, p, g, s0, s1, s2, factor, 0, n, clear)
     for t in prange(n_threads, schedule="static", num_threads=n_threads):
         lo = part_start(n, t, n_threads, 16)
         hi = part_start(n, t + 1, n_threads, 16)
-        bad += 1 - update_range(c, p, g, s0, s1, s2, factor, lo, hi, clear)
+        bad += 1 - update_range(rule, c, p, g, s0, s1, s2, factor, lo, hi, clear)
     return bad == 0
 
 

@@ -7,6 +7,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from backprop._parallel cimport part_start, team_for
+from backprop._ops cimport Op, Tape, Slot, input_of, output_of, result_of
 
 
 cdef inline void add_rows(const floating* a, Py_ssize_t lda, const floating* b, Py_ssize_t ldb,
@@ -60,3 +61,31 @@ cdef inline void pass_gradient(const floating* d, Py_ssize_t ldd, floating* dx, 
         lo = part_start(rows, t, team, 1)
         hi = part_start(rows, t + 1, team, 1)
         copy_rows(d, ldd, dx, lddx, lo, hi, cols, accumulate)
+
+
+# ---- the kind's kernels (see _ops.pxd): input = x (the skip path), skip = f(x)
+
+cdef inline void residual_run(floating* kind, const Op* op, Tape* t, int nt) noexcept nogil:
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* fx = &t.slots[op.skip]
+    cdef const Slot* r = result_of(op, t)
+    residual_forward(<const floating*>x.value, x.ld, <const floating*>fx.value, fx.ld,
+                     <floating*>r.value, r.ld, t.batch, x.size, nt)
+
+
+cdef inline void identity_back(floating* kind, const Op* op, Tape* t, bint want_dx,
+                               int nt) noexcept nogil:
+    """dx = dy (or +=): the backward of every kind whose function is the identity (before
+    its activation, which the tape has already undone): a residual sum's skip path (f(x)'s
+    path shares dy itself), a standalone Activation."""
+    cdef const Slot* x = input_of(op, t)
+    cdef const Slot* y = output_of(op, t)
+    if want_dx:
+        pass_gradient(<const floating*>y.grad, y.ld, <floating*>x.grad, x.ld, op.accumulate,
+                      t.batch, x.size, nt)
+
+
+cdef inline void identity_run(floating* kind, const Op* op, Tape* t, int nt) noexcept nogil:
+    """Nothing: a standalone Activation's record keeps its input as the pre-activation
+    (op.z is the input slot), and the tape applies the activation from there."""
+    pass

@@ -7,10 +7,11 @@ import numpy as np
 class GradientMonitor:
     """Warn when a layer's gradient vanishes or explodes.
 
-    After each epoch it reads the weight-gradient norm of every Dense layer on the
-    epoch's last batch (``net.history.grad_norms``) and issues a ``UserWarning``, naming
-    the layer and the ratio, when a layer's norm is below ``vanishing`` times the largest
-    layer's (the signal no longer reaches it) or above ``exploding``.
+    After each epoch it reads the gradient norm of every weight the layers declare (Dense
+    and convolution kernels, embedding tables) on the epoch's last batch
+    (``net.history.grad_norms``) and issues a ``UserWarning``, naming the layer and the
+    ratio, when a weight's norm is below ``vanishing`` times the largest one's (the signal
+    no longer reaches it) or above ``exploding``.
 
     Parameters
     ----------
@@ -33,8 +34,8 @@ class GradientMonitor:
         if not net.history.grad_norms:
             return
         norms = np.array([np.nan if n is None else n for n in net.history.grad_norms[-1]])
-        names = [f"{net._plan.names[id(layer)]} ({layer!r})"
-                 for layer in net._plan.layers if layer.kind == "dense"]
+        names = [f"{name} ({layer!r})" for name, (layer, _) in
+                 zip(net.weight_names(), net._plan.weight_names)]
         largest = np.nanmax(norms) if np.isfinite(norms).any() else np.nan
         for name, norm in zip(names, norms):
             if largest > 0 and norm < self.vanishing * largest:

@@ -294,7 +294,7 @@ def _epoch_numbers(net, comm, validation_data, seconds, where):
     loss_sum, correct, seconds = _agree(comm, failure, where, [loss_sum, correct, rank0_seconds])
     if not count:
         return None, None, seconds
-    accuracy = correct / count if net.loss in training.CLASSIFIER_LOSSES else None
+    accuracy = correct / count if net.loss_spec.classifier else None
     return loss_sum / count, accuracy, seconds
 
 

@@ -7,17 +7,15 @@ few arrays, and the compiled Engine needs only three pointers.  ``plan.py`` lays
 layers out; ``record.py`` turns a network into plain data and back (checkpoints,
 pickling, copies).
 """
+import math
+
 import numpy as np
 
-from backprop._core import LOSSES, Engine
-from backprop import plan as planner, record, training
+from backprop._core import Engine
+from backprop import losses, plan as planner, record, training
 from backprop.optim import Adam, Optimizer
 
-# The built-in losses that take the pre-activation logits need the matching output
-# activation, as in PyTorch's CrossEntropyLoss (softmax inside) and BCEWithLogitsLoss.
-LOSS_ACTIVATION = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
 DTYPES = ("float32", "float64")
-ACTIVATION_NAMES = {code: name for name, code in planner.ACTIVATIONS.items()}
 
 
 def _dtype(dtype):
@@ -36,8 +34,9 @@ class Network:
     Parameters
     ----------
     layers : list of layers
-        ``Dense``, ``BatchNorm``, ``LayerNorm``, ``Dropout``, ``Activation``, ``Residual``;
-        each layer's input width must equal the previous layer's output width.
+        Any of ``backprop.layers`` (Dense, Conv2d, BatchNorm, Flatten, Residual, ...); each
+        layer's input must fit the previous layer's output (checked here, naming the layer
+        and both shapes).
     loss : {"mse", "binary_cross_entropy", "cross_entropy"} or None
         The built-in loss used by ``backward(y)``, ``train_step`` and ``fit``.  PyTorch's
         definitions and mean reductions.  ``cross_entropy`` needs a softmax output
@@ -48,6 +47,11 @@ class Network:
     dtype : {"float32", "float64"}
     seed : int or None
         Seeds the weight initialisation, the shuffling in ``fit`` and the dropout masks.
+    input_shape : tuple of int, optional
+        The shape of one input sample, as PyTorch has it: (features,), (channels, length),
+        (channels, height, width), or (length,) of integer ids for an Embedding.  Needed
+        when the first layer does not fix it (a convolution, an Embedding); a Dense,
+        BatchNorm or LayerNorm first layer fixes (features,).
 
     A network starts in train mode (``net.training``); ``net.eval()`` and ``net.train()``
     switch, as in PyTorch.
@@ -62,12 +66,14 @@ class Network:
     ...     loss = net.train_step(X, y)
     """
 
-    def __init__(self, layers, loss=None, optimizer=None, dtype="float32", seed=None):
-        self._build(list(layers), loss, optimizer, dtype, seed, initialise=True)
+    def __init__(self, layers, loss=None, optimizer=None, dtype="float32", seed=None,
+                 input_shape=None):
+        self._build(list(layers), loss, optimizer, dtype, seed, initialise=True,
+                    input_shape=input_shape)
 
-    def _build(self, layers, loss, optimizer, dtype, seed, initialise, key_seed=None):
-        if loss is not None and loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or None")
+    def _build(self, layers, loss, optimizer, dtype, seed, initialise, key_seed=None,
+               input_shape=None):
+        declared = losses.get(loss)
         dtype = _dtype(dtype)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                                  or not 0 <= seed < 2 ** 63):
@@ -82,16 +88,18 @@ class Network:
         if key_seed is None:
             key_seed = int(seed) if seed is not None else int(
                 np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
-        plan = planner.plan(layers, loss, key_seed)
-        output = ACTIVATION_NAMES[plan.ops[-1]["activation"]]
-        wanted = LOSS_ACTIVATION.get(loss)
-        if wanted and output != wanted:
-            raise ValueError(f"loss {loss!r} needs a {wanted!r} output, got {output!r}")
+        plan = planner.plan(layers, declared, key_seed, input_shape)
+        output = plan.output_activation
+        if declared is not None and declared.output is not None and output != declared.output:
+            # The loss reads the logits of this activation (as PyTorch's CrossEntropyLoss
+            # applies the softmax itself, BCEWithLogitsLoss the sigmoid).
+            raise ValueError(f"loss {loss!r} needs a {declared.output!r} output, got {output!r}")
         for layer in plan.layers:      # refuse before changing any layer
             layer._check_free(self)
 
         self.layers = layers
         self.loss = loss
+        self.loss_spec = declared
         self.dtype = dtype
         self.seed = None if seed is None else int(seed)
         self.output_activation = output
@@ -110,10 +118,10 @@ class Network:
                     getattr(layer, name)[...] = value
         for layer, name, offset, shape, value in plan.buffers:
             if layer._carried is None:
-                self.buffers[offset:offset + planner._size(shape)] = value
+                self.buffers[offset:offset + math.prod(shape)] = value
         for layer in plan.layers:
             object.__setattr__(layer, "_carried", None)   # its values now live here
-        self._engine = Engine(plan.ops, plan.slots, loss, self.params, self.grads, self.buffers)
+        self._engine = Engine(plan, declared, self.params, self.grads, self.buffers)
         self.optimizer = optimizer
         optimizer.bind(self.params.size, self.dtype)
         self.rng = np.random.default_rng(seed)   # shuffling in fit; saved in checkpoints
@@ -125,22 +133,34 @@ class Network:
 
     def _attach_views(self):
         views = {id(layer): {} for layer in self._plan.layers}
-        for layer, name, offset, shape in self._plan.params:
-            end = offset + planner._size(shape)
+        for layer, (name, shape, _), offset in self._plan.params:
+            end = offset + math.prod(shape)
             views[id(layer)][name] = self.params[offset:end].reshape(shape)
             views[id(layer)][name + "_grad"] = self.grads[offset:end].reshape(shape)
         for layer, name, offset, shape, _ in self._plan.buffers:
-            views[id(layer)][name] = self.buffers[offset:offset + planner._size(shape)].reshape(shape)
+            views[id(layer)][name] = self.buffers[offset:offset + math.prod(shape)].reshape(shape)
         for layer in self._plan.layers:
             layer._attach(self, views[id(layer)])
 
     @property
+    def input_shape(self):
+        """The shape of one input sample, e.g. (784,) or (1, 28, 28)."""
+        return self._plan.input_shape
+
+    @property
+    def output_shape(self):
+        """The shape of one output sample, e.g. (10,)."""
+        return self._plan.output_shape
+
+    @property
     def n_inputs(self):
-        return self._plan.n_inputs
+        """The values in one input sample."""
+        return math.prod(self.input_shape)
 
     @property
     def n_outputs(self):
-        return self._plan.n_outputs
+        """The values in one output sample."""
+        return math.prod(self.output_shape)
 
     # ---- modes
 
@@ -162,7 +182,8 @@ class Network:
     # ---- the training step, piece by piece (PyTorch style) or in one call
 
     def forward(self, x):
-        """Outputs for a batch x of shape (batch, n_inputs); returns (batch, n_outputs).
+        """Outputs for a batch x of shape (batch, *input_shape); returns (batch,
+        *output_shape).
 
         The activations are kept for the next ``backward``.  x may be float32 or float64,
         strided or read-only: it is copied into the network's own input buffer."""
@@ -172,7 +193,7 @@ class Network:
 
     def backward(self, y=None, *, grad_output=None, input_grad=True):
         """Backpropagate from the built-in loss against targets `y`, or from an external
-        gradient `grad_output` = dL/d(output) of shape (batch, n_outputs).
+        gradient `grad_output` = dL/d(output) of shape (batch, *output_shape).
 
         Gradients are added to ``grads`` (and each layer's ``weight_grad``/``bias_grad``)
         until ``zero_grad()``; dL/dx is available as ``input_grad`` unless
@@ -182,7 +203,7 @@ class Network:
 
     @property
     def input_grad(self):
-        """dL/dx of the last backward, shape (batch, n_inputs) (a copy)."""
+        """dL/dx of the last backward, shaped like x (a copy)."""
         return self._engine.input_grad()
 
     def step(self):
@@ -206,9 +227,10 @@ class Network:
             One weight per row of x (finite, >= 0): the loss becomes the weighted mean
             sum(w_i * loss_i) / sum(w_i) over the batch's rows, as in scikit-learn and Keras.
         l2 : float, default 0
-            Add the L2 penalty ``l2 / 2 * sum(W ** 2)`` over every Dense weight matrix
-            (not biases, not the normalisations' parameters) to the loss, so ``l2 * W`` to
-            those gradients: scikit-learn's ``alpha`` is ``l2 = alpha / batch rows``.
+            Add the L2 penalty ``l2 / 2 * sum(W ** 2)`` over every weight (Dense and
+            convolution kernels, embedding tables: not biases, not the normalisations'
+            parameters) to the loss, so ``l2 * W`` to those gradients: scikit-learn's
+            ``alpha`` is ``l2 = alpha / batch rows``.
             Unlike an optimizer's ``weight_decay`` it is part of the returned loss.
         clip_grad_norm : float, optional
             Scale the gradients so their global norm is at most this before the update.
@@ -249,10 +271,15 @@ class Network:
         return self._engine.grad_norm()
 
     def layer_grad_norms(self):
-        """{index: norm} of each weight matrix's gradient (Dense layers, nested ones
-        included, numbered depth first as ``plan.flatten`` lists them)."""
-        return {i: float(np.linalg.norm(layer.weight_grad))
-                for i, layer in enumerate(self._plan.layers) if layer.kind == "dense"}
+        """{name: norm} of each weight's gradient (the weights the layers declare, nested
+        ones included, in the flat buffer's order), named by the layer's place:
+        ``"layers[2].layers[0].weight"``."""
+        return {name: float(np.linalg.norm(self.grads[offset:offset + size]))
+                for name, (offset, size) in zip(self.weight_names(), self._plan.weights)}
+
+    def weight_names(self):
+        """The name of each weight, in the flat buffer's order: ``"layers[0].weight"``."""
+        return [f"{self._plan.names[id(layer)]}.{name}" for layer, name in self._plan.weight_names]
 
     # ---- scikit-learn / Keras style training and inference
 
@@ -263,7 +290,7 @@ class Network:
 
         Parameters
         ----------
-        X : ndarray of shape (n_samples, n_inputs)
+        X : ndarray of shape (n_samples, *input_shape)
         y : targets, as for ``backward`` (labels of shape (n_samples,) for cross_entropy)
         validation_data : (X_val, y_val), optional; or validation_split : float in [0, 1),
             the fraction taken from the end of X (before shuffling).

@@ -32,7 +32,13 @@ def _flag(name, value):
 
 class Optimizer(OptimizerBase):
     """Base class of the optimizers.  It has no update rule of its own: use SGD, Adam,
-    AdamW, RMSprop or Adagrad (or a subclass of one of them)."""
+    AdamW, RMSprop or Adagrad (or a subclass of one of them).
+
+    An optimizer class is one declaration: ``RULE``, the compiled rule it runs (a row of
+    the rule table, ``backprop._core.RULES``; its kernel is in ``_optim.pxd``),
+    ``STATE_NAMES``, the rule's state buffers in the order its kernel takes them, the
+    validation of its settings in ``__init__``, the rule in words in its docstring, and
+    ``hyperparameters()`` for ``state_dict``."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("backprop.Optimizer is the base class; use SGD, Adam, AdamW, RMSprop "
@@ -90,6 +96,9 @@ class SGD(Optimizer):
                       g = g + momentum * b if nesterov else b
         p = p - lr * g
     """
+    RULE = "sgd"
+    STATE_NAMES = ("momentum_buffer",)
+
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         lr = _check("lr", lr)
         momentum = _check("momentum", momentum)
@@ -98,7 +107,7 @@ class SGD(Optimizer):
         nesterov = _flag("nesterov", nesterov)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
-        self._set_rule("sgd", lr=lr, momentum=momentum, dampening=dampening,
+        self._set_rule(lr=lr, momentum=momentum, dampening=dampening,
                        weight_decay=weight_decay, nesterov=nesterov)
 
     def hyperparameters(self):
@@ -117,6 +126,8 @@ class Adam(Optimizer):
         v_max = max(v_max, v)                     (amsgrad only; then v_max replaces v)
         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     """
+    RULE = "adam"
+    STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
@@ -127,7 +138,7 @@ class Adam(Optimizer):
         beta2 = _check("betas[1]", betas[1], 0.0, 1.0, open_high=True)
         eps = _check("eps", eps)
         weight_decay = _check("weight_decay", weight_decay)
-        self._set_rule("adam", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        self._set_rule(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                        weight_decay=weight_decay, amsgrad=_flag("amsgrad", amsgrad),
                        decoupled=self.decoupled)
 
@@ -165,9 +176,12 @@ class RMSprop(Optimizer):
         momentum:  b = momentum * b + g / denom;  p = p - lr * b
         otherwise: p = p - lr * g / denom
     """
+    RULE = "rmsprop"
+    STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
+
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False):
-        self._set_rule("rmsprop", lr=_check("lr", lr),
+        self._set_rule(lr=_check("lr", lr),
                        alpha=_check("alpha", alpha, 0.0, 1.0), eps=_check("eps", eps),
                        weight_decay=_check("weight_decay", weight_decay),
                        momentum=_check("momentum", momentum),
@@ -188,11 +202,14 @@ class Adagrad(Optimizer):
         s = s + g^2                      (s starts at initial_accumulator_value)
         p = p - lr / (1 + (t - 1) * lr_decay) * g / (sqrt(s) + eps)
     """
+    RULE = "adagrad"
+    STATE_NAMES = ("sum",)
+
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10):
         self.initial_accumulator_value = _check("initial_accumulator_value",
                                                 initial_accumulator_value)
-        self._set_rule("adagrad", lr=_check("lr", lr), lr_decay=_check("lr_decay", lr_decay),
+        self._set_rule(lr=_check("lr", lr), lr_decay=_check("lr_decay", lr_decay),
                        weight_decay=_check("weight_decay", weight_decay), eps=_check("eps", eps))
 
     def initial_state(self):

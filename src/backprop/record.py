@@ -2,8 +2,8 @@
 
 A record is a JSON-able ``header`` and a few flat arrays:
 
-* ``header``: ``{"format": "backprop-checkpoint", "version": 2,
-  "network": {"layers": [{"type", "config"}, ...], "loss", "dtype", "seed"},
+* ``header``: ``{"format": "backprop-checkpoint", "version": 3,
+  "network": {"layers": [{"type", "config"}, ...], "loss", "dtype", "seed", "input_shape"},
   "state": {"training", "dropout_seed", "passes", "epoch"},
   "optimizer": {"name", "hyperparameters", "step"}, "rng": <numpy bit-generator state>,
   "history": {...}}``
@@ -14,22 +14,23 @@ Every field of a header is checked for type and range, and the arrays a header i
 are worked out from the architecture alone, before anything is allocated or read (see
 ``checkpoint.py``).  Saving runs the same checks first, so a file ``save`` writes is
 always one ``load`` accepts.  Version 1 files (Dense-only networks, no buffers or
-state) are still read.
+state) and version 2 files (no input shape: the first layer fixes it) are still read.
 """
 import json
 
 import numpy as np
 
 from backprop import checkpoint
-from backprop._core import LOSSES
 from backprop.layers import from_config, to_config
+from backprop.losses import LOSSES
 from backprop.optim import OPTIMIZERS
 
 FORMAT = "backprop-checkpoint"
-VERSION = 2
+VERSION = 3
 DTYPES = ("float32", "float64")
 TOP_LEVEL = {1: {"format", "version", "network", "optimizer", "rng", "epoch", "history"},
              2: {"format", "version", "network", "state", "optimizer", "rng", "history"}}
+TOP_LEVEL[3] = TOP_LEVEL[2]
 
 
 class RecordError(ValueError):
@@ -38,7 +39,7 @@ class RecordError(ValueError):
 
 def network_config(net):
     return {"layers": [to_config(layer) for layer in net.layers], "loss": net.loss,
-            "dtype": net.dtype.name, "seed": net.seed}
+            "dtype": net.dtype.name, "seed": net.seed, "input_shape": list(net.input_shape)}
 
 
 def to_record(net):
@@ -105,6 +106,12 @@ class Spec:
         self.seed = network.get("seed")
         if self.seed is not None:
             _int("network.seed", self.seed)
+        self.input_shape = None          # before version 3: what the first layer fixes
+        if version >= 3:
+            shape = _field(network, "input_shape", list, "network")
+            if not 1 <= len(shape) <= 3:
+                raise RecordError(f"network.input_shape must have 1 to 3 sizes, got {shape!r:.80}")
+            self.input_shape = tuple(_int("network.input_shape", n, 1) for n in shape)
         if version == 1:
             state = {"training": True, "dropout_seed": self.seed or 0, "passes": 0,
                      "epoch": header["epoch"]}
@@ -145,7 +152,7 @@ def check(header, read_array):
     from backprop.training import History
 
     spec = Spec(header)
-    plan = planner.plan(spec.layers, spec.loss, spec.dropout_seed)
+    plan = planner.plan(spec.layers, LOSSES.get(spec.loss), spec.dropout_seed, spec.input_shape)
     wanted = spec.arrays((plan.n_params, plan.n_buffers))
     arrays = {name: read_array(name, shape, dtype) for name, (shape, dtype) in wanted.items()}
     for name, values in arrays.items():
@@ -164,7 +171,7 @@ def from_record(cls, header, read_array):
         spec, arrays, history = check(header, read_array)
         net = cls.__new__(cls)
         net._build(spec.layers, spec.loss, spec.optimizer, spec.dtype, spec.seed,
-                   initialise=False, key_seed=spec.dropout_seed)
+                   initialise=False, key_seed=spec.dropout_seed, input_shape=spec.input_shape)
     except (KeyError, TypeError) as e:
         raise RecordError(f"invalid backprop checkpoint: {e}") from None
     net.params[...] = arrays["params"]

@@ -11,7 +11,6 @@ import numpy as np
 from backprop.progress import Progress, wanted
 from backprop.schedules import ReduceLROnPlateau
 
-CLASSIFIER_LOSSES = ("cross_entropy", "binary_cross_entropy")
 
 
 class History:
@@ -21,9 +20,9 @@ class History:
     ``loss`` (mean training loss), ``val_loss`` and ``val_accuracy`` (None without
     validation data), ``lr``, ``seconds`` and ``samples_per_second``.  Each metric is
     also an attribute (``history.loss``).  ``grad_norms`` holds, per epoch, the norm of
-    each layer's weight gradient on the epoch's last batch: a layer whose norm falls
-    towards zero (vanishing) or grows without bound (exploding) shows at a glance in
-    ``plot``.
+    each weight's gradient on the epoch's last batch (``net.weight_names()`` names them):
+    a layer whose norm falls towards zero (vanishing) or grows without bound (exploding)
+    shows at a glance in ``plot``.
     """
 
     METRICS = ("loss", "val_loss", "val_accuracy", "lr", "seconds", "samples_per_second")
@@ -101,8 +100,9 @@ class mode:
 
 def _check_dataset(net, X, y, name="X"):
     X = np.asarray(X)
-    if X.ndim != 2 or X.shape[1] != net.n_inputs:
-        raise ValueError(f"{name} must have shape (n_samples, {net.n_inputs}), got {X.shape}")
+    if X.shape[1:] != net.input_shape:
+        raise ValueError(f"{name} must have shape (n_samples, {', '.join(map(str, net.input_shape))})"
+                         f", got {X.shape}")
     if len(X) == 0:
         raise ValueError(f"{name} is empty (0 samples)")
     if y is not None and len(y) != len(X):
@@ -285,10 +285,10 @@ def evaluate(net, X, y, batch_size=1024):
         for i in _batches(len(X), batch_size):
             xb, yb = X[i:i + batch_size], y[i:i + batch_size]
             total += net.loss_of(xb, yb) * len(xb)
-            if net.loss in CLASSIFIER_LOSSES:
+            if net.loss_spec.classifier:
                 correct += _correct(net, net._engine.output(), yb)
     scores = {"loss": total / len(X)}
-    if net.loss in CLASSIFIER_LOSSES:
+    if net.loss_spec.classifier:
         scores["accuracy"] = correct / len(X)
     return scores
 

@@ -1,9 +1,10 @@
 """ONNX export: a network as a standard ONNX graph, for onnxruntime or any other server.
 
 The graph computes the network in eval mode (batch-norm running statistics, dropout off),
-in float32, on inputs named ``input`` of shape (batch, n_inputs) with a dynamic batch
-dimension; its output ``output`` is what ``net.forward`` returns in eval mode
-(probabilities for a softmax or sigmoid output, as ``net.predict_proba``).  Only standard
+in float32, on inputs named ``input`` of shape (batch, *input_shape) with a dynamic batch
+dimension (int64 ids for an Embedding); its output ``output`` is what ``net.forward``
+returns in eval mode (probabilities for a softmax or sigmoid output, as
+``net.predict_proba``).  Each layer adds its own nodes (``Layer.to_onnx``).  Only standard
 operators of the default domain at opset 17 are used, so any runtime implementing opset 17
 runs it.
 """
@@ -20,6 +21,7 @@ except ImportError as e:   # pragma: no cover - exercised only without onnx
 import backprop
 from backprop._atomic import write_atomically
 from backprop.interop._layers import check_network
+from backprop.layers import Residual
 
 MIN_OPSET = 17   # LayerNormalization's first opset
 
@@ -43,9 +45,11 @@ def to_onnx(net, path, opset=MIN_OPSET):
     Notes
     -----
     Float32 throughout: a float64 network's weights are rounded to float32.  Operators:
-    Gemm (Dense), Relu, Sigmoid, Tanh, LeakyRelu, Elu, Softplus, Softmax(axis=1), GELU
-    built from Erf (the Gelu operator needs opset 20), BatchNormalization in inference form,
-    LayerNormalization, Add (residual blocks); dropout is the identity at inference.
+    Gemm (Dense; MatMul and Add on longer samples), Conv, MaxPool, AveragePool,
+    GlobalAveragePool, Flatten, Gather (Embedding), Relu, Sigmoid, Tanh, LeakyRelu, Elu,
+    Softplus, Softmax(axis=1), GELU built from Erf (the Gelu operator needs opset 20),
+    BatchNormalization in inference form, LayerNormalization, Add (residual blocks);
+    dropout is the identity at inference.
 
     Examples
     --------
@@ -63,15 +67,19 @@ def to_onnx(net, path, opset=MIN_OPSET):
     if not (np.isfinite(net.params).all() and np.isfinite(net.buffers).all()):
         raise ValueError("to_onnx: the network's weights or running statistics contain NaN or "
                          "Inf; nothing to export")
-    graph = _GraphBuilder()
-    # Every network has a Dense, BatchNorm or LayerNorm layer, so at least one node.
-    _rename(graph.nodes, graph.add_layers(net.layers, "input", "layers"), "output")
+    graph = GraphBuilder()
+    output = graph.add_layers(net.layers, "input", "layers", net.input_shape)
+    if output == "input":        # layers that compute nothing at inference (dropout)
+        output = graph.node("Identity", [output], "layers.identity")
+    _rename(graph.nodes, output, "output")
+    ids = net._plan.geometry[0].ids
     model = helper.make_model(
         helper.make_graph(
             graph.nodes, "backprop_network",
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", net.n_inputs])],
+            [helper.make_tensor_value_info("input", TensorProto.INT64 if ids else TensorProto.FLOAT,
+                                           ["batch", *net.input_shape])],
             [helper.make_tensor_value_info("output", TensorProto.FLOAT,
-                                           ["batch", net.n_outputs])],
+                                           ["batch", *net.output_shape])],
             graph.initializers),
         opset_imports=[helper.make_opsetid("", int(opset))],
         producer_name="backprop", producer_version=backprop.__version__,
@@ -92,7 +100,7 @@ def _rename(nodes, old, new):
                     names[i] = new
 
 
-class _GraphBuilder:
+class GraphBuilder:
     """Accumulates nodes and float32 initializers; names values after the layer they
     belong to (``layers.0.weight``, ``layers.0.gemm``, ...)."""
 
@@ -116,36 +124,15 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attributes))
         return name
 
-    def add_layers(self, layers, x, where):
-        """Nodes computing `layers` on the value named `x`; returns the output's name."""
+    def add_layers(self, layers, x, where, shape):
+        """Nodes computing `layers` on the value named `x` (samples of `shape`); returns
+        the output's name."""
         for i, layer in enumerate(layers):
             here = f"{where}.{i}"
-            kind = layer.kind
-            if kind == "dense":
-                inputs = [x, self.tensor(f"{here}.weight", layer.weight)]   # (out, in)
-                if layer.use_bias:
-                    inputs.append(self.tensor(f"{here}.bias", layer.bias))
-                x = self.node("Gemm", inputs, f"{here}.gemm", transB=1)
+            x = layer.to_onnx(self, x, here, shape)
+            if getattr(layer, "takes_activation", False):
                 x = self.activation(layer.activation, x, here)
-            elif kind == "activation":
-                x = self.activation(layer.name, x, here)
-            elif kind == "batchnorm":
-                x = self.node("BatchNormalization",
-                              [x, *self.affine(layer, layer.num_features, here),
-                               self.tensor(f"{here}.running_mean", layer.running_mean),
-                               self.tensor(f"{here}.running_var", layer.running_var)],
-                              f"{here}.batchnorm", epsilon=float(layer.eps))
-            elif kind == "layernorm":
-                x = self.node("LayerNormalization",
-                              [x, *self.affine(layer, layer.normalized_shape, here)],
-                              f"{here}.layernorm", axis=-1, epsilon=float(layer.eps))
-            elif kind == "dropout":
-                pass   # inverted dropout is the identity at inference
-            elif kind == "residual":
-                body = self.add_layers(layer.layers, x, f"{here}.layers")
-                x = self.node("Add", [x, body], f"{here}.add")
-            else:
-                raise ValueError(f"to_onnx: {here} ({layer!r}) has no ONNX export")
+            shape = shape if isinstance(layer, Residual) else layer.output_shape(shape)
         return x
 
     def affine(self, layer, size, here):

@@ -25,24 +25,13 @@ except ImportError as e:   # pragma: no cover - exercised only without torch
                       "enough): pip install torch") from e
 
 from backprop.interop._layers import check_network
-from backprop.layers import Activation, BatchNorm, Dense, Dropout, LayerNorm, Residual
+from backprop.layers import LAYERS, Dropout, Residual
+from backprop.layers.base import describe, unsupported
+from backprop.layers.elementwise import torch_activation
 from backprop.network import Network
 from backprop.plan import flatten
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-# backprop's activations are PyTorch's modules with their default options.
-_ACTIVATION_MODULES = {
-    "identity": nn.Identity,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "leaky_relu": lambda: nn.LeakyReLU(negative_slope=0.01),
-    "elu": lambda: nn.ELU(alpha=1.0),
-    "gelu": lambda: nn.GELU(approximate="none"),
-    "softplus": lambda: nn.Softplus(beta=1.0, threshold=20.0),
-    "softmax": lambda: nn.Softmax(dim=1),
-}
 
 
 class TorchResidual(nn.Sequential):
@@ -65,9 +54,10 @@ def to_torch(net):
     Returns
     -------
     torch.nn.Sequential
-        In the network's dtype and mode (``train()``/``eval()``).  A ``Dense`` layer becomes
-        ``nn.Linear`` (weight of shape (out_features, in_features), as in backprop) followed
-        by its activation's module unless that is identity; a softmax becomes
+        In the network's dtype and mode (``train()``/``eval()``).  Each layer becomes its
+        PyTorch module (``Dense``: ``nn.Linear``, weight of shape (out_features,
+        in_features) as in backprop; ``Conv2d``: ``nn.Conv2d``; ...), a layer's own
+        activation the activation's module after it; a softmax becomes
         ``nn.Softmax(dim=1)``.  backprop's ``cross_entropy`` loss takes the softmax layer's
         logits; to train the copy with ``nn.CrossEntropyLoss`` (which applies log-softmax
         itself), drop the final Softmax: ``model[:-1]``.
@@ -78,75 +68,48 @@ def to_torch(net):
     >>> out = model(torch.from_numpy(x))          # equals net.forward(x)
     """
     check_network(net, "to_torch")
-    model = nn.Sequential(*_modules_for(net.layers, _TORCH_DTYPES[net.dtype.name], "layers"))
+    model = nn.Sequential(*modules_for(net.layers, _TORCH_DTYPES[net.dtype.name],
+                                       net.input_shape))
     return model.train(net.training)
 
 
-def _modules_for(layers, dtype, where):
+def modules_for(layers, dtype, shape):
+    """The torch modules computing `layers` on samples of `shape`, each layer's from its
+    own declaration (``Layer.to_torch``)."""
     modules = []
-    for i, layer in enumerate(layers):
-        kind = layer.kind
-        if kind == "dense":
-            # skip_init: no draw from torch's random generator for weights replaced anyway
-            modules.append(_copy_arrays(nn.utils.skip_init(
-                nn.Linear, layer.in_features, layer.out_features, bias=layer.use_bias,
-                dtype=dtype), layer))
-            if layer.activation != "identity":
-                modules.append(_ACTIVATION_MODULES[layer.activation]())
-        elif kind == "activation":
-            modules.append(_ACTIVATION_MODULES[layer.name]())
-        elif kind == "batchnorm":
-            modules.append(_copy_arrays(nn.BatchNorm1d(
-                layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-                dtype=dtype), layer))
-        elif kind == "layernorm":
-            modules.append(_copy_arrays(nn.LayerNorm(
-                layer.normalized_shape, eps=layer.eps,
-                elementwise_affine=layer.elementwise_affine, dtype=dtype), layer))
-        elif kind == "dropout":
-            modules.append(nn.Dropout(layer.p))
-        elif kind == "residual":
-            modules.append(TorchResidual(*_modules_for(layer.layers, dtype,
-                                                       f"{where}[{i}].layers")))
-        else:
-            raise ValueError(f"to_torch: {where}[{i}] ({layer!r}) has no PyTorch equivalent")
+    for layer in layers:
+        modules += layer.to_torch(nn, dtype, shape)
+        if getattr(layer, "takes_activation", False) and layer.activation != "identity":
+            modules.append(torch_activation(nn, layer.activation))
+        shape = shape if isinstance(layer, Residual) else layer.output_shape(shape)
     return modules
-
-
-def _array_names(layer):
-    # torch names its tensors as backprop does: weight, bias, running_mean, running_var.
-    return [name for name, _ in layer.parameters()] + [name for name, _, _ in layer.buffers()]
-
-
-def _copy_arrays(module, layer):
-    """`module` with copies of `layer`'s parameters and buffers; returns `module`."""
-    with torch.no_grad():
-        for name in _array_names(layer):
-            getattr(module, name).copy_(torch.from_numpy(np.array(getattr(layer, name))))
-    return module
 
 
 # -------------------------------------------------------------------------- from_torch
 
-def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None):
+def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None, input_shape=None):
     """A Network computing what the torch Sequential `module` computes, with copies of its
     weights.
 
     Parameters
     ----------
     module : torch.nn.Sequential
-        Of ``Linear``; ``ReLU``, ``Sigmoid``, ``Tanh``, ``LeakyReLU`` (negative_slope 0.01),
-        ``ELU`` (alpha 1), ``GELU`` (approximate 'none'), ``Softplus`` (beta 1, threshold
-        20), ``Softmax`` (dim 1 or -1), ``Identity``; ``BatchNorm1d`` (affine or not, with
+        Of the modules backprop's layers declare (each layer's ``torch_names``):
+        ``Linear``, ``Conv1d``, ``Conv2d``, pooling, ``Embedding``, ``Flatten``;
+        ``ReLU``, ``Sigmoid``, ``Tanh``, ``LeakyReLU`` (negative_slope 0.01), ``ELU``
+        (alpha 1), ``GELU`` (approximate 'none'), ``Softplus`` (beta 1, threshold 20),
+        ``Softmax`` (dim 1 or -1), ``Identity``; ``BatchNorm1d``/``BatchNorm2d`` (with
         running statistics and a momentum), ``LayerNorm`` (one normalized dimension),
-        ``Dropout`` and ``TorchResidual``.
-        Nested ``Sequential`` modules are read as if flattened.  An activation right after a
-        ``Linear`` becomes that ``Dense`` layer's activation; elsewhere an
-        ``Activation`` layer.
+        ``Dropout`` and ``TorchResidual``.  Nested ``Sequential`` modules are read as if
+        flattened.  An activation right after a ``Linear`` or a convolution becomes that
+        layer's activation; elsewhere an ``Activation`` layer.
     loss, optimizer, seed
         As for ``Network`` (the seed draws dropout masks; the weights come from `module`).
     dtype : {"float32", "float64"} or None
         None takes the dtype of the module's parameters (float32 when it has none).
+    input_shape : tuple, optional
+        One input sample's shape, as for ``Network`` (needed when the first module is a
+        convolution or an embedding).
 
     Returns
     -------
@@ -160,7 +123,7 @@ def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None):
         and no dtype is given.
     ValueError
         A module or option backprop does not compute (the message names the module's
-        index, as in ``module.named_modules()``), sizes that do not chain, non-finite
+        index, as in ``module.named_modules()``), shapes that do not chain, non-finite
         weights, or no layers at all.
     """
     if type(module) is not nn.Sequential:
@@ -171,11 +134,27 @@ def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None):
         raise ValueError("from_torch: the Sequential has no layers to convert")
     dtype = _dtype_of(module) if dtype is None else dtype
     copies = []   # (layer, module): arrays to copy once the network exists
-    layers, _ = _layers_from(items, None, copies)
-    net = Network(layers, loss=loss, optimizer=optimizer, dtype=dtype, seed=seed)
+    layers, _ = _layers_from(items, copies, None if input_shape is None else tuple(input_shape))
+    try:
+        net = Network(layers, loss=loss, optimizer=optimizer, dtype=dtype, seed=seed,
+                      input_shape=input_shape)
+    except ValueError as e:
+        raise ValueError(f"from_torch: {e}") from None
     for layer, source in copies:
-        _copy_from_module(layer, source)
+        for name in layer._array_names():
+            getattr(layer, name)[...] = getattr(source, name).detach().cpu().numpy()
     return net.train(module.training)
+
+
+def _torch_kinds():
+    """{torch module class: the backprop layer class that reads it}, from the layers'
+    declarations."""
+    kinds = {}
+    for cls in LAYERS.values():
+        for name in cls.torch_names:
+            torch_class = TorchResidual if name == "TorchResidual" else getattr(nn, name)
+            kinds[torch_class] = cls
+    return kinds
 
 
 def _flatten(sequential, prefix):
@@ -189,14 +168,9 @@ def _flatten(sequential, prefix):
             yield f"{prefix}{name}", child
 
 
-def _unsupported(path, module, reason):
-    # A container's repr spans its whole body: name the type only.
-    what = repr(module) if not list(module.children()) else type(module).__name__
-    return ValueError(f"from_torch: module {path} ({what}) {reason}")
-
-
-def _activation_name(path, module):
-    """backprop's name for the activation `module` computes; None if it is no activation."""
+def activation_name_of(path, module):
+    """backprop's name for the activation `module` computes; None if it is no activation;
+    a ValueError naming `path` for options backprop's activation does not have."""
     simple = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu"}
     kind = type(module)
     if kind in simple:
@@ -216,85 +190,50 @@ def _activation_name(path, module):
         return None
     name, wanted, matches = options[kind]
     if not matches(module):
-        raise _unsupported(path, module, f"is not supported: backprop's {name} has {wanted}")
+        raise unsupported(path, module, f"is not supported: backprop's {name} has {wanted}")
     return name
 
 
-def _layers_from(items, width, copies):
-    """backprop layers for a list of (path, torch module); returns (layers, output width).
-
-    `width` is the feature count flowing in (None before the first layer that fixes it);
-    each sized module must match it, so a mismatch names the torch module."""
-    layers, i = [], 0
+def _layers_from(items, copies, shape):
+    """backprop layers for a list of (path, torch module), each read by the layer class
+    that declares its torch class; returns (layers, output sample shape).  `shape` is the
+    input sample's shape (None until a layer fixes it): a module whose input does not fit
+    is named by its torch path."""
+    kinds, layers, i = _torch_kinds(), [], 0
     while i < len(items):
         path, module = items[i]
-        kind = type(module)
-        if kind is nn.Linear:
-            _check_width(path, module, "in_features", module.in_features, width)
-            # An activation right after it is the Dense layer's own (fused in the core).
-            activation = _activation_name(*items[i + 1]) if i + 1 < len(items) else None
-            if activation is not None:
-                i += 1
-            layer = Dense(module.in_features, module.out_features, activation=activation,
-                          bias=module.bias is not None)
-            width = module.out_features
-        elif (name := _activation_name(path, module)) is not None:
-            layer = Activation(name)
-        elif kind is nn.BatchNorm1d:
-            layer = _batchnorm_from(path, module, width)
-            width = module.num_features
-        elif kind is nn.LayerNorm:
-            layer = _layernorm_from(path, module, width)
-            width = module.normalized_shape[0]
-        elif kind is nn.Dropout:
-            layer = Dropout(module.p)
-        elif kind is TorchResidual:
-            inner, out = _layers_from(list(_flatten(module, f"{path}.")), width, copies)
-            if out != width or not inner:
-                raise _unsupported(path, module, f"maps {width} features to {out}: a residual "
-                                   "block must keep the width (out = x + body(x))")
+        cls = kinds.get(type(module))
+        if cls is None:
+            raise unsupported(path, module, "is not supported by backprop (supported: "
+                              f"{', '.join(sorted(t.__name__ for t in kinds))}, Identity and "
+                              "nested Sequential)")
+        if cls is Residual:
+            inner, out = _layers_from(list(_flatten(module, f"{path}.")), copies, shape)
+            if not inner:
+                raise unsupported(path, module, "has an empty body")
+            if shape is not None and out != shape:
+                raise unsupported(path, module, f"maps {describe(shape)} to {describe(out)}: a "
+                                  "residual block must keep the shape (out = x + body(x))")
             layer = Residual(*inner)
+        elif getattr(cls, "takes_activation", False) and i + 1 < len(items) \
+                and (activation := activation_name_of(*items[i + 1])) is not None:
+            layer = cls.from_torch(module, path, activation=activation)   # fused in the core
+            i += 1
         else:
-            raise _unsupported(path, module, "is not supported by backprop (supported: Linear, "
-                               "activations, BatchNorm1d, LayerNorm, Dropout, Identity, "
-                               "TorchResidual and nested Sequential)")
+            layer = cls.from_torch(module, path)
         if layer.parameters() or layer.buffers():
             _check_finite(module, path)
             copies.append((layer, module))
+        if shape is None:
+            shape = layer.fixes_input()
+        if shape is not None and cls is not Residual:
+            try:
+                shape = tuple(layer.output_shape(shape))
+            except ValueError as e:
+                raise unsupported(path, module, str(e)) from None
         layers.append(layer)
         i += 1
-    return layers, width
-
-
-def _check_width(path, module, what, size, width):
-    if width is not None and size != width:
-        raise ValueError(f"from_torch: module {path} ({module!r}) has {what}={size}, but the "
-                         f"module before it gives {width} features")
-
-
-def _batchnorm_from(path, module, width):
-    _check_width(path, module, "num_features", module.num_features, width)
-    if module.running_mean is None or module.momentum is None:
-        raise _unsupported(path, module, "is not supported: backprop's BatchNorm keeps running "
-                           "statistics with a fixed momentum (track_running_stats=True, "
-                           "momentum a number)")
-    if module.affine and module.bias is None:
-        raise _unsupported(path, module, "is not supported: backprop's BatchNorm has a bias "
-                           "whenever it is affine (bias=False is not available)")
-    return BatchNorm(module.num_features, eps=module.eps, momentum=module.momentum,
-                     affine=module.affine)
-
-
-def _layernorm_from(path, module, width):
-    if len(module.normalized_shape) != 1:
-        raise _unsupported(path, module, "is not supported: backprop's LayerNorm normalizes "
-                           "one dimension (the features of each row)")
-    _check_width(path, module, "normalized_shape", module.normalized_shape[0], width)
-    if module.elementwise_affine and module.bias is None:
-        raise _unsupported(path, module, "is not supported: backprop's LayerNorm has a bias "
-                           "whenever it is elementwise_affine (bias=False is not available)")
-    return LayerNorm(module.normalized_shape[0], eps=module.eps,
-                     elementwise_affine=module.elementwise_affine)
+    return layers, shape
 
 
 def _dtype_of(module):
@@ -318,11 +257,6 @@ def _check_finite(module, path):
                              f"Inf in its {name}")
 
 
-def _copy_from_module(layer, module):
-    for name in _array_names(layer):
-        getattr(layer, name)[...] = getattr(module, name).detach().cpu().numpy()
-
-
 # ------------------------------------------------------------------------- TorchModule
 
 # For each network, the forward whose activations it holds (backprop keeps only the last
@@ -341,8 +275,9 @@ class TorchModule(nn.Module):
 
     Notes
     -----
-    * Input: a CPU tensor of shape (batch, net.n_inputs) in the network's dtype; output:
-      (batch, net.n_outputs), the network's forward (probabilities for a softmax output).
+    * Input: a CPU tensor of shape (batch, *net.input_shape) in the network's dtype;
+      output: (batch, *net.output_shape), the network's forward (probabilities for a
+      softmax output).
     * ``module.layers[i].weight`` / ``.bias`` are ``net.layers[i].weight`` / ``.bias``
       (no copy), in the order of ``net.params``; batch-norm running statistics are
       buffers.  A torch optimizer's in-place update changes the network, ``net.step()``
@@ -397,8 +332,8 @@ class TorchModule(nn.Module):
         return _TORCH_DTYPES[self.net.dtype.name]
 
     def forward(self, x):
-        """Run the network on x, a tensor of shape (batch, net.n_inputs); returns
-        (batch, net.n_outputs)."""
+        """Run the network on x, a tensor of shape (batch, *net.input_shape); returns
+        (batch, *net.output_shape)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"TorchModule: x must be a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
@@ -431,7 +366,7 @@ class TorchModule(nn.Module):
         return TorchModule, (self.net,)
 
     def extra_repr(self):
-        return (f"{self.net.n_inputs} -> {self.net.n_outputs}, layers={len(self.net.layers)}, "
+        return (f"{self.net.input_shape} -> {self.net.output_shape}, layers={len(self.net.layers)}, "
                 f"dtype={self.net.dtype.name}")
 
 
@@ -443,12 +378,12 @@ class _SharedLayer(nn.Module):
     def __init__(self, layer, net):
         super().__init__()
         self.grad_views = {}
-        for name, _ in layer.parameters():
+        for name, _, _ in layer.parameters():
             self.register_parameter(name, nn.Parameter(_shared(getattr(layer, name), net.params)))
             self.grad_views[name] = _shared(getattr(layer, f"{name}_grad"), net.grads)
         for name, _, _ in layer.buffers():
             self.register_buffer(name, _shared(getattr(layer, name), net.buffers))
-        if layer.kind == "residual":
+        if isinstance(layer, Residual):
             self.layers = nn.ModuleList(_SharedLayer(inner, net) for inner in layer.layers)
 
 
@@ -516,7 +451,7 @@ class _RunNetwork(torch.autograd.Function):
 
 def _replay(net, ctx, x):
     """Recompute an earlier forward so its backward can run, when it is reproducible."""
-    if ctx.training and any(layer.kind == "dropout" and layer.p > 0
+    if ctx.training and any(isinstance(layer, Dropout) and layer.p > 0
                             for layer in flatten(net.layers)):
         raise RuntimeError(
             "TorchModule: backward through an earlier forward than the network's last one. "

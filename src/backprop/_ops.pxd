@@ -1,0 +1,146 @@
+# What a compiled network is made of: slots, operation records, and the signature every
+# layer kind's kernels share.
+#
+# The planner (plan.py) turns the layers into records; the Engine (_core.pyx) copies them
+# into these structs; the passes (_tape.pxd) call each record's kernels through the kernel
+# table (_kernels.pxi), one row per layer kind.  A kind is one .pxd file of kernels with the
+# signatures below and one Python class declaring everything else (backprop/layers/).
+from cython cimport floating
+from libc.stdint cimport int64_t, uint64_t
+
+
+cdef struct Slot:
+    # One activation of the network for a whole batch: row b of `value` (b < batch) is
+    # sample b, `ld` values after row b - 1; `grad` holds dL/dvalue in the same layout
+    # (NULL where no gradient is wanted).
+    char* value
+    char* grad
+    Py_ssize_t size          # values per sample
+    Py_ssize_t ld            # distance between samples: size, or padded when rows == 1
+    # The sample as PyTorch sees it, padded to three dimensions: (features,) is
+    # (features, 1, 1), (channels, length) is (channels, 1, length).
+    int ndim
+    Py_ssize_t c, h, w
+    # How the sample is stored: in the logical order (channels first), or, after a
+    # convolution or pooling, pixel by pixel with the channels adjacent (channels last).
+    bint channels_last
+    bint ids                 # int64 ids (an Embedding's input), not floating values
+    # The sample as a matrix: `rows` rows of `cols` adjacent values (the last dimension
+    # stored), so a batch is a (batch * rows) x cols matrix with row stride
+    # matrix_stride(slot).  Dense and LayerNorm work on the rows of this matrix (PyTorch's
+    # "last dimension"), BatchNorm on its columns when channels are last.
+    Py_ssize_t rows, cols
+
+
+cdef inline Py_ssize_t matrix_stride(const Slot* s) noexcept nogil:
+    return s.ld if s.rows == 1 else s.cols
+
+
+cdef struct Window:
+    # Convolution and pooling geometry, height then width (a 1-D kind has height 1).
+    Py_ssize_t kh, kw        # kernel
+    Py_ssize_t sh, sw        # stride
+    Py_ssize_t ph, pw        # zero (or, for max pooling, -inf) padding on both sides
+    Py_ssize_t dh, dw        # dilation
+    Py_ssize_t groups
+
+
+cdef struct Op:
+    int kernel               # the row of the kernel table
+    int activation           # applied to the kind's result (see _tape.pxd)
+    int fused                # the part of it the kind's kernel applies itself
+    int input                # the slot read
+    int skip                 # a second slot read (a residual block's f(x)), or -1
+    int output               # the slot written
+    int z                    # where the result before the activation is kept, or -1
+    bint accumulate          # add to the input's gradient: another record already wrote it
+    Py_ssize_t param[4]      # offsets of the kind's parameters in params/grads, in the
+                             # order its kernels take them; -1 for one the layer lacks
+    Py_ssize_t buffer        # offset of the first buffer (running statistics), or -1
+    Py_ssize_t saved         # offset of the record's saved statistics (doubles), by the Engine
+    double eps, momentum, p
+    uint64_t key             # Dropout: the seed and layer, mixed
+    Py_ssize_t padding_idx   # Embedding: the id whose row gets no gradient, or -1
+    bint include_pad         # average pooling: padding counts in the divisor
+    Window window
+
+
+cdef struct Tape
+
+# A kind's kernels.  forward: the record's result from its input slot(s), written to the
+# slot `z` when the record keeps one, else to its output, with `op.fused` applied.
+# backward: from dL/d(result) in the output slot's gradient, the parameter gradients
+# (added) and, when `want_dx`, dL/dinput into the input slot's gradient (added to it when
+# op.accumulate).  scratch: the bytes of Tape.scratch the kernels need for `batch` rows
+# on `n_threads` threads (elements of `itemsize` bytes).
+ctypedef void (*forward32_t)(float* kind, const Op* op, Tape* t, int n_threads) noexcept nogil
+ctypedef void (*forward64_t)(double* kind, const Op* op, Tape* t, int n_threads) noexcept nogil
+ctypedef void (*backward32_t)(float* kind, const Op* op, Tape* t, bint want_dx,
+                              int n_threads) noexcept nogil
+ctypedef void (*backward64_t)(double* kind, const Op* op, Tape* t, bint want_dx,
+                              int n_threads) noexcept nogil
+ctypedef Py_ssize_t (*scratch_t)(const Op* op, const Tape* t, Py_ssize_t batch,
+                                 int n_threads, Py_ssize_t itemsize) noexcept nogil
+
+cdef struct Kernel:
+    const char* name
+    forward32_t forward32
+    forward64_t forward64
+    backward32_t backward32
+    backward64_t backward64
+    scratch_t scratch
+
+
+cdef struct Tape:
+    int n_ops
+    Op* ops
+    Slot* slots
+    const Kernel* kernels    # the kernel table, indexed by Op.kernel
+    char* params
+    char* grads
+    char* buffers
+    double* saved
+    Py_ssize_t batch, capacity
+    bint training            # the mode of the last forward pass; its backward follows it
+    uint64_t passes          # train-mode forward passes so far (Dropout's counter)
+    uint64_t row_offset      # the batch's first row in a global batch (Dropout's row numbers)
+    void* scratch            # 64-byte aligned, as large as the largest kind's need
+    # the loss
+    char* target             # float targets, batch x output size (row stride ldt)
+    Py_ssize_t ldt
+    int64_t* labels          # or integer class labels
+    double* weights          # the rows' weights, or NULL (all 1)
+    double* lse              # log-sum-exp of each output row, when the output is a softmax
+    # the weight matrices (the L2 penalty, per-weight gradient norms): offsets and sizes
+    int n_weights
+    const Py_ssize_t* weight_offsets
+    const Py_ssize_t* weight_sizes
+
+
+cdef inline Py_ssize_t no_scratch(const Op* op, const Tape* t, Py_ssize_t batch,
+                                  int n_threads, Py_ssize_t itemsize) noexcept nogil:
+    return 0
+
+
+cdef inline const Slot* input_of(const Op* op, const Tape* t) noexcept nogil:
+    return &t.slots[op.input]
+
+
+cdef inline const Slot* output_of(const Op* op, const Tape* t) noexcept nogil:
+    return &t.slots[op.output]
+
+
+cdef inline const Slot* result_of(const Op* op, const Tape* t) noexcept nogil:
+    """Where the forward kernel writes: the slot keeping the pre-activation, or the output."""
+    return &t.slots[op.z] if op.z >= 0 else &t.slots[op.output]
+
+
+cdef inline floating* param_of(floating* kind, char* base, const Op* op, int k) noexcept nogil:
+    """Parameter k of the record in `base` (params, or grads for its gradient), or NULL if
+    the layer has none."""
+    return (<floating*>base) + op.param[k] if op.param[k] >= 0 else NULL
+
+
+cdef inline floating* dx_of(floating* kind, const Op* op, const Tape* t, bint want_dx) noexcept nogil:
+    """The input slot's gradient if the backward is to write it, else NULL."""
+    return <floating*>t.slots[op.input].grad if want_dx else NULL

@@ -1,0 +1,158 @@
+# --------------------------------------------------------------------------- optimizers
+
+cdef class OptimizerBase:
+    """The compiled half of every optimizer: its rule and settings as a C struct (read by
+    the nogil update) and its state buffers, each shaped like the flat parameter buffer.
+
+    Only the rules of the rule table exist (RULES, _kernels.pxi).  Each public class in
+    `backprop.optim` declares its rule (RULE, a key of RULES) and the names of the
+    rule's state buffers (STATE_NAMES, as many as its kernel takes: checked here), and
+    validates its settings before `_set_rule`, so no subclass can make the kernel read a
+    buffer that is not there.  While a network's step runs without the GIL, the settings
+    and buffers cannot be changed (`_busy`)."""
+    cdef OptimConfig config
+    cdef readonly dict state
+    cdef object _dtype
+    cdef bint _is64
+    cdef Py_ssize_t _size
+    cdef char* slots[3]            # the state buffers' data; unused slots stay NULL
+    cdef int _busy
+    cdef bint _has_rule
+    cdef readonly tuple state_names   # the rule's state buffers, in its kernel's order
+
+    def __cinit__(self, *args, **kwargs):
+        self.state = {}
+        self._size = -1
+        memset(&self.config, 0, sizeof(OptimConfig))
+
+    def _set_rule(self, **settings):
+        """Take the class's rule and these settings (fields of OptimConfig); the step count
+        restarts at 0.  Each setting must be a finite number or a bool."""
+        cdef OptimConfig c
+        rule = getattr(type(self), "RULE", None)
+        state_names = tuple(getattr(type(self), "STATE_NAMES", ()))
+        self._check_idle("change the optimizer's settings")
+        if rule not in RULES:
+            raise ValueError(f"unknown optimizer rule {rule!r}; choose one of {sorted(RULES)}")
+        if len(state_names) != RULE_TABLE[RULES[rule]].n_state:
+            raise TypeError(f"the {rule!r} rule keeps {RULE_TABLE[RULES[rule]].n_state} state "
+                            f"buffers, but {len(state_names)} are named: {state_names}")
+        memset(&c, 0, sizeof(OptimConfig))
+        known = set(dict(c)) - {"rule", "step"}
+        for name, value in settings.items():
+            if name not in known:
+                raise TypeError(f"unknown optimizer setting {name!r}")
+            if not isinstance(value, (bool, np.bool_)) and not (
+                    isinstance(value, (int, float, np.integer, np.floating)) and isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        config = dict(c)
+        config.update(settings)
+        config["rule"] = RULES[rule]
+        config["step"] = 0
+        self.config = config
+        self.state_names = state_names
+        self._has_rule = True
+
+    cdef int _check_idle(self, str what) except -1:
+        if self._busy:
+            raise RuntimeError(f"cannot {what} while a step runs in another thread")
+        return 0
+
+    @property
+    def lr(self):
+        """The learning rate; schedules change it between steps."""
+        return self.config.lr
+
+    @lr.setter
+    def lr(self, value):
+        self._check_idle("change the learning rate")
+        value = float(value)
+        if not (value >= 0 and isfinite(value)):
+            raise ValueError(f"lr must be a finite non-negative number, got {value}")
+        self.config.lr = value
+
+    @property
+    def attached(self):
+        """Whether this optimizer has been bound to a network's parameters."""
+        return self._size >= 0
+
+    @property
+    def steps(self):
+        """How many updates this optimizer has made."""
+        return self.config.step
+
+    def _config(self):
+        return self.config
+
+    def _bind(self, Py_ssize_t size, dtype, dict initial=None):
+        """Create the rule's state buffers for `size` parameters, filled with 0 or with
+        `initial[name]`; the step count restarts at 0."""
+        self._check_idle("rebind the optimizer")
+        if not self._has_rule:
+            raise TypeError(f"{type(self).__name__} has no update rule: use one of backprop's "
+                            "optimizers (SGD, Adam, AdamW, RMSprop, Adagrad) or a subclass")
+        initial = initial or {}
+        names = self.state_names
+        if set(initial) - set(names):
+            raise ValueError(f"unknown state buffers {sorted(set(initial) - set(names))}; "
+                             f"this rule has {list(names)}")
+        state = {name: np.full(size, initial.get(name, 0.0), dtype=dtype) for name in names}
+        self._dtype = np.dtype(dtype)
+        self._is64 = self._dtype == np.float64
+        self._size = size
+        self.state = state
+        self.slots[0] = self.slots[1] = self.slots[2] = NULL
+        for i, buffer in enumerate(state.values()):
+            self.slots[i] = <char*>cnp.PyArray_DATA(buffer)
+        self.config.step = 0
+
+    def _load(self, OptimizerBase template, long step, dict state):
+        """Take `template`'s settings, this step count and these state buffers, all checked
+        before anything changes."""
+        self._check_idle("load a state into the optimizer")
+        if template.config.rule != self.config.rule:
+            raise ValueError("the state is for another update rule")
+        if set(state) != set(self.state):
+            raise ValueError(f"optimizer state must have the buffers {sorted(self.state)}, "
+                             f"got {sorted(state)}")
+        for name, value in state.items():
+            value = np.asarray(value)
+            if value.shape != (self._size,) or value.dtype != self._dtype:
+                raise ValueError(f"optimizer state {name!r} must have shape ({self._size},) "
+                                 f"and dtype {self._dtype}, got {_describe(value)}")
+            if not np.isfinite(value).all():
+                raise ValueError(f"optimizer state {name!r} contains NaN or Inf")
+        if step < 0:
+            raise ValueError(f"optimizer step must be >= 0, got {step}")
+        for name, value in state.items():
+            self.state[name][...] = value
+        self.config = template.config
+        self.config.step = step
+
+    cdef int _begin(self, Py_ssize_t size, object dtype) except -1:
+        """Mark a step as running over a flat buffer of `size` values of `dtype`."""
+        if self._size != size or self._dtype != dtype:
+            raise ValueError("this optimizer is bound to another network's parameters")
+        self._check_idle("run two steps at once")
+        self._busy = 1
+        return 0
+
+    cdef void _end(self) noexcept:
+        self._busy = 0
+
+    # The nogil methods below only ever run on `self`: Cython's debug None check
+    # of self would need the GIL, so it is off for them.
+    @cython.nonecheck(False)
+    cdef bint _run_nogil(self, char* p, char* g, Py_ssize_t n, int n_threads, bint clear,
+                         double clip) noexcept nogil:
+        """One update (between _begin and _end); whether everything written is finite."""
+        cdef const Rule* rule = &RULE_TABLE[self.config.rule]
+        if self._is64:
+            return optimizer_update(rule, &self.config, <double*>p, <double*>g,
+                                    <double*>self.slots[0], <double*>self.slots[1],
+                                    <double*>self.slots[2], clip, n, n_threads, clear)
+        return optimizer_update(rule, &self.config, <float*>p, <float*>g, <float*>self.slots[0],
+                                <float*>self.slots[1], <float*>self.slots[2], clip,
+                                n, n_threads, clear)
+
+

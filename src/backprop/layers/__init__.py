@@ -1,0 +1,15 @@
+"""The layer kinds: one class each, declaring what its compiled kernels need (see
+``base.py`` for the declaration and ``register``)."""
+from backprop.layers.base import LAYERS, Layer, Param, from_config, register, to_config
+from backprop.layers.dense import Dense
+from backprop.layers.elementwise import Activation, Dropout
+from backprop.layers.normalization import BatchNorm, LayerNorm
+from backprop.layers.reshape import Flatten
+from backprop.layers.residual import Residual
+
+# PyTorch's names for the one BatchNorm, whatever the sample's shape.
+BatchNorm1d = BatchNorm2d = BatchNorm
+
+__all__ = ["LAYERS", "Activation", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "Dense", "Dropout",
+           "Flatten", "Layer", "LayerNorm", "Param", "Residual", "from_config", "register",
+           "to_config"]
