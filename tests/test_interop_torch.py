@@ -204,8 +204,10 @@ class Custom(nn.Module):
 
 # (the module placed at index 1 between Linear(3, 4) and Linear(4, 2), the message)
 UNSUPPORTED = [
-    (lambda: nn.Conv2d(1, 1, 3), r"module 1 \(Conv2d\(1, 1, kernel_size=\(3, 3\).*\) is not "
+    (lambda: nn.Conv3d(1, 1, 3), r"module 1 \(Conv3d\(1, 1, kernel_size=\(3, 3, 3\).*\) is not "
                                  "supported by backprop"),
+    (lambda: nn.Conv2d(1, 1, 3), r"module 1 \(Conv2d\(1, 1, kernel_size=\(3, 3\).*\) takes "
+                                 r"samples of shape \(1, H, W\), but its input is \(4,\)"),
     (lambda: Custom(), r"module 1 \(Custom\) is not supported"),
     (lambda: nn.ModuleList([nn.ReLU()]), r"module 1 \(ModuleList\) is not supported"),
     (lambda: nn.ReLU6(), r"module 1 \(ReLU6\(\)\) is not supported"),

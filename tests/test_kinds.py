@@ -23,6 +23,15 @@ EXAMPLES = {
     "Activation": (lambda: bp.Activation("relu"), (4,)),
     "Residual": (lambda: bp.Residual(bp.Dense(4, 4)), (4,)),
     "Flatten": (lambda: bp.Flatten(), (4,)),
+    "Conv2d": (lambda: bp.Conv2d(2, 3, 3, padding=1, activation="relu"), (2, 5, 4)),
+    "Conv1d": (lambda: bp.Conv1d(2, 3, 2, stride=2), (2, 7)),
+    "MaxPool2d": (lambda: bp.MaxPool2d(2), (2, 5, 4)),
+    "MaxPool1d": (lambda: bp.MaxPool1d(3, stride=1, padding=1), (2, 7)),
+    "AvgPool2d": (lambda: bp.AvgPool2d(2, padding=1), (2, 5, 4)),
+    "AvgPool1d": (lambda: bp.AvgPool1d(2), (2, 7)),
+    "AdaptiveAvgPool2d": (lambda: bp.AdaptiveAvgPool2d(1), (2, 5, 4)),
+    "GlobalAvgPool": (lambda: bp.GlobalAvgPool(), (2, 5, 4)),
+    "Embedding": (lambda: bp.Embedding(6, 3), (4,)),
 }
 
 
@@ -44,7 +53,8 @@ def test_every_registered_kind_declares_every_hook(name):
     assert isinstance(out, tuple) and all(isinstance(n, int) and n > 0 for n in out)
     assert len(layer.saved(planner.Geometry(shape))) == 2
     net = bp.Network([layer], seed=0, input_shape=shape)     # plans, builds and runs
-    x = np.random.default_rng(0).normal(size=(3,) + shape)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, (3,) + shape) if layer.takes_ids else rng.normal(size=(3,) + shape)
     assert net.forward(x).shape == (3,) + net.output_shape
 
 

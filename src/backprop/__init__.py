@@ -16,8 +16,9 @@ from backprop._core import (ACTIVATIONS, MAX_THREADS, get_num_threads, openmp_en
 from backprop import datasets, distributed, ops
 from backprop.callbacks import GradientMonitor
 from backprop.gradcheck import gradcheck
-from backprop.layers import (Activation, BatchNorm, BatchNorm1d, BatchNorm2d, Dense, Dropout,
-                             Flatten, LayerNorm, Residual)
+from backprop.layers import (Activation, AdaptiveAvgPool2d, AvgPool1d, AvgPool2d, BatchNorm,
+                             BatchNorm1d, BatchNorm2d, Conv1d, Conv2d, Dense, Dropout, Embedding,
+                             Flatten, GlobalAvgPool, LayerNorm, MaxPool1d, MaxPool2d, Residual)
 from backprop.losses import LOSSES
 from backprop.network import Network
 from backprop.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
@@ -32,7 +33,9 @@ if hasattr(_os, "register_at_fork"):
 __version__ = "0.1.0"
 
 __all__ = ["ACTIVATIONS", "LOSSES", "MAX_THREADS", "Activation", "Adagrad", "Adam", "AdamW",
-           "BatchNorm", "BatchNorm1d", "BatchNorm2d", "Dense", "Dropout", "Flatten",
-           "GradientMonitor", "LayerNorm", "Network", "Optimizer", "RMSprop", "Residual", "SGD",
+           "AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d", "BatchNorm", "BatchNorm1d", "BatchNorm2d",
+           "Conv1d", "Conv2d", "Dense", "Dropout", "Embedding", "Flatten", "GlobalAvgPool",
+           "GradientMonitor", "LayerNorm", "MaxPool1d", "MaxPool2d", "Network", "Optimizer",
+           "RMSprop", "Residual", "SGD",
            "datasets", "distributed", "get_num_threads", "gradcheck", "openmp_enabled", "ops",
            "set_num_threads", "simd_kernel"]

@@ -416,13 +416,18 @@ cdef class Engine:
         cdef Slot* s = &self.tape.slots[slot]
         return self._copy_out(s.grad if gradient else s.value, self.tape.batch, s.size, s.ld)
 
+    cdef object _output_copy(self):
+        """The network's output, (batch,) + output_shape (the planner stores it channels
+        first, PyTorch's order)."""
+        return self._slot_copy(self.tape.ops[self.tape.n_ops - 1].output, False).reshape(
+            (self.tape.batch,) + self.output_shape)
+
     def output(self):
-        """The network's output for the last forward (a copy, (batch,) + output_shape)."""
+        """The network's output for the last forward (a copy)."""
         self._enter()
         try:
             self._check_forward("output")
-            return self._slot_copy(self.tape.ops[self.tape.n_ops - 1].output, False).reshape(
-                (self.tape.batch,) + self.output_shape)
+            return self._output_copy()
         finally:
             self.busy = False
 
@@ -556,7 +561,7 @@ cdef class Engine:
                 self._begin_forward()
                 self._pass(FORWARD, nt, False, 1.0, False, False)
             self.has_forward = True
-            return self._slot_copy(self.tape.ops[self.tape.n_ops - 1].output, False)
+            return self._output_copy()
         finally:
             self.busy = False
 

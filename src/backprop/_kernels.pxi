@@ -11,12 +11,15 @@ from backprop._layernorm cimport layernorm_run, layernorm_back
 from backprop._dropout cimport dropout_run, dropout_back
 from backprop._residual cimport residual_run, identity_run, identity_back
 from backprop._relayout cimport relayout_run, relayout_back
+from backprop._conv cimport conv_run, conv_back, conv_scratch
+from backprop._pool cimport max_pool_run, max_pool_back, avg_pool_run, avg_pool_back
+from backprop._embedding cimport embedding_run, embedding_back
 from backprop._losses cimport (LossKernel, mse_loss, binary_cross_entropy_loss,
                                cross_entropy_loss)
 from backprop._optim cimport Rule, sgd_range, adam_range, rmsprop_range, adagrad_range
 
 cdef enum:
-    N_KERNELS = 7
+    N_KERNELS = 11
     N_LOSS_KERNELS = 3
     N_RULES = 4
 
@@ -35,6 +38,14 @@ KERNEL_TABLE[5] = Kernel(b"residual", residual_run[float], residual_run[double],
                          identity_back[float], identity_back[double], no_scratch)
 KERNEL_TABLE[6] = Kernel(b"relayout", relayout_run[float], relayout_run[double],
                          relayout_back[float], relayout_back[double], no_scratch)
+KERNEL_TABLE[7] = Kernel(b"conv", conv_run[float], conv_run[double],
+                         conv_back[float], conv_back[double], conv_scratch)
+KERNEL_TABLE[8] = Kernel(b"max_pool", max_pool_run[float], max_pool_run[double],
+                         max_pool_back[float], max_pool_back[double], no_scratch)
+KERNEL_TABLE[9] = Kernel(b"avg_pool", avg_pool_run[float], avg_pool_run[double],
+                         avg_pool_back[float], avg_pool_back[double], no_scratch)
+KERNEL_TABLE[10] = Kernel(b"embedding", embedding_run[float], embedding_run[double],
+                          embedding_back[float], embedding_back[double], no_scratch)
 
 cdef LossKernel LOSS_TABLE[N_LOSS_KERNELS]
 LOSS_TABLE[0] = LossKernel(b"mse", mse_loss[float], mse_loss[double])
