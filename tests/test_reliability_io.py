@@ -1,19 +1,178 @@
 """Trying to break it from outside (issue 17): files that are not what they claim, files
 shared with other accounts, user mistakes on the command line.  Each test reproduces a
 failure of the earlier code and checks its whole class is gone."""
+import gzip
 import json
 import os
 import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import tracemalloc
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
 
 import backprop as bp
+from backprop.datasets import load_idx
 from conftest import make_net
+
+# A run that reads without bound (the old /dev/zero) must fail, not take the machine: the
+# child gets 3 GB of address space (importing backprop takes well under 1 GB) and 30 s.
+ADDRESS_SPACE = 3 << 30
+TIMEOUT = 30
+
+
+def _limit_memory():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def run(args, cwd):
+    """A child process, limited as above, importing the backprop under test; a hang fails
+    the test instead of blocking it."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bp.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package_parent] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    try:
+        return subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=TIMEOUT,
+                              env=env, preexec_fn=_limit_memory)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{args} still running after {TIMEOUT} s")
+
+
+def run_cli(*args, cwd):
+    return run([sys.executable, "-m", "backprop", *args], cwd)
+
+
+def raised_by(call, cwd):
+    """`call` (Python source) run in a child; its exception as 'TypeName: message'."""
+    source = textwrap.dedent(f"""
+        import backprop as bp
+        from backprop.datasets import load_idx, load_fashion_mnist
+        try:
+            {call}
+        except Exception as e:
+            print(f"{{type(e).__name__}}: {{e}}")
+        else:
+            print("no error")
+        """)
+    result = run([sys.executable, "-c", source], cwd)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def assert_one_line_error(result, *fragments):
+    """What every user mistake on the command line must end with."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stderr.startswith("backprop: error:") and result.stderr.count("\n") == 1, \
+        result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
 
 
 # ---- 1. nothing read from outside costs memory it did not bring
+
+@pytest.fixture
+def not_files(tmp_path):
+    """Paths that are not regular files, each named like the file a reader expects:
+    name -> (path relative to tmp_path, the kind the error must name)."""
+    os.mkfifo(tmp_path / "fifo.npz")
+    os.symlink("fifo.npz", tmp_path / "fifo.csv")
+    os.symlink("/dev/zero", tmp_path / "zero.npz")       # a link to a device is a device
+    os.symlink("/dev/zero", tmp_path / "zero.csv")
+    (tmp_path / "folder.npz").mkdir()
+    return {"fifo": ("fifo.npz", "FIFO"), "fifo-csv": ("fifo.csv", "FIFO"),
+            "zero": ("zero.npz", "character device"), "zero-csv": ("zero.csv", "character device"),
+            "folder": ("folder.npz", "folder")}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and /dev/zero")
+@pytest.mark.parametrize("kind", ["fifo", "zero", "folder"])
+@pytest.mark.parametrize("call", ["bp.Network.load({path!r})", "load_idx({path!r})"])
+def test_the_python_readers_refuse_what_is_not_a_regular_file(call, kind, not_files, tmp_path):
+    # Before: load("/dev/zero") grew without bound, load(FIFO) waited forever.
+    path, what = not_files[kind]
+    message = raised_by(call.format(path=path), tmp_path)
+    assert message.startswith("ValueError") and repr(path) in message and what in message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and /dev/zero")
+@pytest.mark.parametrize("command, kind", [
+    (command, kind)
+    for command in ("predict --model m.npz --input {path}",
+                    "evaluate --model {path} --dataset digits",
+                    "evaluate --model m.npz --dataset {path}",
+                    "train --dataset {path} --epochs 1 --no-progress")
+    for kind in ("fifo", "fifo-csv", "zero", "zero-csv", "folder")
+    if not ("--model {path}" in command and kind.endswith("csv"))])     # a model is an .npz
+def test_the_cli_refuses_what_is_not_a_regular_file(command, kind, not_files, tmp_path):
+    # Before: predict --input /dev/zero reached 7.5 GB; a FIFO waited forever.
+    path, what = not_files[kind]
+    make_net([64, 10], "softmax", "cross_entropy", dtype="float32").save(tmp_path / "m.npz")
+    result = run_cli(*command.format(path=path).split(), cwd=tmp_path)
+    assert_one_line_error(result, path, what)
+
+
+def gzip_stream(header, zeros):
+    """A gzip file of `header` then `zeros` zero bytes, compressed piece by piece (the
+    uncompressed data never exists in memory)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)         # 31: gzip framing
+    parts = [packer.compress(header)]
+    block = bytes(1 << 20)
+    for start in range(0, zeros, len(block)):
+        parts.append(packer.compress(block[:min(len(block), zeros - start)]))
+    return b"".join(parts) + packer.flush()
+
+
+def peak_memory(call):
+    """Peak of the memory Python and NumPy allocate while `call` runs."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("header, zeros, message", [
+    # ~100 KB of gzip holding 100 MB of zeros: the header's type code (0) is wrong, seen
+    # from its first 4 bytes.  Before: all of it was decompressed first (+2 GB for 1 MB).
+    (b"", 100 << 20, "type code"),
+    # A sound header claiming 2**31 x 2**31 bytes: more than any gzip of this size can
+    # expand to (1032 times its size), refused before anything is allocated.
+    (bytes([0, 0, 0x08, 2]) + struct.pack(">II", 2 ** 31, 2 ** 31), 1 << 20,
+     "more than the file can hold"),
+])
+def test_load_idx_checks_the_header_before_reading_the_body(header, zeros, message, tmp_path):
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip_stream(header, zeros))
+    assert path.stat().st_size < 200_000
+
+    def load():
+        with pytest.raises(ValueError, match=message):
+            load_idx(path)
+    assert peak_memory(load) < 1 << 20
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_load_idx_reads_the_body_straight_into_the_array(compress, tmp_path):
+    # 8 MB of int16 (big-endian in the file): the result is the only large allocation,
+    # beside buffers of a fixed size (before: the file's bytes, the decompressed bytes and
+    # the converted copy, 16 MB or more at once).
+    values = np.arange(4 << 20, dtype=np.int16).reshape(1024, -1)
+    body = values.astype(">i2").tobytes()
+    raw = bytes([0, 0, 0x0B, 2]) + struct.pack(">II", *values.shape) + body
+    path = tmp_path / "data.idx"
+    path.write_bytes(gzip.compress(raw, 1) if compress else raw)
+    loaded = []
+    peak = peak_memory(lambda: loaded.append(load_idx(path)))
+    np.testing.assert_array_equal(loaded[0], values)
+    assert peak < values.nbytes + (2 << 20)
+
 
 def forge(path, header_text, arrays):
     """A checkpoint whose header is the JSON text given (written by hand: json.dumps
@@ -174,3 +333,124 @@ def test_saving_to_a_symlink_writes_where_it_points(target_exists, tmp_path):
     np.testing.assert_array_equal(bp.Network.load(target).params, net.params)
     assert os.listdir(tmp_path / "models") == ["v2.npz"]         # the temporary file went
     assert os.listdir(tmp_path / "current") == ["model.npz"]     # there, and is gone
+
+
+# ---- 3. every user mistake on the command line: one line, exit code 2
+
+def small_model(path, loss, outputs):
+    """A 3-input model with `loss` saved at `path`, and the model itself."""
+    out = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid", "mse": None,
+           None: "softmax"}[loss]
+    net = bp.Network([bp.Dense(3, 5, "tanh"), bp.Dense(5, outputs, out)], loss=loss,
+                     dtype="float32", seed=0)
+    net.save(path)
+    return net
+
+
+def table(n=40, seed=0):
+    """Features of shape (n, 3) and 0/1 labels."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3)).astype(np.float32), np.arange(n) % 2
+
+
+def deep_checkpoint(path, depth):
+    net = make_net([3, 3, 2], ["identity", "softmax"], "cross_entropy", dtype="float32")
+    from backprop import record
+    header, arrays = record.to_record(net)
+    dense = json.dumps(header["network"]["layers"][0])
+    forge(path, json.dumps(header).replace(dense, nest(dense, depth), 1), arrays)
+
+
+def make_files(d):
+    """The files the mistakes below are made with, in folder `d`."""
+    X, y = table()
+    np.savez(d / "flat.npz", X=X[:, 0], y=y)                 # X 1-D
+    np.savez(d / "complex.npz", X=X + 1j, y=y)
+    np.savez(d / "text.npz", X=X.astype(str), y=y)
+    np.savez(d / "images.npz", X=X.reshape(40, 3, 1), y=y)   # X 3-D
+    np.savez(d / "no_y.npz", X=X)
+    np.savez(d / "X_only_wrong_width.npz", X=np.zeros((4, 7)))
+    (d / "empty.npz").write_bytes(b"")
+    (d / "cut.npz").write_bytes((d / "flat.npz").read_bytes()[:100])
+    (d / "empty.csv").write_text("")
+    (d / "header.csv").write_text("a,b,c,label\n1,2,3,0\n")
+    small_model(d / "logits.npz", None, 2)
+    deep_checkpoint(d / "deep.npz", 400)
+    make_net([64, 10], "softmax", "cross_entropy", dtype="float32").save(d / "digits.npz")
+
+
+@pytest.mark.parametrize("command, message", [
+    # Before: IndexError, a traceback and exit code 1.
+    ("train --dataset flat.npz", "flat.npz: X must be a 2-D array"),
+    # Before: trained on the real part, silently.
+    ("train --dataset complex.npz", "complex.npz: X must hold real numbers"),
+    ("predict --model digits.npz --input complex.npz", "X must hold real numbers"),
+    # Before: RuntimeError, a traceback and exit code 1.
+    ("evaluate --model logits.npz --dataset flat.npz", "logits.npz: the model has no loss"),
+    # Before: RecursionError, a traceback and exit code 1.
+    ("evaluate --model deep.npz --dataset digits", "nests deeper than"),
+    # Before: EOFError and BadZipFile, tracebacks and exit code 1.
+    ("train --dataset empty.npz", "empty.npz: not a readable .npz file"),
+    ("predict --model digits.npz --input cut.npz", "cut.npz: not a readable .npz file"),
+    # Before: a warning on stderr above the error line.
+    ("train --dataset empty.csv", "empty.csv: the file holds no rows"),
+    # Before: these messages did not name the file.
+    ("train --dataset header.csv", "header.csv: could not convert"),
+    ("train --dataset text.npz", "text.npz: X must hold real numbers"),
+    ("train --dataset images.npz", "images.npz: X must be a 2-D array"),
+    ("predict --model digits.npz --input X_only_wrong_width.npz",
+     "X_only_wrong_width.npz: the model takes 64 features, X has 7"),
+    ("evaluate --model digits.npz --dataset header.csv", "header.csv"),
+    ("train --dataset no_y.npz", "no_y.npz: an .npz file here needs arrays named X and y"),
+    # Before: the folder's absence was found after training, when saving.
+    ("train --save missing/m.npz", "--save missing/m.npz: the folder"),
+    ("train --plot .", "--plot .: it is a folder"),
+])
+def test_cli_mistakes_end_in_one_line_and_exit_code_2(command, message, tmp_path):
+    make_files(tmp_path)
+    quiet = ["--no-progress"] if command.startswith("train") else []
+    result = run_cli(*command.split(), *quiet, cwd=tmp_path)
+    assert_one_line_error(result, message)
+    assert result.stdout == ""              # refused before any training or output
+
+
+@pytest.mark.parametrize("loss, outputs", [("mse", 1), ("binary_cross_entropy", 1),
+                                           ("mse", 2)])
+@pytest.mark.parametrize("labels", ["int", "bool"])
+def test_cli_evaluates_regression_and_binary_models_on_integer_targets(loss, outputs, labels,
+                                                                       tmp_path):
+    # Before: "y must have dtype float32", for targets an .npz naturally holds.
+    net = small_model(tmp_path / "m.npz", loss, outputs)
+    X, y = table()
+    y = np.stack([y] * outputs, axis=1) if outputs > 1 else y
+    np.savez(tmp_path / "d.npz", X=X, y=y.astype(bool) if labels == "bool" else y)
+    result = run_cli("evaluate", "--model", "m.npz", "--dataset", "d.npz", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # The same as evaluating in Python with float targets, one column per output.
+    expected = net.evaluate(X, y.astype(np.float32).reshape(len(X), outputs))
+    printed = dict(zip(result.stdout.split()[::2], map(float, result.stdout.split()[1::2])))
+    assert printed == pytest.approx({k: round(v, 4) for k, v in expected.items()}, abs=1e-4)
+
+
+def test_cli_names_the_targets_a_regression_model_needs(tmp_path):
+    small_model(tmp_path / "m.npz", "mse", 2)
+    X, y = table()
+    np.savez(tmp_path / "d.npz", X=X, y=y)                  # one column for two outputs
+    result = run_cli("evaluate", "--model", "m.npz", "--dataset", "d.npz", cwd=tmp_path)
+    assert_one_line_error(result, "needs y of real numbers of shape (samples, 2)")
+
+
+def test_cli_reads_a_csv_with_a_byte_order_mark(tmp_path):
+    # Before: "could not convert string '\ufeff0.25...' to float64".  Excel's
+    # "CSV UTF-8" starts with the mark.
+    net = small_model(tmp_path / "m.npz", "cross_entropy", 2)
+    X, _ = table(n=5)
+    text = "".join(",".join(repr(float(v)) for v in row) + "\n" for row in X)
+    (tmp_path / "plain.csv").write_text(text, encoding="utf-8")
+    (tmp_path / "marked.csv").write_text(text, encoding="utf-8-sig")
+    assert (tmp_path / "marked.csv").read_bytes()[:3] == b"\xef\xbb\xbf"
+    outputs = [run_cli("predict", "--model", "m.npz", "--input", name, cwd=tmp_path)
+               for name in ("plain.csv", "marked.csv")]
+    assert all(result.returncode == 0 for result in outputs), outputs[1].stderr
+    assert outputs[0].stdout == outputs[1].stdout
+    assert outputs[1].stdout.split() == [str(v) for v in net.predict(X)]
