@@ -454,3 +454,176 @@ def test_cli_reads_a_csv_with_a_byte_order_mark(tmp_path):
     assert all(result.returncode == 0 for result in outputs), outputs[1].stderr
     assert outputs[0].stdout == outputs[1].stdout
     assert outputs[1].stdout.split() == [str(v) for v in net.predict(X)]
+
+
+# ---- 4. refused calls change nothing, in the training loop and the estimators
+
+def state_of(net):
+    """Everything a training step moves."""
+    return [net.params.copy(), net.buffers.copy(), net.grads.copy(), net._engine.passes,
+            net.optimizer.steps] + [v.copy() for v in net.optimizer.state.values()]
+
+
+def assert_same_state(net, before):
+    for a, b in zip(before, state_of(net)):
+        np.testing.assert_array_equal(a, b)
+
+
+def bn_net(n_in=4, n_out=3, dropout=False):
+    layers = [bp.Dense(n_in, 8), bp.BatchNorm(8), bp.Activation("relu")]
+    layers += [bp.Dropout(0.2)] if dropout else []
+    layers.append(bp.Dense(8, n_out, "softmax"))
+    return bp.Network(layers, loss="cross_entropy", optimizer=bp.Adam(lr=0.01),
+                      dtype="float64", seed=0)
+
+
+@pytest.mark.parametrize("where", ["X", "y"])
+def test_bad_validation_data_is_refused_before_the_first_step(where, rng):
+    # Before: 64 rows in batches of 8 trained a whole epoch (8 steps) first.
+    net = bn_net(dropout=True)
+    X, y = rng.normal(size=(64, 4)), rng.integers(0, 3, 64)
+    X_val, y_val = rng.normal(size=(2000, 4)), rng.integers(0, 3, 2000)
+    if where == "X":
+        X_val[1500, 2] = np.nan             # in the second of evaluate's 1024-row batches
+    else:
+        y_val[1500] = 3                     # a class the 3 outputs do not have
+    before = state_of(net)
+    with pytest.raises(ValueError, match="validation_data"):
+        net.fit(X, y, epochs=2, batch_size=8, validation_data=(X_val, y_val), progress=False)
+    assert_same_state(net, before)
+    assert net.epoch == 0 and net.history.epochs == 0
+
+
+@pytest.mark.parametrize("n, batch_size", [(33, 32), (65, 32), (9, 4)])
+def test_a_last_minibatch_of_one_row_joins_the_one_before_with_batchnorm(n, batch_size, rng):
+    # Before: the epoch's last step (one row) was refused by BatchNorm after all the
+    # others had been taken.
+    X, y = rng.normal(size=(n, 4)), rng.integers(0, 3, n)
+    net = bn_net()
+    history = net.fit(X, y, epochs=2, batch_size=batch_size, shuffle=False, progress=False)
+    assert history.epochs == 2
+    steps = -(-n // batch_size) - 1         # ceil(n / batch) batches, the last two as one
+    assert net.optimizer.steps == 2 * steps
+    # The same as training by hand on those batches: the last one has batch_size + 1 rows.
+    twin = bn_net()
+    starts = list(range(0, n - batch_size - 1, batch_size)) + [n - batch_size - 1]
+    for _ in range(2):
+        for start, stop in zip(starts, starts[1:] + [n]):
+            twin.train_step(X[start:stop], y[start:stop])
+    np.testing.assert_array_equal(net.params, twin.params)
+    np.testing.assert_array_equal(net.buffers, twin.buffers)
+
+
+def test_without_batchnorm_the_minibatches_stay_as_asked(rng):
+    X, y = rng.normal(size=(33, 4)), rng.integers(0, 3, 33)
+    net = make_net([4, 3], "softmax", "cross_entropy")
+    net.fit(X, y, epochs=1, batch_size=32, progress=False)
+    assert net.optimizer.steps == 2         # 32 rows, then 1
+
+
+@pytest.mark.parametrize("n", [201, 401])
+def test_estimators_with_batch_norm_train_on_any_number_of_rows(n, rng):
+    # Before: 201 or 401 rows (batches of 200, then 1) failed after a full epoch.
+    from backprop.estimators import MLPClassifier
+    X, y = rng.normal(size=(n, 5)), rng.integers(0, 2, n)
+    clf = MLPClassifier(hidden_layer_sizes=(8,), batch_norm=True, max_iter=3, random_state=0)
+    with pytest.warns(Warning, match="Maximum iterations"):
+        clf.fit(X, y)
+    assert clf.n_iter_ == 3
+    assert clf.network_.optimizer.steps == 3 * (n // 200)
+
+
+def fitted_classifier(rng, **params):
+    from backprop.estimators import MLPClassifier
+    X, y = rng.normal(size=(60, 5)), rng.integers(0, 3, 60)
+    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, random_state=0, **params)
+    with pytest.warns(Warning):
+        clf.fit(X, y)
+    return clf, X, y
+
+
+def test_a_refused_fit_keeps_the_fitted_model(rng):
+    # Before: n_threads=5000 passed the parameter check, the model was re-initialised,
+    # then set_num_threads refused the count.
+    clf, X, y = fitted_classifier(rng)
+    before = dict(vars(clf)), [w.copy() for w in clf.coefs_]
+    clf.set_params(n_threads=5000)
+    with pytest.raises(ValueError, match=f"n_threads must be in \\[1, {bp.MAX_THREADS}\\]"):
+        clf.fit(X, y)
+    assert vars(clf).keys() == before[0].keys()
+    assert clf.network_ is before[0]["network_"]
+    for w, old in zip(clf.coefs_, before[1]):
+        np.testing.assert_array_equal(w, old)
+
+
+def test_a_refused_early_stopping_split_keeps_the_fitted_model(rng):
+    # Before: the model was re-initialised, then the validation split was refused.
+    clf, X, y = fitted_classifier(rng)
+    network = clf.network_
+    clf.set_params(early_stopping=True, validation_fraction=0.01)   # 1 row of 60: too few
+    with pytest.raises(ValueError, match="validation set is too small"):
+        clf.fit(X, y)
+    assert clf.network_ is network and clf.validation_scores_ is None
+
+
+def test_partial_fit_with_early_stopping_is_refused_before_anything_is_set(rng):
+    # Before: refused, but classes_ and network_ were left set.
+    from backprop.estimators import MLPClassifier, MLPRegressor
+    X, y = rng.normal(size=(20, 3)), rng.integers(0, 2, 20)
+    for est, args in ((MLPClassifier(early_stopping=True), dict(classes=[0, 1])),
+                      (MLPRegressor(early_stopping=True), {})):
+        with pytest.raises(ValueError, match="early_stopping"):
+            est.partial_fit(X, y, **args)
+        assert not any(name.endswith("_") for name in vars(est)), vars(est).keys()
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning",
+                            "ignore:invalid value:RuntimeWarning")
+def test_a_refused_poisson_step_leaves_the_running_statistics(rng):
+    # The Poisson loss is computed in Python around a forward, a backward and a step;
+    # before, a refused step had already moved BatchNorm's statistics with its forward.
+    from backprop.estimators import MLPRegressor
+    X = rng.normal(size=(32, 4))
+    reg = MLPRegressor(loss="poisson", hidden_layer_sizes=(6,), batch_norm=True, dropout=0.2,
+                       batch_size=32, dtype="float64", random_state=0)
+    reg.partial_fit(X, rng.poisson(2.0, 32).astype(float))
+    net = reg.network_
+    before = state_of(net)
+    y = np.zeros(32)
+    y[5] = 1e308                            # finite, accepted; y*log(y) overflows the loss
+    with pytest.raises(ValueError, match="non-finite"):
+        reg.partial_fit(X, y)
+    assert_same_state(net, before)
+    assert before[1].any()                  # the statistics are not trivially zero
+
+
+def test_n_threads_puts_back_the_request_not_the_effective_count(rng):
+    # Before: the estimator saved get_num_threads(), the count threadpoolctl allowed at
+    # that moment (1), and set it as a request when it finished: once the limit was
+    # lifted, backprop stayed on one thread.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(limits=3, user_api="openmp"):
+        assert bp.get_num_threads() == 3
+        with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+            fitted_classifier(rng, n_threads=2)
+            assert bp.get_num_threads() == 1
+        assert bp.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("first_to_end", [0, 1])
+def test_overlapping_thread_limits_end_with_the_request_in_any_order(first_to_end):
+    # Two estimators fitting in two threads: each block saved the count the other had
+    # set, and the process was left on one of theirs.  Interleaved by hand here.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from backprop.estimators import _threads
+    with threadpoolctl.threadpool_limits(limits=8, user_api="openmp"):
+        bp.set_num_threads(5)
+        blocks = [_threads(2), _threads(3)]
+        blocks[0].__enter__()
+        assert bp.get_num_threads() == 2
+        blocks[1].__enter__()
+        assert bp.get_num_threads() == 3
+        blocks[first_to_end].__exit__(None, None, None)
+        assert bp.get_num_threads() == [2, 3][1 - first_to_end]    # the one still running
+        blocks[1 - first_to_end].__exit__(None, None, None)
+        assert bp.get_num_threads() == 5

@@ -12,7 +12,8 @@ from backprop._simd import load_core as _load_core
 _load_core()        # the build of the compiled core this CPU runs best, as backprop._core
 
 from backprop._core import (ACTIVATIONS, LOSSES, MAX_THREADS, get_num_threads, openmp_enabled,
-                            set_num_threads, simd_kernel)
+                            simd_kernel)
+from backprop._threads import set_num_threads       # records the request (see _threads)
 from backprop import datasets, distributed, ops
 from backprop.callbacks import GradientMonitor
 from backprop.gradcheck import gradcheck

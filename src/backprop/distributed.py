@@ -227,26 +227,24 @@ def _train_batch(net, comm, X, y, rows, clip_grad_norm, where, keep_norms=False)
     start, stop = share(len(rows), comm.rank, comm.size)
     # What a refused step must give back on every rank (the rank that failed has already
     # undone its own forward): Dropout's pass counter and BatchNorm's statistics.
-    passes = net._engine.passes
-    buffers = net.buffers.copy() if net.buffers.size else None
-    failure, loss_sum = None, 0.0
-    try:
-        if stop > start:
-            loss = net.compute_gradients(X, y, rows[start:stop],
-                                         scale=(stop - start) / len(rows), row_offset=start)
-            loss_sum = loss * (stop - start)
-        else:
-            # A batch with fewer rows than ranks leaves this rank without rows.  It still
-            # runs one pass (on the batch's first row, its result discarded), so that every
-            # rank counts the same training passes (dropout masks are keyed by that count)
-            # and the network takes the summed gradients in step().
-            net.compute_gradients(X, y, rows[:1], scale=0.0)
-            net.grads[...] = 0
-    except FloatingPointError:
-        loss_sum = np.inf               # diverged: every rank raises FloatingPointError below
-    except Exception as error:
-        failure = error
-    try:
+    with training.undone_if_refused(net):
+        failure, loss_sum = None, 0.0
+        try:
+            if stop > start:
+                loss = net.compute_gradients(X, y, rows[start:stop],
+                                             scale=(stop - start) / len(rows), row_offset=start)
+                loss_sum = loss * (stop - start)
+            else:
+                # A batch with fewer rows than ranks leaves this rank without rows.  It
+                # still runs one pass (on the batch's first row, its result discarded), so
+                # that every rank counts the same training passes (dropout masks are keyed
+                # by that count) and the network takes the summed gradients in step().
+                net.compute_gradients(X, y, rows[:1], scale=0.0)
+                net.grads[...] = 0
+        except FloatingPointError:
+            loss_sum = np.inf           # diverged: every rank raises FloatingPointError below
+        except Exception as error:
+            failure = error
         total, = _agree(comm, failure, where, [loss_sum])
         if not np.isfinite(total):
             diverged = [str(r) for r, value in enumerate(comm.allgather(loss_sum))
@@ -264,12 +262,6 @@ def _train_batch(net, comm, X, y, rows, clip_grad_norm, where, keep_norms=False)
             net.step()
         except FloatingPointError as error:
             raise FloatingPointError(f"training diverged {where}: {error}") from None
-    except (DistributedError, FloatingPointError):
-        net.zero_grad()                             # a refused step changes nothing
-        net._engine.passes = passes
-        if buffers is not None:
-            net.buffers[...] = buffers
-        raise
     net.zero_grad()
     return total / len(rows), norms
 
@@ -323,8 +315,8 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
     _same_everywhere(comm, facts, "fit's inputs")
 
     n, rng = len(X), net.rng
-    steps_per_epoch = len(training._batches(n, batch_size))
-    bar = Progress(epochs * steps_per_epoch, wanted(progress) and comm.rank == 0)
+    batches = training.minibatches(n, batch_size, training.has_batchnorm(net))  # as in fit
+    bar = Progress(epochs * len(batches), wanted(progress) and comm.rank == 0)
     stopper = training.EarlyStopping(early_stopping)
     last_epoch = net.epoch + epochs
     net.stop_training = False
@@ -335,11 +327,11 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
                 started = time.perf_counter()
                 order = rng.permutation(n) if shuffle else np.arange(n)   # alike everywhere
                 total = 0.0
-                for step, start in enumerate(training._batches(n, batch_size)):
-                    rows = order[start:start + batch_size]
+                for step, (start, stop) in enumerate(batches):
+                    rows = order[start:stop]
                     loss, norms = _train_batch(net, comm, X, y, rows, clip_grad_norm,
                                                f"at epoch {epoch}, step {step}",
-                                               keep_norms=start + batch_size >= n)
+                                               keep_norms=stop == n)
                     total += loss * len(rows)
                     bar.batches(1)
                 average_buffers(net, comm)
