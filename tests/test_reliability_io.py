@@ -374,6 +374,10 @@ def make_files(d):
     (d / "cut.npz").write_bytes((d / "flat.npz").read_bytes()[:100])
     (d / "empty.csv").write_text("")
     (d / "header.csv").write_text("a,b,c,label\n1,2,3,0\n")
+    (d / "nan.csv").write_text("1,2,3,0\n" * 12 + "1,nan,3,1\n")
+    np.savez(d / "huge.npz", X=np.where(np.arange(40)[:, None] == 7, 1e300, X.astype(float)), y=y)
+    np.savez(d / "objects.npz", X=X.astype(object), y=y)
+    np.savez(d / "huge_labels.npz", X=X, y=np.where(y == 1, 1e30, y))
     small_model(d / "logits.npz", None, 2)
     deep_checkpoint(d / "deep.npz", 400)
     make_net([64, 10], "softmax", "cross_entropy", dtype="float32").save(d / "digits.npz")
@@ -402,6 +406,14 @@ def make_files(d):
      "X_only_wrong_width.npz: the model takes 64 features, X has 7"),
     ("evaluate --model digits.npz --dataset header.csv", "header.csv"),
     ("train --dataset no_y.npz", "no_y.npz: an .npz file here needs arrays named X and y"),
+    # Before: a RuntimeWarning, the header line, then the network's refusal.
+    ("train --dataset huge.npz", "huge.npz: X holds NaN, Inf or a value too large for float32 "
+                                 "(first in row 7)"),
+    ("train --dataset nan.csv", "nan.csv: X holds NaN, Inf or a value too large for float32 "
+                                "(first in row 12)"),
+    ("train --dataset huge_labels.npz", "huge_labels.npz: labels must be whole numbers from 0"),
+    ("train --dataset objects.npz", "objects.npz: Object arrays cannot be loaded"),
+    ("train --layers 64,0,10", "--layers must be positive sizes"),
     # Before: the folder's absence was found after training, when saving.
     ("train --save missing/m.npz", "--save missing/m.npz: the folder"),
     ("train --plot .", "--plot .: it is a folder"),
@@ -454,6 +466,16 @@ def test_cli_reads_a_csv_with_a_byte_order_mark(tmp_path):
     assert all(result.returncode == 0 for result in outputs), outputs[1].stderr
     assert outputs[0].stdout == outputs[1].stdout
     assert outputs[1].stdout.split() == [str(v) for v in net.predict(X)]
+
+
+def test_cli_trains_on_labels_stored_as_a_column(tmp_path):
+    # Before: "labels must be one non-empty column" for y of shape (n, 1).
+    X, y = table()
+    np.savez(tmp_path / "d.npz", X=X, y=y[:, None])
+    result = run_cli("train", "--dataset", "d.npz", "--epochs", "1", "--no-progress",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
 
 
 # ---- 4. refused calls change nothing, in the training loop and the estimators

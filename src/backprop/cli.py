@@ -18,6 +18,10 @@ from backprop._userfiles import open_regular
 from backprop.optim import OPTIMIZERS
 
 
+# A class label above this is a mistake (a float of 1e30 would not even cast to int64).
+MAX_LABEL = 2 ** 31 - 1
+
+
 class UsageError(Exception):
     pass
 
@@ -38,12 +42,12 @@ def load_dataset(name):
         return np.concatenate([X, Xt]), np.concatenate([y, yt])
     if name.endswith(".npz"):
         X, y = read_npz(name, "--dataset", ("X", "y"))
-        return features(X, name).astype(np.float32), y
+        return features(X, name, np.float32), y
     if name.endswith(".csv"):
         data = read_csv(name, "--dataset")
         if data.shape[1] < 2:
             raise UsageError(f"{name}: a .csv dataset needs feature columns and a label column")
-        return data[:, :-1].astype(np.float32), data[:, -1]
+        return features(data[:, :-1], name, np.float32), data[:, -1]
     raise UsageError(f"unknown dataset {name!r}: use digits, mnist-sample, fashion-mnist, "
                      "FILE.npz or FILE.csv")
 
@@ -59,6 +63,8 @@ def read_npz(path, option, names):
     except (zipfile.BadZipFile, EOFError) as e:      # neither is an OSError or ValueError
         raise UsageError(f"{path}: not a readable .npz file (empty, truncated or "
                          f"corrupted?): {e}") from None
+    except ValueError as e:                          # object arrays, a pickle, a bad member
+        raise UsageError(f"{path}: {e}") from None
 
 
 def read_csv(path, option):
@@ -76,9 +82,11 @@ def read_csv(path, option):
     return data
 
 
-def features(X, name, width=None):
-    """X if it is a non-empty 2-D array of real numbers (one row per sample), of `width`
-    columns if given; a complex X is refused rather than cut to its real part."""
+def features(X, name, dtype, width=None):
+    """X in `dtype`, if it is a non-empty 2-D array of finite real numbers that `dtype`
+    can hold (one row per sample), of `width` columns if given.  A complex X is refused
+    rather than cut to its real part, and a value too large is refused rather than made
+    infinite (with a warning on stderr) and refused by the network after a header line."""
     X = np.asarray(X)
     if X.dtype.kind not in "biuf":
         raise UsageError(f"{name}: X must hold real numbers, got dtype {X.dtype}")
@@ -87,20 +95,28 @@ def features(X, name, width=None):
                          f"at least one of each, got shape {X.shape}")
     if width is not None and X.shape[1] != width:
         raise UsageError(f"{name}: the model takes {width} features, X has {X.shape[1]}")
-    return X
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = X.astype(dtype)
+    bad = ~np.isfinite(converted).all(axis=1)
+    if bad.any():
+        raise UsageError(f"{name}: X holds NaN, Inf or a value too large for {np.dtype(dtype)} "
+                         f"(first in row {np.flatnonzero(bad)[0]})")
+    return converted
 
 
 def class_labels(y, name):
     """y as int64 class labels (whole numbers >= 0), else a UsageError (a float label
     such as 0.7 is a mistake, not a class)."""
     y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
     if y.ndim != 1 or len(y) == 0:
         raise UsageError(f"{name}: labels must be one non-empty column")
     if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
         raise UsageError(f"{name}: labels must be whole numbers (class 0, 1, ...), got "
                          f"{y[~(y == np.round(y))][:3].tolist()}")
-    if y.dtype.kind not in "biuf" or y.min() < 0:
-        raise UsageError(f"{name}: labels must be whole numbers >= 0")
+    if y.dtype.kind not in "biuf" or y.min() < 0 or y.max() > MAX_LABEL:
+        raise UsageError(f"{name}: labels must be whole numbers from 0 to {MAX_LABEL}")
     return y.astype(np.int64)
 
 
@@ -120,9 +136,9 @@ def parse_layers(text, n_features, n_classes):
         sizes = [int(s) for s in text.split(",")]
     except ValueError:
         raise UsageError(f"--layers must be comma-separated integers, got {text!r}") from None
-    if len(sizes) < 2 or sizes[0] != n_features or sizes[-1] != n_classes:
-        raise UsageError(f"--layers must start with the {n_features} input features and end "
-                         f"with the {n_classes} classes, got {text!r}")
+    if len(sizes) < 2 or sizes[0] != n_features or sizes[-1] != n_classes or min(sizes) < 1:
+        raise UsageError(f"--layers must be positive sizes starting with the {n_features} "
+                         f"input features and ending with the {n_classes} classes, got {text!r}")
     return sizes
 
 
@@ -283,7 +299,7 @@ def evaluate(args):
     if net.loss is None:
         raise UsageError(f"{args.model}: the model has no loss to evaluate; use predict")
     X, y = load_dataset(args.dataset)
-    X = features(X, args.dataset, net.n_inputs)
+    X = features(X, args.dataset, net.dtype, net.n_inputs)
     scores = net.evaluate(X, targets(net, y, args.dataset))
     print("  ".join(f"{name} {value:.4f}" for name, value in scores.items()))
 
@@ -294,7 +310,7 @@ def predict(args):
         X, = read_npz(args.input, "--input", ("X",))
     else:
         X = read_csv(args.input, "--input")
-    labels = net.predict(features(X, args.input, net.n_inputs).astype(net.dtype))
+    labels = net.predict(features(X, args.input, net.dtype, net.n_inputs))
     text = "\n".join(str(v) for v in labels.tolist()) + "\n"
     if args.output:
         with open(args.output, "w") as f:
