@@ -403,7 +403,7 @@ def make_files(d):
     ("train --dataset text.npz", "text.npz: X must hold real numbers"),
     ("train --dataset images.npz", "images.npz: X must be a 2-D array"),
     ("predict --model digits.npz --input X_only_wrong_width.npz",
-     "X_only_wrong_width.npz: the model takes 64 features, X has 7"),
+     "X_only_wrong_width.npz: the model takes samples of shape (64,)"),
     ("evaluate --model digits.npz --dataset header.csv", "header.csv"),
     ("train --dataset no_y.npz", "no_y.npz: an .npz file here needs arrays named X and y"),
     # Before: a RuntimeWarning, the header line, then the network's refusal.

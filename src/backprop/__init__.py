@@ -12,8 +12,7 @@ from backprop._simd import load_core as _load_core
 _load_core()        # the build of the compiled core this CPU runs best, as backprop._core
 
 from backprop._core import (ACTIVATIONS, LOSSES, MAX_THREADS, get_num_threads, openmp_enabled,
-                            simd_kernel)
-from backprop._threads import set_num_threads       # records the request (see _threads)
+                            set_num_threads, simd_kernel)
 from backprop import datasets, distributed, ops
 from backprop.callbacks import GradientMonitor
 from backprop.gradcheck import gradcheck
@@ -24,6 +23,7 @@ from backprop.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 import os as _os
 
 from backprop import _core
+from backprop._threads import set_num_threads   # _core's, recording the request (see there)
 
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_core._after_fork_in_child)

@@ -82,22 +82,25 @@ def read_csv(path, option):
     return data
 
 
-def features(X, name, dtype, width=None):
-    """X in `dtype`, if it is a non-empty 2-D array of finite real numbers that `dtype`
-    can hold (one row per sample), of `width` columns if given.  A complex X is refused
-    rather than cut to its real part, and a value too large is refused rather than made
-    infinite (with a warning on stderr) and refused by the network after a header line."""
+def features(X, name, dtype, sample_shape=None):
+    """X in `dtype`, if it is a non-empty array of finite real numbers that `dtype` can
+    hold, one sample per row: of shape (samples, *sample_shape), or (samples, features)
+    when no model says.  A complex X is refused rather than cut to its real part, and a
+    value too large is refused rather than made infinite (with a warning on stderr) and
+    refused by the network after a header line."""
     X = np.asarray(X)
     if X.dtype.kind not in "biuf":
         raise UsageError(f"{name}: X must hold real numbers, got dtype {X.dtype}")
-    if X.ndim != 2 or 0 in X.shape:
+    if sample_shape is None and (X.ndim != 2 or 0 in X.shape):
         raise UsageError(f"{name}: X must be a 2-D array of shape (samples, features) with "
                          f"at least one of each, got shape {X.shape}")
-    if width is not None and X.shape[1] != width:
-        raise UsageError(f"{name}: the model takes {width} features, X has {X.shape[1]}")
+    if sample_shape is not None and (X.shape[1:] != tuple(sample_shape) or len(X) == 0):
+        raise UsageError(f"{name}: the model takes samples of shape {tuple(sample_shape)}, "
+                         f"at least one: X must have shape (samples, "
+                         f"{', '.join(map(str, sample_shape))}), got {X.shape}")
     with np.errstate(over="ignore", invalid="ignore"):
         converted = X.astype(dtype)
-    bad = ~np.isfinite(converted).all(axis=1)
+    bad = ~np.isfinite(converted.reshape(len(X), -1)).all(axis=1)
     if bad.any():
         raise UsageError(f"{name}: X holds NaN, Inf or a value too large for {np.dtype(dtype)} "
                          f"(first in row {np.flatnonzero(bad)[0]})")
@@ -299,7 +302,7 @@ def evaluate(args):
     if net.loss is None:
         raise UsageError(f"{args.model}: the model has no loss to evaluate; use predict")
     X, y = load_dataset(args.dataset)
-    X = features(X, args.dataset, net.dtype, net.n_inputs)
+    X = features(X, args.dataset, net.dtype, (net.n_inputs,))
     scores = net.evaluate(X, targets(net, y, args.dataset))
     print("  ".join(f"{name} {value:.4f}" for name, value in scores.items()))
 
@@ -310,7 +313,7 @@ def predict(args):
         X, = read_npz(args.input, "--input", ("X",))
     else:
         X = read_csv(args.input, "--input")
-    labels = net.predict(features(X, args.input, net.dtype, net.n_inputs))
+    labels = net.predict(features(X, args.input, net.dtype, (net.n_inputs,)))
     text = "\n".join(str(v) for v in labels.tolist()) + "\n"
     if args.output:
         with open(args.output, "w") as f:

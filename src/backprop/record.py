@@ -18,6 +18,7 @@ state) are still read.
 """
 import contextlib
 import json
+import math
 
 import numpy as np
 
@@ -191,7 +192,7 @@ def check(header, read_array):
             raise RecordError(f"{name} contains NaN or Inf")
     if "buffers" in arrays:     # a negative variance would make every prediction NaN
         for layer, name, offset, shape, _ in plan.buffers:
-            stop = offset + planner._size(shape)
+            stop = offset + math.prod(shape)
             if name == "running_var" and (arrays["buffers"][offset:stop] < 0).any():
                 raise RecordError(f"{plan.names[id(layer)]}.running_var has negative values")
     try:
