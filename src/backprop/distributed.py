@@ -332,7 +332,7 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
     _same_everywhere(comm, facts, "fit's inputs")
 
     n, rng = len(X), net.rng
-    batches = training.minibatches(n, batch_size, training.has_batchnorm(net))  # as in fit
+    batches = training.minibatches(n, batch_size, training.refuses_one_row(net))  # as in fit
     bar = Progress(epochs * len(batches), wanted(progress) and comm.rank == 0)
     stopper = training.EarlyStopping(early_stopping)
     last_epoch = net.epoch + epochs

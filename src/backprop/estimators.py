@@ -569,7 +569,7 @@ class _BaseMLP(BaseEstimator):
                               "It is going to be clipped", stacklevel=4)
             batch_size = min(self.batch_size, n)
         order = np.arange(n)
-        batches = training.minibatches(n, batch_size, training.has_batchnorm(self.network_))
+        batches = training.minibatches(n, batch_size, training.refuses_one_row(self.network_))
         # The built-in cross-entropy takes class numbers: cheaper than one-hot rows.
         T = Y.argmax(axis=1) if self.out_activation_ == "softmax" else Y
         self.network_.train()

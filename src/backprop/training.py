@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 
-from backprop.layers import BatchNorm
 from backprop.progress import Progress, wanted
 from backprop.schedules import ReduceLROnPlateau
 
@@ -123,10 +122,11 @@ def minibatches(n, batch_size, fold_single=False):
     return list(zip(starts, starts[1:] + [n]))
 
 
-def has_batchnorm(net):
-    """Whether `net` holds a BatchNorm layer, nested ones included: in train mode it
-    refuses a batch of one row."""
-    return any(isinstance(layer, BatchNorm) for layer in net._plan.layers)
+def refuses_one_row(net):
+    """Whether `net` refuses a train-mode batch of one row: a BatchNorm over rows of
+    features, whose variance of one value is 0 (the layers declare it: over images, one
+    sample has many values per channel and is fine)."""
+    return net._plan.min_train_batch > 1
 
 
 @contextlib.contextmanager
@@ -206,7 +206,7 @@ def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=No
         net, X, y, epochs, batch_size, validation_data, validation_split, clip_grad_norm,
         early_stopping)
     n, rng = len(X), net.rng
-    batches = minibatches(n, batch_size, fold_single=has_batchnorm(net))
+    batches = minibatches(n, batch_size, fold_single=refuses_one_row(net))
     bar = Progress(epochs * len(batches), wanted(progress))
     stopper = EarlyStopping(early_stopping)
     last_epoch = net.epoch + epochs
