@@ -59,9 +59,29 @@ def openmp_flags(compiler):
     return None
 
 
+def accepts(compiler, flag):
+    """Whether the compiler compiles a trivial file with `flag`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.c")
+        with open(source, "w") as f:
+            f.write("int main(void) { return 0; }\n")
+        try:
+            compiler.compile([source], output_dir=tmp, extra_postargs=[flag, "-Werror"])
+        except Exception:
+            return False
+    return True
+
+
+# GCC turns loops that copy or clear into calls to memcpy/memset.  A pixel's channels
+# (convolution, pooling) are a few values: the call costs more than the copy.  The
+# kernels call memcpy themselves where a copy is long.
+KEEP_LOOPS = "-fno-tree-loop-distribute-patterns"
+
+
 class BuildWithOpenMP(build_ext):
     def build_extensions(self):
         flags = None if SERIAL else openmp_flags(self.compiler)
+        keep_loops = [KEEP_LOOPS] if accepts(self.compiler, KEEP_LOOPS) else []
         if flags is None and not SERIAL:
             sys.exit(
                 "error: backprop needs a C compiler with OpenMP (gcc -fopenmp, or clang with "
@@ -69,7 +89,7 @@ class BuildWithOpenMP(build_ext):
                 "Install one, or build without threads by setting BACKPROP_SERIAL=1.")
         compile_args, link_args = flags or ([], [])
         for ext in self.extensions:
-            ext.extra_compile_args += compile_args
+            ext.extra_compile_args += compile_args + keep_loops
             ext.extra_link_args += link_args
             ext.define_macros.append(("BACKPROP_OPENMP", "0" if SERIAL else "1"))
         self.parallel = self.parallel or os.cpu_count()    # the builds compile side by side

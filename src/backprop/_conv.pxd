@@ -93,52 +93,68 @@ cdef inline void reorder_weight(const floating* src, floating* dst, const ConvSh
                     dst[a] = src[b]
 
 
-cdef inline void _im2col_rows(const floating* x, const ConvShape* s, const Window* win,
-                              Py_ssize_t first_sample, Py_ssize_t c0, Py_ssize_t lo,
-                              Py_ssize_t hi, floating* col) noexcept nogil:
-    # Rows lo..hi of the chunk starting at sample first_sample, input channels c0..c0+cig.
-    # With one group and no dilation across, a kernel row's positions (kw, channel) are
-    # side by side in the input too: one run of kw * cig values per kernel row, its ends
-    # zero where it reaches past the input's edge.
-    cdef Py_ssize_t r, n, p, oh, ow, kh, kw, ih, iw, i, first, last, pixels = s.ho * s.wo
-    cdef Py_ssize_t run = win.kw * s.cig
+cdef inline void _window_runs(const ConvShape* s, const Window* win, Py_ssize_t* inner_lo,
+                              Py_ssize_t* inner_hi) noexcept nogil:
+    """The output columns ow whose kernel row lies wholly inside the input row (the
+    others reach into the padding): ow in [inner_lo, inner_hi)."""
+    cdef Py_ssize_t reach = win.dw * (win.kw - 1) + 1
+    inner_lo[0] = min(s.wo, (win.pw + win.sw - 1) // win.sw)
+    inner_hi[0] = inner_lo[0]
+    if s.w + win.pw >= reach:       # (C division truncates: only divide what is >= 0)
+        inner_hi[0] = max(inner_lo[0], min(s.wo, (s.w + win.pw - reach) // win.sw + 1))
+
+
+cdef inline void _run_at(const floating* row, const ConvShape* s, const Window* win,
+                         Py_ssize_t ow, Py_ssize_t c0, floating* dst) noexcept nogil:
+    # One output pixel's kernel row from input row `row` (kw positions of cig channels),
+    # zero where it reaches past the row's ends.
+    cdef Py_ssize_t kw, iw, i
+    for kw in range(win.kw):
+        iw = ow * win.sw - win.pw + kw * win.dw
+        if 0 <= iw < s.w:
+            for i in range(s.cig):
+                dst[kw * s.cig + i] = row[iw * s.ldx + c0 + i]
+        else:
+            for i in range(s.cig):
+                dst[kw * s.cig + i] = 0
+
+
+cdef inline void _im2col_lines(const floating* x, const ConvShape* s, const Window* win,
+                               Py_ssize_t first_sample, Py_ssize_t c0, Py_ssize_t lo,
+                               Py_ssize_t hi, floating* col) noexcept nogil:
+    # Output lines lo..hi of the chunk (line = (sample, oh): wo rows of the column matrix),
+    # input channels c0..c0+cig.  Inside the input, with one group and no dilation
+    # across, a kernel row's values (kw, channel) lie side by side in the input row: one
+    # run of kw * cig values per pixel.
+    cdef Py_ssize_t line, n, oh, ow, kh, ih, i, inner_lo, inner_hi
+    cdef Py_ssize_t run = win.kw * s.cig, step = win.sw * s.cig
     cdef bint runs = win.dw == 1 and s.cig == s.c_in
-    cdef floating* dst
+    cdef const floating* row
     cdef const floating* src
-    for r in range(lo, hi):
-        n = first_sample + r // pixels
-        p = r % pixels
-        oh, ow = p // s.wo, p % s.wo
-        dst = col + r * s.k
+    cdef floating* dst
+    _window_runs(s, win, &inner_lo, &inner_hi)
+    if not runs:
+        inner_lo = inner_hi = s.wo              # every pixel through _run_at
+    for line in range(lo, hi):
+        n, oh = first_sample + line // s.ho, line % s.ho
         for kh in range(win.kh):
             ih = oh * win.sh - win.ph + kh * win.dh
+            dst = col + line * s.wo * s.k + kh * run
             if ih < 0 or ih >= s.h:
+                for ow in range(s.wo):
+                    for i in range(run):
+                        dst[ow * s.k + i] = 0
+                continue
+            row = x + n * s.ld_in + ih * s.w * s.ldx
+            for ow in range(inner_lo):
+                _run_at(row, s, win, ow, c0, dst + ow * s.k)
+            src = row + (inner_lo * win.sw - win.pw) * s.ldx
+            for ow in range(inner_lo, inner_hi):
                 for i in range(run):
-                    dst[i] = 0
-            elif runs:
-                # The run's pixels iw .. iw + kw - 1: those inside the input are the
-                # values first..last of the run (the pointer starts at the first of them).
-                iw = ow * win.sw - win.pw
-                first = min(run, max(0, -iw) * s.cig)
-                last = max(first, min(run, (s.w - iw) * s.cig))
-                src = x + n * s.ld_in + (ih * s.w + iw + first // s.cig) * s.ldx
-                for i in range(first):
-                    dst[i] = 0
-                for i in range(last - first):
-                    dst[first + i] = src[i]
-                for i in range(last, run):
-                    dst[i] = 0
-            else:
-                for kw in range(win.kw):
-                    iw = ow * win.sw - win.pw + kw * win.dw
-                    if 0 <= iw < s.w:
-                        src = x + n * s.ld_in + (ih * s.w + iw) * s.ldx + c0
-                        for i in range(s.cig):
-                            dst[kw * s.cig + i] = src[i]
-                    else:
-                        for i in range(s.cig):
-                            dst[kw * s.cig + i] = 0
-            dst += run
+                    dst[ow * s.k + i] = src[i]
+                src += step
+            for ow in range(inner_hi, s.wo):
+                _run_at(row, s, win, ow, c0, dst + ow * s.k)
 
 
 cdef inline void im2col(const floating* x, const ConvShape* s, const Window* win,
@@ -146,49 +162,59 @@ cdef inline void im2col(const floating* x, const ConvShape* s, const Window* win
                         floating* col, int n_threads) noexcept nogil:
     """The column matrix (samples * ho * wo rows of K) of `samples` samples from
     first_sample, for the group whose input channels start at c0."""
-    cdef Py_ssize_t t, lo, hi, rows = samples * s.ho * s.wo
-    cdef int team = team_for(rows * s.k, n_threads)
+    cdef Py_ssize_t t, lo, hi, lines = samples * s.ho
+    cdef int team = team_for(lines * s.wo * s.k, n_threads)
     if team == 1:
-        _im2col_rows(x, s, win, first_sample, c0, 0, rows, col)
+        _im2col_lines(x, s, win, first_sample, c0, 0, lines, col)
         return
     for t in prange(team, num_threads=team, schedule="static"):
-        lo = part_start(rows, t, team, 1)
-        hi = part_start(rows, t + 1, team, 1)
-        _im2col_rows(x, s, win, first_sample, c0, lo, hi, col)
+        lo = part_start(lines, t, team, 1)
+        hi = part_start(lines, t + 1, team, 1)
+        _im2col_lines(x, s, win, first_sample, c0, lo, hi, col)
+
+
+cdef inline void _unrun_at(const floating* src, const ConvShape* s, const Window* win,
+                           Py_ssize_t ow, Py_ssize_t c0, floating* row) noexcept nogil:
+    # _run_at backwards: one pixel's kernel row of dcol added into input row `row`.
+    cdef Py_ssize_t kw, iw, i
+    for kw in range(win.kw):
+        iw = ow * win.sw - win.pw + kw * win.dw
+        if 0 <= iw < s.w:
+            for i in range(s.cig):
+                row[iw * s.ldx + c0 + i] += src[kw * s.cig + i]
 
 
 cdef inline void _col2im_samples(const floating* col, const ConvShape* s, const Window* win,
                                  Py_ssize_t first_sample, Py_ssize_t c0, Py_ssize_t lo,
                                  Py_ssize_t hi, floating* dx) noexcept nogil:
     # Samples lo..hi of the chunk: every column-matrix value added to the input value it
-    # was copied from, pixel by pixel in order (runs as in _im2col_rows).
-    cdef Py_ssize_t n, oh, ow, kh, kw, ih, iw, i, first, last
-    cdef Py_ssize_t run = win.kw * s.cig
+    # was copied from, pixel by pixel in order (runs as in _im2col_lines).
+    cdef Py_ssize_t n, oh, ow, kh, ih, i, inner_lo, inner_hi
+    cdef Py_ssize_t run = win.kw * s.cig, step = win.sw * s.cig
     cdef bint runs = win.dw == 1 and s.cig == s.c_in
     cdef const floating* src
+    cdef floating* row
     cdef floating* dst
+    _window_runs(s, win, &inner_lo, &inner_hi)
+    if not runs:
+        inner_lo = inner_hi = s.wo
     for n in range(lo, hi):
         for oh in range(s.ho):
-            for ow in range(s.wo):
-                src = col + ((n * s.ho + oh) * s.wo + ow) * s.k
-                for kh in range(win.kh):
-                    ih = oh * win.sh - win.ph + kh * win.dh
-                    if 0 <= ih < s.h and runs:
-                        iw = ow * win.sw - win.pw
-                        first = min(run, max(0, -iw) * s.cig)
-                        last = max(first, min(run, (s.w - iw) * s.cig))
-                        dst = (dx + (first_sample + n) * s.ld_in
-                               + (ih * s.w + iw + first // s.cig) * s.ldx)
-                        for i in range(last - first):
-                            dst[i] += src[first + i]
-                    elif 0 <= ih < s.h:
-                        for kw in range(win.kw):
-                            iw = ow * win.sw - win.pw + kw * win.dw
-                            if 0 <= iw < s.w:
-                                dst = dx + (first_sample + n) * s.ld_in + (ih * s.w + iw) * s.ldx + c0
-                                for i in range(s.cig):
-                                    dst[i] += src[kw * s.cig + i]
-                    src += run
+            for kh in range(win.kh):
+                ih = oh * win.sh - win.ph + kh * win.dh
+                if ih < 0 or ih >= s.h:
+                    continue
+                src = col + (n * s.ho + oh) * s.wo * s.k + kh * run
+                row = dx + (first_sample + n) * s.ld_in + ih * s.w * s.ldx
+                for ow in range(inner_lo):
+                    _unrun_at(src + ow * s.k, s, win, ow, c0, row)
+                dst = row + (inner_lo * win.sw - win.pw) * s.ldx
+                for ow in range(inner_lo, inner_hi):
+                    for i in range(run):
+                        dst[i] += src[ow * s.k + i]
+                    dst += step
+                for ow in range(inner_hi, s.wo):
+                    _unrun_at(src + ow * s.k, s, win, ow, c0, row)
 
 
 cdef inline void col2im(const floating* col, const ConvShape* s, const Window* win,

@@ -155,3 +155,47 @@ cdef inline floating* param_of(floating* kind, char* base, const Op* op, int k) 
 cdef inline floating* dx_of(floating* kind, const Op* op, const Tape* t, bint want_dx) noexcept nogil:
     """The input slot's gradient if the backward is to write it, else NULL."""
     return <floating*>t.slots[op.input].grad if want_dx else NULL
+
+
+cdef extern from "_pixels.h" nogil:
+    void bp_copy_s(float* dst, const float* src, Py_ssize_t n)
+    void bp_copy_d(double* dst, const double* src, Py_ssize_t n)
+    void bp_add_s(float* dst, const float* src, Py_ssize_t n)
+    void bp_add_d(double* dst, const double* src, Py_ssize_t n)
+    void bp_add_scaled_s(float* dst, const float* src, float scale, Py_ssize_t n)
+    void bp_add_scaled_d(double* dst, const double* src, double scale, Py_ssize_t n)
+    void bp_max_update_s(float* best, Py_ssize_t* where, const float* src, Py_ssize_t q,
+                         Py_ssize_t n)
+    void bp_max_update_d(double* best, Py_ssize_t* where, const double* src, Py_ssize_t q,
+                         Py_ssize_t n)
+
+
+# Loops over n values side by side (a pixel's channels), vectorised (see _pixels.h).
+cdef inline void copy_values(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        bp_copy_s(dst, src, n)
+    else:
+        bp_copy_d(dst, src, n)
+
+
+cdef inline void add_values(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        bp_add_s(dst, src, n)
+    else:
+        bp_add_d(dst, src, n)
+
+
+cdef inline void add_scaled(floating* dst, const floating* src, floating scale,
+                            Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        bp_add_scaled_s(dst, src, scale, n)
+    else:
+        bp_add_scaled_d(dst, src, scale, n)
+
+
+cdef inline void max_update(floating* best, Py_ssize_t* where, const floating* src,
+                            Py_ssize_t q, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        bp_max_update_s(best, where, src, q, n)
+    else:
+        bp_max_update_d(best, where, src, q, n)

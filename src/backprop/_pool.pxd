@@ -15,11 +15,10 @@
 # result is the same for any team.
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport INFINITY
 from libc.string cimport memset
 from backprop._parallel cimport part_start, team_for
 from backprop._ops cimport (Op, Tape, Slot, Window, pixel_stride, input_of, output_of,
-                            result_of, dx_of)
+                            result_of, dx_of, copy_values, add_values, add_scaled, max_update)
 
 
 cdef struct PoolShape:
@@ -55,20 +54,19 @@ cdef inline void _pool_pixels(const floating* x, floating* y, Py_ssize_t* where,
     # Output pixels lo..hi of the batch (pixel = (sample, oh, ow)): the output pixel's
     # channels hold the running maximum (and `where` its offset in x), or the sum.
     cdef Py_ssize_t r, n, p, oh, ow, kh, kw, ih, iw, c, q, pixels = s.ho * s.wo
-    cdef const floating* src
     cdef floating* dst
     cdef Py_ssize_t* at
-    cdef floating v, scale
+    cdef floating scale
+    cdef bint started
+    n, p = lo // pixels, lo % pixels        # then (n, p) advance with r
     for r in range(lo, hi):
-        n, p = r // pixels, r % pixels
         oh, ow = p // s.wo, p % s.wo
         dst = y + n * s.ld_out + p * s.ldy
-        at = where + r * s.c          # (read and written for max pooling only)
-        for c in range(s.c):
-            dst[c] = -INFINITY if take_max else 0
-        if take_max:
+        at = where + r * s.c          # (written for max pooling only)
+        started = False               # the first position in the input starts the maxima
+        if not take_max:
             for c in range(s.c):
-                at[c] = -1
+                dst[c] = 0
         for kh in range(win.kh):
             ih = oh * win.sh - win.ph + kh * win.dh
             if ih < 0 or ih >= s.h:
@@ -78,20 +76,23 @@ cdef inline void _pool_pixels(const floating* x, floating* y, Py_ssize_t* where,
                 if iw < 0 or iw >= s.w:
                     continue
                 q = n * s.ld_in + (ih * s.w + iw) * s.ldx
-                src = x + q
-                if take_max:
-                    for c in range(s.c):
-                        v = src[c]
-                        if at[c] < 0 or v > dst[c] or v != v:
-                            dst[c] = v
-                            at[c] = q + c
+                if not take_max:
+                    add_values(dst, x + q, s.c)
+                elif started:
+                    max_update(dst, at, x + q, q, s.c)
                 else:
+                    copy_values(dst, x + q, s.c)
                     for c in range(s.c):
-                        dst[c] += src[c]
+                        at[c] = q + c
+                    started = True
         if not take_max:
             scale = <floating>(1.0 / _divisor(win, s, oh, ow, include_pad))
             for c in range(s.c):
                 dst[c] *= scale
+        p += 1
+        if p == pixels:
+            p = 0
+            n += 1
 
 
 cdef inline void _unpool_samples(const floating* dy, floating* dx, const Py_ssize_t* where,
@@ -124,9 +125,7 @@ cdef inline void _unpool_samples(const floating* dy, floating* dx, const Py_ssiz
                         iw = ow * win.sw - win.pw + kw * win.dw
                         if iw < 0 or iw >= s.w:
                             continue
-                        dst = dx + n * s.ld_in + (ih * s.w + iw) * s.ldx
-                        for c in range(s.c):
-                            dst[c] += g[c] * share
+                        add_scaled(dx + n * s.ld_in + (ih * s.w + iw) * s.ldx, g, share, s.c)
 
 
 cdef inline Py_ssize_t* _where(const Op* op, const Tape* t) noexcept nogil:
