@@ -33,7 +33,26 @@ def test_predict_writes_one_label_per_row(tmp_path):
     assert len(result.stdout.split()) == 5 and all(0 <= int(v) < 10 for v in result.stdout.split())
 
 
+def test_a_cnn_trains_on_the_digits_images_and_predicts_from_rows_of_pixels(tmp_path):
+    # --model cnn on the 8x8 digits: two conv + pool stages (8 -> 4 -> 2), Dense(256, 128).
+    result = run("train", "--model", "cnn", "--no-progress", "--epochs", "6",
+                 "--save", str(tmp_path / "cnn.npz"))
+    assert result.returncode == 0, result.stderr
+    assert "network cnn" in result.stderr
+    assert float(result.stdout.split("test accuracy")[1].split()[0]) >= 0.95
+    np.savez(tmp_path / "x.npz", X=np.zeros((3, 64), dtype=np.float32))    # flat rows
+    predicted = run("predict", "--model", str(tmp_path / "cnn.npz"),
+                    "--input", str(tmp_path / "x.npz"))
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(predicted.stdout.split()) == 3
+    scores = run("evaluate", "--model", str(tmp_path / "cnn.npz"), "--dataset", "digits")
+    assert scores.returncode == 0 and "accuracy" in scores.stdout, scores.stderr
+
+
 @pytest.mark.parametrize("args", [
+    ("train", "--model", "cnn", "--dataset", "FILE.csv"),
+    ("train", "--model", "cnn", "--layers", "64,10"),
+    ("train", "--model", "transformer"),
     ("train", "--epochs", "zero"),
     ("train", "--dataset", "nope"),
     ("train", "--layers", "3,4"),
@@ -45,5 +64,7 @@ def test_predict_writes_one_label_per_row(tmp_path):
 def test_bad_options_give_one_line_and_exit_2(args, tmp_path):
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2
+    if "--model" in args and "train" in args:          # refused for what it says, not later
+        assert "--model" in result.stderr or "describe --model mlp" in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("backprop: error:")
     assert "Traceback" not in result.stderr

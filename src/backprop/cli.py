@@ -31,8 +31,13 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# The named datasets' images: (channels, height, width) of a sample, for --model cnn.
+IMAGES = {"digits": (1, 8, 8), "mnist-sample": (1, 28, 28), "fashion-mnist": (1, 28, 28)}
+
+
 def load_dataset(name):
-    """(X, y) of a named dataset, or of an .npz (arrays X and y) or .csv (label last) file."""
+    """(X, y) of a named dataset, or of an .npz (arrays X and y) or .csv (label last) file.
+    Fashion-MNIST is its training set followed by its test set (see train_test)."""
     if name == "digits":
         return datasets.load_digits()
     if name == "mnist-sample":
@@ -145,12 +150,33 @@ def parse_layers(text, n_features, n_classes):
     return sizes
 
 
+def cnn(image, n_classes, dropout=0.0):
+    """--model cnn: two 3x3 convolutions (32 and 64 channels, zero-padded, relu), each
+    followed by 2x2 max pooling, then Dense(128, relu), Dropout, and the softmax layer.
+    For 28x28 images: (1, 28, 28) -> 32x28x28 -> 32x14x14 -> 64x14x14 -> 64x7x7 ->
+    3136 -> 128 -> classes, about 420,000 parameters."""
+    channels, height, width = image
+    flat = 64 * (height // 4) * (width // 4)
+    layers = [bp.Conv2d(channels, 32, 3, padding=1, activation="relu"), bp.MaxPool2d(2),
+              bp.Conv2d(32, 64, 3, padding=1, activation="relu"), bp.MaxPool2d(2),
+              bp.Flatten(), bp.Dense(flat, 128, activation="relu")]
+    if dropout > 0:
+        layers.append(bp.Dropout(dropout))
+    return layers + [bp.Dense(128, n_classes, activation="softmax")]
+
+
 def build_parser():
     parser = Parser(prog="backprop", description="Train and use backprop networks.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = commands.add_parser("train", help="train on a dataset and report test accuracy")
-    train.add_argument("--dataset", default="digits")
-    train.add_argument("--layers", help="sizes from input to classes, e.g. 64,64,10 "
+    train.add_argument("--dataset", default="digits",
+                       help="digits, mnist-sample, fashion-mnist, FILE.npz or FILE.csv "
+                            "(default: %(default)s)")
+    train.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
+                       help="mlp: Dense layers (--layers); cnn: two convolution + max-pooling "
+                            "stages, Dense(128) and the output, for the image datasets "
+                            "(default: %(default)s)")
+    train.add_argument("--layers", help="mlp sizes from input to classes, e.g. 64,64,10 "
                                         "(default: input,128,classes)")
     train.add_argument("--activation", default="relu", choices=sorted(bp.ACTIVATIONS))
     train.add_argument("--batch-norm", action="store_true",
@@ -207,6 +233,11 @@ def train(args):
                          f"got {args.threads}")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.model == "cnn" and args.dataset not in IMAGES:
+        raise UsageError(f"--model cnn trains on the image datasets ({', '.join(IMAGES)}), "
+                         f"not {args.dataset}")
+    if args.model == "cnn" and (args.layers or args.batch_norm):
+        raise UsageError("--layers and --batch-norm describe --model mlp")
     # With --distributed every rank runs this function; rank 0 alone prints and writes.
     comm = distributed.world() if args.distributed else None
     rank0 = comm is None or comm.rank == 0
@@ -222,22 +253,22 @@ def train(args):
             raise UsageError(f"{args.dataset}: {len(y)} rows are too few to split into "
                              "training, validation and test sets (10 at least)")
         n_classes = every_class(y, args.dataset)
-        sizes = (parse_layers(args.layers, X.shape[1], n_classes) if args.layers
-                 else [X.shape[1], 128, n_classes])
-        try:
-            X_train, X_test, y_train, y_test = datasets.train_test_split(
-                X, y, test_size=args.test_size, seed=args.seed, stratify=True)
-        except ValueError as e:
-            raise UsageError(f"{args.dataset}: cannot split {len(y)} rows into training and "
-                             f"test sets: {e}") from None
-        layers = hidden_layers(sizes, args.activation, args.batch_norm, args.dropout)
-        layers.append(bp.Dense(sizes[-2], sizes[-1], activation="softmax"))
-        net = bp.Network(layers, loss="cross_entropy",
+        if args.model == "cnn":
+            X = X.reshape((len(X),) + IMAGES[args.dataset])
+            layers, shape = cnn(IMAGES[args.dataset], n_classes, args.dropout), "cnn"
+        else:
+            sizes = (parse_layers(args.layers, X.shape[1], n_classes) if args.layers
+                     else [X.shape[1], 128, n_classes])
+            layers = hidden_layers(sizes, args.activation, args.batch_norm, args.dropout)
+            layers.append(bp.Dense(sizes[-2], sizes[-1], activation="softmax"))
+            shape = "-".join(map(str, sizes))
+        X_train, X_test, y_train, y_test = train_test(X, y, args)
+        net = bp.Network(layers, loss="cross_entropy", input_shape=X.shape[1:],
                          optimizer=OPTIMIZERS[args.optimizer](lr=args.lr), seed=args.seed)
     if rank0:
         processes = f"{comm.size} processes x " if comm else ""
         print(f"backprop: {args.dataset}, {len(X_train)} training / {len(X_test)} test samples, "
-              f"network {'-'.join(map(str, sizes))}, {args.optimizer} lr={args.lr}, "
+              f"network {shape}, {args.optimizer} lr={args.lr}, "
               f"{processes}{bp.get_num_threads()} threads", file=sys.stderr)
     started = time.perf_counter()
     history = net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
@@ -246,6 +277,20 @@ def train(args):
     with distributed.fail_together(comm, "evaluating or saving the model"):
         if rank0:
             report(net, history, seconds, X_test, y_test, args)
+
+
+def train_test(X, y, args):
+    """The training and test sets: Fashion-MNIST's own (its 10,000 test images, whatever
+    --test-size), otherwise a stratified split of --test-size."""
+    if args.dataset == "fashion-mnist":
+        n = len(X) - 10_000
+        return X[:n], X[n:], y[:n], y[n:]
+    try:
+        return datasets.train_test_split(X, y, test_size=args.test_size, seed=args.seed,
+                                         stratify=True)
+    except ValueError as e:
+        raise UsageError(f"{args.dataset}: cannot split {len(y)} rows into training and "
+                         f"test sets: {e}") from None
 
 
 def check_output(option, path):
@@ -302,7 +347,8 @@ def evaluate(args):
     if net.loss is None:
         raise UsageError(f"{args.model}: the model has no loss to evaluate; use predict")
     X, y = load_dataset(args.dataset)
-    X = features(X, args.dataset, net.dtype, (net.n_inputs,))
+    X = features(X.reshape((len(X),) + net.input_shape) if np.size(X) == len(X) * net.n_inputs
+                 else X, args.dataset, net.dtype, net.input_shape)
     scores = net.evaluate(X, targets(net, y, args.dataset))
     print("  ".join(f"{name} {value:.4f}" for name, value in scores.items()))
 
@@ -313,7 +359,9 @@ def predict(args):
         X, = read_npz(args.input, "--input", ("X",))
     else:
         X = read_csv(args.input, "--input")
-    labels = net.predict(features(X, args.input, net.dtype, (net.n_inputs,)))
+    if np.size(X) == len(X) * net.n_inputs:          # rows of an image model's pixels
+        X = np.reshape(X, (len(X),) + net.input_shape)
+    labels = net.predict(features(X, args.input, net.dtype, net.input_shape))
     text = "\n".join(str(v) for v in labels.tolist()) + "\n"
     if args.output:
         with open(args.output, "w") as f:
