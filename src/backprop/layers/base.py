@@ -10,6 +10,7 @@ the PyTorch and ONNX converters read:
   weights get the L2 penalty, and their gradient norms are recorded and monitored), and
   ``initial_parameters(rng)`` their first values; ``kernel_params``: the order the
   kernels take them in; ``buffers()``: arrays it keeps but never trains;
+  ``without_gradient()``: entries whose gradient is zero by definition;
 * ``output_shape(shape)``: the shape of its output sample from its input sample's
   (PyTorch's shapes, batch left out), or a ``ValueError`` saying why the input does not
   fit; ``input_layout``/``output_layout``: the storage order it reads and writes (see
@@ -124,6 +125,12 @@ class Layer:
     def buffers(self):
         """[(name, shape, first value)] of the arrays kept but not trained."""
         return []
+
+    def without_gradient(self):
+        """{parameter name: index} of the entries that get no gradient by definition
+        although the loss depends on them (an Embedding's padding_idx row, as in PyTorch):
+        gradcheck expects zero there, not the finite difference."""
+        return {}
 
     def record(self, x):
         """The Op fields (eps, momentum, p, window, padding_idx, include_pad, activation)
