@@ -266,9 +266,11 @@ def case_network(case, context, seed=0, optimizer=None, classes=3):
 
 
 def case_data(net, case, rng, n=5):
-    """A batch for a case's network: images (or ids, each id at least twice) and targets."""
+    """A batch for a case's network: images, or ids (the first and the last id among
+    them, where padding_idx usually is, and some ids more than once) and targets."""
     if case.ids is not None:
         x = rng.integers(0, case.ids, (n,) + case.shape)
+        x.flat[:2] = 0, case.ids - 1
         assert np.unique(x).size < x.size            # repeated ids, whose gradients add
     else:
         x = rng.normal(size=(n,) + case.shape)
@@ -297,6 +299,41 @@ def gradcheck_case(case, context, mode, rng, tolerance=1e-6):
     result = bp.gradcheck(net, *case_data(net, case, rng, n=3))
     assert result["max_error"] < tolerance, result
     assert result["checked"] >= net.params.size
+
+
+def case_tests(cases, everywhere):
+    """The tests every layer kind's cases get, for a test module to bind to its own
+    names: each case against torch in both places and modes, Adam steps against
+    torch.optim.Adam (hidden, where it and its neighbours have parameters), central
+    differences as the output layer in train mode, and for the cases `everywhere` in
+    both places and both modes."""
+    import pytest
+    modes = pytest.mark.parametrize("mode", ["train", "eval"])
+    contexts = pytest.mark.parametrize("context", CONTEXTS)
+    each = pytest.mark.parametrize("case", list(cases))
+
+    @modes
+    @contexts
+    @each
+    def test_matches_torch(case, context, mode, rng):
+        check_case(cases[case], context, mode, rng)
+
+    @each
+    def test_adam_steps_match_torch(case, rng):
+        check_case_training(cases[case], "hidden", rng)
+
+    @each
+    def test_finite_differences_as_the_output_layer(case, rng):
+        gradcheck_case(cases[case], "output", "train", rng)
+
+    @modes
+    @contexts
+    @pytest.mark.parametrize("case", everywhere)
+    def test_finite_differences(case, context, mode, rng):
+        gradcheck_case(cases[case], context, mode, rng)
+
+    return (test_matches_torch, test_adam_steps_match_torch,
+            test_finite_differences_as_the_output_layer, test_finite_differences)
 
 
 # ------------------------------------------------------------------------------- networks

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 import backprop as bp
-from cnn_oracle import (CONTEXTS, Case, assert_close, case_network, check_case,
-                        check_case_training, gradcheck_case, images, torch_activation)
+from cnn_oracle import Case, case_tests, compare_pass, images, to_twin, torch_activation
 from conftest import threads
 
 torch = pytest.importorskip("torch")
@@ -78,28 +77,8 @@ FD_EVERYWHERE = ["2d-k3", "2d-k1", "2d-same-dilated", "2d-groups-strided-dilated
                  "1d-depthwise"]
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("context", CONTEXTS)
-@pytest.mark.parametrize("case", CASES)
-def test_matches_torch(case, context, mode, rng):
-    check_case(CASES[case], context, mode, rng)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_adam_steps_match_torch(case, rng):
-    check_case_training(CASES[case], "hidden", rng)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_finite_differences_as_the_output_layer(case, rng):
-    gradcheck_case(CASES[case], "output", "train", rng)
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("context", CONTEXTS)
-@pytest.mark.parametrize("case", FD_EVERYWHERE)
-def test_finite_differences(case, context, mode, rng):
-    gradcheck_case(CASES[case], context, mode, rng)
+(test_matches_torch, test_adam_steps_match_torch, test_finite_differences_as_the_output_layer,
+ test_finite_differences) = case_tests(CASES, FD_EVERYWHERE)
 
 
 # ---- a batch the kernel takes in several chunks
@@ -114,7 +93,6 @@ def chunk_samples(layer, spatial_out, itemsize):
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_a_batch_of_several_chunks_matches_torch(groups, rng):
-    from cnn_oracle import compare_pass, to_twin
     net = bp.Network([bp.Conv2d(6, 4, 3, padding=1, groups=groups, activation="tanh"),
                       bp.GlobalAvgPool(), bp.Dense(4, 3, activation="softmax")],
                      loss="cross_entropy", dtype="float64", seed=0, input_shape=(6, 15, 15))
