@@ -26,6 +26,16 @@ RTOL = 1e-9
 ATOL = 1e-12
 
 
+def torch_single_threaded():
+    """torch, computing on one thread: its OpenMP team and backprop's (two runtimes in one
+    process) would otherwise spin against each other on a small machine, slowing both by
+    an order of magnitude; the references' values do not depend on it."""
+    import torch
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return torch
+
+
 def assert_close(actual, expected, what, rtol=RTOL, atol=ATOL):
     """Element by element (never a norm), shapes included."""
     actual, expected = np.asarray(actual), np.asarray(expected)
@@ -37,7 +47,7 @@ def assert_close(actual, expected, what, rtol=RTOL, atol=ATOL):
 
 def torch_modules():
     """The torch classes the twins are built of (torch imported only when needed)."""
-    import torch
+    torch = torch_single_threaded()
 
     class Sum(torch.nn.Sequential):
         """x + f(x): backprop's Residual, written here independently of interop."""
@@ -79,7 +89,7 @@ def torch_modules():
 def torch_activation(name):
     """PyTorch's module for backprop's activation `name` (PyTorch's defaults are backprop's
     definitions), or None for the identity."""
-    import torch
+    torch = torch_single_threaded()
     nn = torch.nn
     return {"identity": lambda: None, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
             "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus,
@@ -108,7 +118,7 @@ def dropout(net, layer):
 def to_twin(net):
     """The twin of `net` from ``interop.to_torch`` (its Dropout modules replaced by the
     network's masks, the final softmax or sigmoid dropped when the loss takes logits)."""
-    import torch
+    torch = torch_single_threaded()
     from backprop.interop import to_torch
     model = to_torch(net)
     dropouts = iter(layer for layer in flatten(net.layers) if isinstance(layer, bp.Dropout))
@@ -131,7 +141,7 @@ def attach(net, model):
     """Copy the network's parameters and running statistics into `model` (listed in the
     same order, shapes checked) and record the pairs: ``model.pairs`` and
     ``model.buffer_pairs`` are [(name, backprop array's owner, attribute, tensor)]."""
-    import torch
+    torch = torch_single_threaded()
     params = list(model.parameters())
     assert len(params) == len(net._plan.params), "the twin's parameters do not pair up"
     model.pairs = []
@@ -158,7 +168,7 @@ def compare_pass(net, model, x, y):
     """One forward and backward of `net` and its twin on (x, y) in the network's mode:
     the outputs, the loss, every parameter's gradient, the input's gradient (unless the
     input is ids) and the running statistics, element by element."""
-    import torch
+    torch = torch_single_threaded()
     model.train(net.training)
     ids = net._plan.geometry[0].ids
     xt = torch.tensor(x) if ids else torch.tensor(x, dtype=torch.float64, requires_grad=True)
@@ -195,7 +205,7 @@ def compare_training(net, model, batches):
     """Train-mode steps of `net` (train_step, its own optimizer) and of its twin (the
     same torch.optim rule) on `batches` [(x, y)]: the losses, then the weights and running
     statistics, then the eval-mode outputs on the first batch."""
-    import torch
+    torch = torch_single_threaded()
     net.train()
     model.train()
     optimizer = torch_optimizer(net, model)
@@ -243,7 +253,7 @@ def case_network(case, context, seed=0, optimizer=None, classes=3):
     between a convolution (so their input is stored channels last) and Flatten + Dense
     with cross_entropy; for ids, between the Embedding and Flatten + Dense.  The
     parameters and running statistics are away from their first values (non_trivial)."""
-    import torch
+    torch = torch_single_threaded()
     nn = torch.nn
     layers, shape = case.layers(), case.shape
     before, after, torch_before, torch_after = [], [], [], []
@@ -370,6 +380,27 @@ def residual_cnn(dtype="float64", seed=0, optimizer=None, channels=8, classes=5,
     ], loss="cross_entropy", optimizer=optimizer or bp.Adam(lr=1e-3), dtype=dtype, seed=seed,
         input_shape=size)
     return non_trivial(net, seed + 1)
+
+
+def small_cnn(dtype="float64", seed=0, optimizer=None, dropout=0.25):
+    """Conv, pooling, Dropout (its masks keyed by the global row) and a Dense head on
+    (1, 8, 7) images: small enough for MPI and torch.autograd.gradcheck."""
+    return bp.Network([
+        bp.Conv2d(1, 4, 3, padding=1, activation="tanh"), bp.MaxPool2d(2),
+        bp.Conv2d(4, 6, 3, padding="same", activation="relu"), bp.Dropout(dropout),
+        bp.AvgPool2d(2, stride=1), bp.Flatten(), bp.Dense(6 * 3 * 2, 3, activation="softmax"),
+    ], loss="cross_entropy", optimizer=optimizer or bp.Adam(lr=1e-2), dtype=dtype,
+        seed=seed, input_shape=(1, 8, 7))
+
+
+def embedding_net(dtype="float64", seed=0, optimizer=None, length=6, vocabulary=20):
+    """Embedding (with padding_idx), Dropout, Flatten and a Dense classifier on
+    sequences of `length` ids."""
+    return bp.Network([
+        bp.Embedding(vocabulary, 8, padding_idx=0), bp.Dropout(0.2), bp.Flatten(),
+        bp.Dense(length * 8, 4, activation="softmax"),
+    ], loss="cross_entropy", optimizer=optimizer or bp.Adam(lr=1e-2), dtype=dtype,
+        seed=seed, input_shape=(length,))
 
 
 def images(rng, n, shape, classes):
