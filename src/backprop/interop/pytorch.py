@@ -275,7 +275,8 @@ class TorchModule(nn.Module):
 
     Notes
     -----
-    * Input: a CPU tensor of shape (batch, *net.input_shape) in the network's dtype;
+    * Input: a CPU tensor of shape (batch, *net.input_shape) in the network's dtype (or
+      of integer ids, which get no gradient, for a network starting with an Embedding);
       output: (batch, *net.output_shape), the network's forward (probabilities for a
       softmax output).
     * ``module.layers[i].weight`` / ``.bias`` are ``net.layers[i].weight`` / ``.bias``
@@ -339,7 +340,11 @@ class TorchModule(nn.Module):
         if x.device.type != "cpu":
             raise ValueError(f"TorchModule: x must be on the CPU (backprop is a CPU library), "
                              f"got a tensor on {x.device}")
-        if x.dtype != self.dtype:
+        if self.net._plan.geometry[0].ids:
+            if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+                raise TypeError(f"TorchModule: x must hold integer ids (the network starts "
+                                f"with an Embedding), got a tensor of dtype {x.dtype}")
+        elif x.dtype != self.dtype:
             raise TypeError(f"TorchModule: x has dtype {x.dtype}, the network computes in "
                             f"{self.dtype}: convert x with x.to({self.dtype})")
         return _RunNetwork.apply(self, x, *(param for param, _ in self._grad_links))
