@@ -26,7 +26,7 @@ except ImportError as e:   # pragma: no cover - exercised only without torch
 
 from backprop.interop._layers import check_network
 from backprop.layers import LAYERS, Dropout, Residual
-from backprop.layers.base import describe, unsupported
+from backprop.layers.base import UnsupportedModule, describe, unsupported
 from backprop.layers.elementwise import torch_activation
 from backprop.network import Network
 from backprop.plan import flatten
@@ -217,10 +217,10 @@ def _layers_from(items, copies, shape):
             layer = Residual(*inner)
         elif getattr(cls, "takes_activation", False) and i + 1 < len(items) \
                 and (activation := activation_name_of(*items[i + 1])) is not None:
-            layer = cls.from_torch(module, path, activation=activation)   # fused in the core
+            layer = _read(cls, module, path, activation=activation)    # fused in the core
             i += 1
         else:
-            layer = cls.from_torch(module, path)
+            layer = _read(cls, module, path)
         if layer.parameters() or layer.buffers():
             _check_finite(module, path)
             copies.append((layer, module))
@@ -234,6 +234,18 @@ def _layers_from(items, copies, shape):
         layers.append(layer)
         i += 1
     return layers, shape
+
+
+def _read(cls, module, path, **options):
+    """cls.from_torch(module, path): an option torch allows but backprop's constructor
+    refuses (padding='same' with an even kernel, Dropout(p=1), ...) is named like any
+    module backprop does not compute."""
+    try:
+        return cls.from_torch(module, path, **options)
+    except UnsupportedModule:
+        raise
+    except ValueError as e:
+        raise unsupported(path, module, f"is not supported: {e}") from None
 
 
 def _dtype_of(module):

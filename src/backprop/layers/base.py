@@ -279,7 +279,11 @@ def copy_to_torch(module, layer):
     return module
 
 
+class UnsupportedModule(ValueError):
+    """from_torch's error for a torch module (or option) backprop does not compute."""
+
+
 def unsupported(path, module, reason):
     """The ValueError from_torch raises for a module backprop does not compute."""
     what = repr(module) if not list(module.children()) else type(module).__name__
-    return ValueError(f"from_torch: module {path} ({what}) {reason}")
+    return UnsupportedModule(f"from_torch: module {path} ({what}) {reason}")
