@@ -102,7 +102,8 @@ def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None, inpu
         running statistics and a momentum), ``LayerNorm`` (one normalized dimension),
         ``Dropout`` and ``TorchResidual``.  Nested ``Sequential`` modules are read as if
         flattened.  An activation right after a ``Linear`` or a convolution becomes that
-        layer's activation; elsewhere an ``Activation`` layer.
+        layer's activation; elsewhere an ``Activation`` layer.  ``AdaptiveAvgPool1d(1)``
+        or ``AdaptiveAvgPool2d(1)`` followed by ``Flatten()`` is one ``GlobalAvgPool``.
     loss, optimizer, seed
         As for ``Network`` (the seed draws dropout masks; the weights come from `module`).
     dtype : {"float32", "float64"} or None
@@ -157,6 +158,25 @@ def _torch_kinds():
     return kinds
 
 
+def _torch_runs():
+    """[(torch module classes, the backprop layer class reading that run as one layer)],
+    from the layers' declarations (torch_runs)."""
+    return [(tuple(getattr(nn, name) for name in run), cls)
+            for cls in LAYERS.values() for run in cls.torch_runs]
+
+
+def _read_run(runs, items, i):
+    """(layer, number of modules) for a declared run of modules starting at items[i], or
+    (None, 0)."""
+    for classes, cls in runs:
+        modules = [module for _, module in items[i:i + len(classes)]]
+        if tuple(type(module) for module in modules) == classes:
+            layer = cls.from_torch_run(modules, items[i][0])
+            if layer is not None:
+                return layer, len(classes)
+    return None, 0
+
+
 def _flatten(sequential, prefix):
     """(index path, module) for each child of a Sequential; plain nested Sequentials are
     read through (their children get paths like "2.0") and Identity modules, which compute
@@ -199,15 +219,20 @@ def _layers_from(items, copies, shape):
     that declares its torch class; returns (layers, output sample shape).  `shape` is the
     input sample's shape (None until a layer fixes it): a module whose input does not fit
     is named by its torch path."""
-    kinds, layers, i = _torch_kinds(), [], 0
+    kinds, runs, layers, i = _torch_kinds(), _torch_runs(), [], 0
     while i < len(items):
         path, module = items[i]
         cls = kinds.get(type(module))
-        if cls is None:
+        run, length = _read_run(runs, items, i)
+        if run is not None:
+            cls, layer = type(run), run
+            i += length - 1
+        elif cls is None:
+            names = sorted(t.__name__ for t in kinds) + sorted(
+                " + ".join(t.__name__ for t in classes) for classes, _ in runs)
             raise unsupported(path, module, "is not supported by backprop (supported: "
-                              f"{', '.join(sorted(t.__name__ for t in kinds))}, Identity and "
-                              "nested Sequential)")
-        if cls is Residual:
+                              f"{', '.join(names)}, Identity and nested Sequential)")
+        elif cls is Residual:
             inner, out = _layers_from(list(_flatten(module, f"{path}.")), copies, shape)
             if not inner:
                 raise unsupported(path, module, "has an empty body")

@@ -20,7 +20,8 @@ the PyTorch and ONNX converters read:
   backward, in doubles, per batch and per sample;
 * ``config()``: its constructor arguments, all a checkpoint stores about it;
 * ``to_torch(nn, dtype, shape)``, ``from_torch(module)`` (with ``torch_names``, the
-  ``torch.nn`` classes it reads) and ``to_onnx(graph, x, here, shape)``.
+  ``torch.nn`` classes it reads; ``from_torch_run`` and ``torch_runs`` for a layer that
+  PyTorch writes as several modules) and ``to_onnx(graph, x, here, shape)``.
 
 ``register`` checks that a class declares all of it before the kind can be used; a kind
 the kernel table lacks is refused then.
@@ -104,6 +105,7 @@ class Layer:
     fuses_activation = False   # its kernel applies an elementwise activation in its pass
     takes_ids = False          # its input is integer ids (only a network's first layer)
     torch_names = ()           # the torch.nn classes from_torch reads
+    torch_runs = ()            # runs of torch.nn classes from_torch_run reads as one layer
 
     def fixes_input(self):
         """The input sample shape this layer implies, or None if it takes several."""
@@ -159,6 +161,13 @@ class Layer:
         """The layer computing what `module` (of a class in torch_names) computes, or a
         ValueError naming `path` for options backprop does not compute."""
         raise NotImplementedError
+
+    @classmethod
+    def from_torch_run(cls, modules, path):
+        """The layer computing what `modules` (a run of the classes of one of torch_runs)
+        compute, or None when their options make them something else (they are then read
+        one by one)."""
+        return None
 
     def to_onnx(self, graph, x, here, shape):
         """Add the ONNX nodes computing this layer on the value named `x` (an input sample
