@@ -403,6 +403,47 @@ def embedding_net(dtype="float64", seed=0, optimizer=None, length=6, vocabulary=
         seed=seed, input_shape=(length,))
 
 
+# Networks of every new layer and option for the converters (to_torch, from_torch, ONNX).
+
+def cnn_2d(dtype="float64"):
+    return non_trivial(bp.Network([
+        bp.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2,
+                  bias=False, activation="relu"),
+        bp.BatchNorm(4), bp.MaxPool2d(3, stride=1, padding=1, dilation=2),
+        bp.AvgPool2d(2, padding=1, count_include_pad=False), bp.Dropout(0.1),
+        bp.Residual(bp.Conv2d(4, 4, 3, padding="same"), bp.LayerNorm(3)),
+        bp.AdaptiveAvgPool2d(1), bp.Conv2d(4, 6, 1, activation="tanh"), bp.Flatten(),
+        bp.Dense(6, 3, activation="softmax"),
+    ], input_shape=(2, 11, 8), dtype=dtype, seed=0), 1)
+
+
+def cnn_1d(dtype="float64"):
+    return non_trivial(bp.Network([
+        bp.Conv1d(3, 4, 5, padding="same", activation="gelu"), bp.MaxPool1d(2),
+        bp.AvgPool1d(3, stride=1, padding=1), bp.BatchNorm(4),
+        bp.Conv1d(4, 4, 3, groups=4, dilation=2), bp.GlobalAvgPool(), bp.Dense(4, 2),
+    ], input_shape=(3, 13), dtype=dtype, seed=0), 1)
+
+
+def ids_net(dtype="float64"):
+    return non_trivial(bp.Network([
+        bp.Embedding(9, 4, padding_idx=2), bp.Dense(4, 5, activation="elu"), bp.LayerNorm(5),
+        bp.Flatten(), bp.Dense(30, 3, activation="softmax"),
+    ], input_shape=(6,), dtype=dtype, seed=0), 1)
+
+
+CNNS = {"cnn_2d": cnn_2d, "cnn_1d": cnn_1d, "ids_net": ids_net}
+
+
+def sample(net, n=5, seed=0):
+    """n input samples for `net`: ids below its Embedding's num_embeddings, or values of
+    its dtype."""
+    rng = np.random.default_rng(seed)
+    if net._plan.geometry[0].ids:
+        return rng.integers(0, net.layers[0].num_embeddings, (n,) + net.input_shape)
+    return rng.normal(size=(n,) + net.input_shape).astype(net.dtype)
+
+
 def images(rng, n, shape, classes):
     """n random images of `shape` and class labels."""
     return rng.normal(size=(n,) + tuple(shape)), rng.integers(0, classes, n)

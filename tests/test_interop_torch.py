@@ -10,6 +10,7 @@ from torch import nn  # noqa: E402
 
 import backprop as bp  # noqa: E402
 from backprop.interop import TorchModule, TorchResidual, from_torch, to_torch  # noqa: E402
+from cnn_oracle import CNNS, ids_net, sample  # noqa: E402
 from layer_oracle import non_trivial  # noqa: E402
 
 ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus",
@@ -759,33 +760,6 @@ def test_deepcopy_and_pickle_wrap_a_copy_of_the_network():
 
 # ------------------------------------------ convolutions, pooling, Flatten and Embedding
 
-def cnn_2d(dtype="float64"):
-    return non_trivial(bp.Network([
-        bp.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2,
-                  bias=False, activation="relu"),
-        bp.BatchNorm(4), bp.MaxPool2d(3, stride=1, padding=1, dilation=2),
-        bp.AvgPool2d(2, padding=1, count_include_pad=False), bp.Dropout(0.1),
-        bp.Residual(bp.Conv2d(4, 4, 3, padding="same"), bp.LayerNorm(3)),
-        bp.AdaptiveAvgPool2d(1), bp.Conv2d(4, 6, 1, activation="tanh"), bp.Flatten(),
-        bp.Dense(6, 3, activation="softmax"),
-    ], input_shape=(2, 11, 8), dtype=dtype, seed=0), 1)
-
-
-def cnn_1d(dtype="float64"):
-    return non_trivial(bp.Network([
-        bp.Conv1d(3, 4, 5, padding="same", activation="gelu"), bp.MaxPool1d(2),
-        bp.AvgPool1d(3, stride=1, padding=1), bp.BatchNorm(4),
-        bp.Conv1d(4, 4, 3, groups=4, dilation=2), bp.GlobalAvgPool(), bp.Dense(4, 2),
-    ], input_shape=(3, 13), dtype=dtype, seed=0), 1)
-
-
-def ids_net(dtype="float64"):
-    return non_trivial(bp.Network([
-        bp.Embedding(9, 4, padding_idx=2), bp.Dense(4, 5, activation="elu"), bp.LayerNorm(5),
-        bp.Flatten(), bp.Dense(30, 3, activation="softmax"),
-    ], input_shape=(6,), dtype=dtype, seed=0), 1)
-
-
 def expected_modules(name, dtype):
     """The modules each network must become, written out with torch's own arguments
     (to_torch gives pooling's sizes as tuples, as backprop keeps them)."""
@@ -808,16 +782,6 @@ def expected_modules(name, dtype):
                 nn.Flatten(), nn.Linear(4, 2, **d)]
     return [nn.Embedding(9, 4, padding_idx=2, **d), nn.Linear(4, 5, **d), nn.ELU(),
             nn.LayerNorm(5, **d), nn.Flatten(), nn.Linear(30, 3, **d), nn.Softmax(dim=1)]
-
-
-CNNS = {"cnn_2d": cnn_2d, "cnn_1d": cnn_1d, "ids_net": ids_net}
-
-
-def sample(net, n=5, seed=0):
-    rng = np.random.default_rng(seed)
-    if net._plan.geometry[0].ids:
-        return rng.integers(0, net.layers[0].num_embeddings, (n,) + net.input_shape)
-    return rng.normal(size=(n,) + net.input_shape).astype(net.dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
