@@ -230,8 +230,8 @@ def test_load_idx_rejects_corrupt_gzip(tmp_path):
 def test_load_idx_missing_file_and_bad_argument(tmp_path):
     with pytest.raises(FileNotFoundError, match="path="):
         load_idx(tmp_path / "nope.idx")
-    with pytest.raises(FileNotFoundError):
-        load_idx(tmp_path)  # a folder is not a file
+    with pytest.raises(ValueError, match="is a folder, not a regular file"):
+        load_idx(tmp_path)
     with pytest.raises(TypeError, match="path"):
         load_idx(3)
 

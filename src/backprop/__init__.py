@@ -26,6 +26,7 @@ from backprop.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 import os as _os
 
 from backprop import _core
+from backprop._threads import set_num_threads   # _core's, recording the request (see there)
 
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_core._after_fork_in_child)

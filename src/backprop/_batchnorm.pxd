@@ -23,8 +23,8 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from backprop._activations cimport activate_tile
 from backprop._parallel cimport part_start, team_for
-from backprop._ops cimport (Op, Tape, Slot, matrix_stride, input_of, output_of, result_of,
-                            param_of, dx_of)
+from backprop._ops cimport (Op, Tape, Slot, positions, pixel_stride, input_of, output_of,
+                            result_of, param_of, dx_of)
 
 
 cdef inline void _statistics(const floating* x, Py_ssize_t ldx, Py_ssize_t rows,
@@ -182,10 +182,10 @@ cdef inline void batchnorm_run(floating* kind, const Op* op, Tape* t, int nt) no
     cdef const Slot* x = input_of(op, t)
     cdef const Slot* r = result_of(op, t)
     cdef floating* running = (<floating*>t.buffers) + op.buffer
-    batchnorm_forward(<const floating*>x.value, matrix_stride(x), <floating*>r.value,
-                      matrix_stride(r), t.batch * x.rows, x.cols,
+    batchnorm_forward(<const floating*>x.value, pixel_stride(x), <floating*>r.value,
+                      pixel_stride(r), t.batch * positions(x), x.c,
                       param_of(kind, t.params, op, 0), param_of(kind, t.params, op, 1),
-                      running, running + x.cols, t.saved + op.saved, op.eps, op.momentum,
+                      running, running + x.c, t.saved + op.saved, op.eps, op.momentum,
                       t.training, op.fused, nt)
 
 
@@ -193,8 +193,8 @@ cdef inline void batchnorm_back(floating* kind, const Op* op, Tape* t, bint want
                                 int nt) noexcept nogil:
     cdef const Slot* x = input_of(op, t)
     cdef const Slot* y = output_of(op, t)
-    batchnorm_backward(<const floating*>y.grad, matrix_stride(y), <const floating*>x.value,
-                       matrix_stride(x), t.batch * x.rows, x.cols,
+    batchnorm_backward(<const floating*>y.grad, pixel_stride(y), <const floating*>x.value,
+                       pixel_stride(x), t.batch * positions(x), x.c,
                        param_of(kind, t.params, op, 0), param_of(kind, t.grads, op, 0),
                        param_of(kind, t.grads, op, 1), dx_of(kind, op, t, want_dx),
-                       matrix_stride(x), op.accumulate, t.saved + op.saved, t.training, nt)
+                       pixel_stride(x), op.accumulate, t.saved + op.saved, t.training, nt)

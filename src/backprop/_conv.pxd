@@ -1,10 +1,11 @@
 # Convolution (Conv1d and Conv2d, as torch.nn's: cross-correlation with stride, zero
 # padding, dilation and groups), as matrix products on the GEMM.
 #
-# The output is stored channels last, so the whole batch's output is one matrix: a row per
-# output pixel (sample, oh, ow), a column per output channel.  Row r of the input's
-# "column matrix" (im2col) holds the values the kernel sees at that pixel, in the order of
-# PyTorch's weight (C_in/groups, kh, kw), so with the weight as a (C_out, K) matrix:
+# Input and output are stored channels last (the planner sees to it), so the whole batch
+# is a matrix with a row per pixel and a column per channel.  Row r of the input's
+# "column matrix" (im2col) holds what the kernel sees at output pixel r: for each kernel
+# position (kh, kw) the pixel's input channels, which lie side by side, so each is one
+# copy.  With the weight as a (C_out, K) matrix in that order (kh, kw, channel):
 #
 #     forward:   out = col . W^T + bias          (the Dense layer's product, bias and
 #                                                 activation fused into its write-back)
@@ -12,12 +13,16 @@
 #                dcol = dout . W, then each dcol value is added back to the input value
 #                it was copied from (col2im).
 #
-# Group g uses input channels [g C_in/groups, ...) and output channels [g C_out/groups,
-# ...): the same products on its columns.  The batch is taken a few samples at a time
-# (CHUNK_BYTES of column matrix, a number of samples fixed by the shapes alone), so the
-# column matrix stays in cache and the scratch stays small; the chunks' dW products
-# accumulate in chunk order.  A 1x1 convolution with stride 1, no padding and one group
-# on a channels-last input needs no column matrix: the input is one already.
+# PyTorch's weight is (C_out, C_in/groups, kh, kw): a copy in the kernel's order is made
+# in the scratch for each pass (the weights are small next to the products), and dW is
+# added back in PyTorch's order at the end; with one kernel position or one input channel
+# per group the two orders are the same and the weight is used as it is.  Group g uses
+# input channels [g C_in/groups, ...) and output channels [g C_out/groups, ...): the same
+# products on its columns.  The batch is taken a few samples at a time (CHUNK_BYTES of
+# column matrix, a number of samples fixed by the shapes alone), so the column matrix
+# stays in cache and the scratch small; the chunks' dW products accumulate in chunk
+# order.  A 1x1 convolution with stride 1, no padding and one group needs no column
+# matrix: the input is one already.
 #
 # Threads: the GEMM splits each product's output (never its sum); im2col splits the
 # column matrix's rows, col2im whole samples (overlapping windows add into the same input
@@ -29,7 +34,7 @@ from backprop._gemm cimport gemm, gemm_scratch_bytes
 from backprop._activations cimport IDENTITY
 from backprop._dense cimport column_sums
 from backprop._parallel cimport part_start, team_for
-from backprop._ops cimport (Op, Tape, Slot, Window, matrix_stride, input_of, output_of,
+from backprop._ops cimport (Op, Tape, Slot, Window, pixel_stride, input_of, output_of,
                             result_of, param_of, dx_of)
 
 cdef enum:
@@ -39,48 +44,65 @@ cdef enum:
 
 
 cdef struct ConvShape:
-    Py_ssize_t c_in, h, w                 # input sample (channels, height, width)
-    Py_ssize_t sc, sh, sw                 # strides of the input's channel, row and column
-    Py_ssize_t ld_in                      # distance between input samples
-    Py_ssize_t c_out, ho, wo, ld_out      # output sample, channels last
-    Py_ssize_t ldm                        # the output's row stride as a pixel x channel
-                                          # matrix (ld_out itself when one pixel a sample)
+    Py_ssize_t c_in, h, w, ld_in, ldx     # input: sample, distance between samples, and
+                                          # between pixels (pixel_stride)
+    Py_ssize_t c_out, ho, wo, ld_out, ldm # output, likewise
     Py_ssize_t groups, cig, cog           # groups; input and output channels per group
-    Py_ssize_t kk, k                      # kernel positions kh * kw; K = cig * kk
+    Py_ssize_t kk, k                      # kernel positions kh * kw; K = kk * cig
     Py_ssize_t chunk                      # samples per chunk
+    bint permute                          # the kernel's weight order differs from PyTorch's
 
 
 cdef inline ConvShape conv_shape(const Op* op, const Tape* t, Py_ssize_t itemsize) noexcept nogil:
     cdef const Slot* x = input_of(op, t)
     cdef const Slot* y = output_of(op, t)
     cdef ConvShape s
-    s.c_in, s.h, s.w, s.ld_in = x.c, x.h, x.w, x.ld
-    if x.channels_last:
-        s.sc, s.sh, s.sw = 1, x.w * x.c, x.c
-    else:
-        s.sc, s.sh, s.sw = x.h * x.w, x.w, 1
-    s.c_out, s.ho, s.wo, s.ld_out = y.c, y.h, y.w, y.ld
-    s.ldm = matrix_stride(y)
+    s.c_in, s.h, s.w, s.ld_in, s.ldx = x.c, x.h, x.w, x.ld, pixel_stride(x)
+    s.c_out, s.ho, s.wo, s.ld_out, s.ldm = y.c, y.h, y.w, y.ld, pixel_stride(y)
     s.groups = op.window.groups
     s.cig, s.cog = s.c_in // s.groups, s.c_out // s.groups
     s.kk = op.window.kh * op.window.kw
     s.k = s.cig * s.kk
     s.chunk = max(1, CHUNK_BYTES // max(1, s.ho * s.wo * s.k * itemsize))
+    s.permute = s.kk > 1 and s.cig > 1
     return s
 
 
-cdef inline bint direct(const Op* op, const Tape* t) noexcept nogil:
-    """A 1x1 convolution the input's storage already is the column matrix of."""
+cdef inline bint direct(const Op* op) noexcept nogil:
+    """A 1x1 convolution whose input already is its column matrix."""
     cdef const Window* win = &op.window
     return (win.kh == 1 and win.kw == 1 and win.sh == 1 and win.sw == 1 and win.ph == 0
-            and win.pw == 0 and win.groups == 1 and t.slots[op.input].channels_last)
+            and win.pw == 0 and win.groups == 1)
+
+
+cdef inline void reorder_weight(const floating* src, floating* dst, const ConvShape* s,
+                                bint to_kernel, bint accumulate) noexcept nogil:
+    """dst = src (+=) from PyTorch's order (C_out, cig, kk) to the kernel's (C_out, kk,
+    cig), or back (to_kernel False)."""
+    cdef Py_ssize_t o, c, q, a, b
+    for o in range(s.c_out):
+        for c in range(s.cig):
+            for q in range(s.kk):
+                a = o * s.k + c * s.kk + q          # PyTorch's order
+                b = o * s.k + q * s.cig + c         # the kernel's
+                if to_kernel:
+                    dst[b] = src[a]
+                elif accumulate:
+                    dst[a] += src[b]
+                else:
+                    dst[a] = src[b]
 
 
 cdef inline void _im2col_rows(const floating* x, const ConvShape* s, const Window* win,
                               Py_ssize_t first_sample, Py_ssize_t c0, Py_ssize_t lo,
                               Py_ssize_t hi, floating* col) noexcept nogil:
     # Rows lo..hi of the chunk starting at sample first_sample, input channels c0..c0+cig.
-    cdef Py_ssize_t r, n, p, oh, ow, kh, kw, ih, iw, c, pixels = s.ho * s.wo
+    # With one group and no dilation across, a kernel row's positions (kw, channel) are
+    # side by side in the input too: one run of kw * cig values per kernel row, its ends
+    # zero where it reaches past the input's edge.
+    cdef Py_ssize_t r, n, p, oh, ow, kh, kw, ih, iw, i, first, last, pixels = s.ho * s.wo
+    cdef Py_ssize_t run = win.kw * s.cig
+    cdef bint runs = win.dw == 1 and s.cig == s.c_in
     cdef floating* dst
     cdef const floating* src
     for r in range(lo, hi):
@@ -90,15 +112,33 @@ cdef inline void _im2col_rows(const floating* x, const ConvShape* s, const Windo
         dst = col + r * s.k
         for kh in range(win.kh):
             ih = oh * win.sh - win.ph + kh * win.dh
-            for kw in range(win.kw):
-                iw = ow * win.sw - win.pw + kw * win.dw
-                if ih < 0 or ih >= s.h or iw < 0 or iw >= s.w:
-                    for c in range(s.cig):
-                        dst[c * s.kk + kh * win.kw + kw] = 0
-                else:
-                    src = x + n * s.ld_in + ih * s.sh + iw * s.sw + c0 * s.sc
-                    for c in range(s.cig):
-                        dst[c * s.kk + kh * win.kw + kw] = src[c * s.sc]
+            if ih < 0 or ih >= s.h:
+                for i in range(run):
+                    dst[i] = 0
+            elif runs:
+                # The run's pixels iw .. iw + kw - 1: those inside the input are the
+                # values first..last of the run (the pointer starts at the first of them).
+                iw = ow * win.sw - win.pw
+                first = min(run, max(0, -iw) * s.cig)
+                last = max(first, min(run, (s.w - iw) * s.cig))
+                src = x + n * s.ld_in + (ih * s.w + iw + first // s.cig) * s.ldx
+                for i in range(first):
+                    dst[i] = 0
+                for i in range(last - first):
+                    dst[first + i] = src[i]
+                for i in range(last, run):
+                    dst[i] = 0
+            else:
+                for kw in range(win.kw):
+                    iw = ow * win.sw - win.pw + kw * win.dw
+                    if 0 <= iw < s.w:
+                        src = x + n * s.ld_in + (ih * s.w + iw) * s.ldx + c0
+                        for i in range(s.cig):
+                            dst[kw * s.cig + i] = src[i]
+                    else:
+                        for i in range(s.cig):
+                            dst[kw * s.cig + i] = 0
+            dst += run
 
 
 cdef inline void im2col(const floating* x, const ConvShape* s, const Window* win,
@@ -121,8 +161,10 @@ cdef inline void _col2im_samples(const floating* col, const ConvShape* s, const 
                                  Py_ssize_t first_sample, Py_ssize_t c0, Py_ssize_t lo,
                                  Py_ssize_t hi, floating* dx) noexcept nogil:
     # Samples lo..hi of the chunk: every column-matrix value added to the input value it
-    # was copied from, pixel by pixel in order.
-    cdef Py_ssize_t n, oh, ow, kh, kw, ih, iw, c
+    # was copied from, pixel by pixel in order (runs as in _im2col_rows).
+    cdef Py_ssize_t n, oh, ow, kh, kw, ih, iw, i, first, last
+    cdef Py_ssize_t run = win.kw * s.cig
+    cdef bint runs = win.dw == 1 and s.cig == s.c_in
     cdef const floating* src
     cdef floating* dst
     for n in range(lo, hi):
@@ -131,15 +173,22 @@ cdef inline void _col2im_samples(const floating* col, const ConvShape* s, const 
                 src = col + ((n * s.ho + oh) * s.wo + ow) * s.k
                 for kh in range(win.kh):
                     ih = oh * win.sh - win.ph + kh * win.dh
-                    if ih < 0 or ih >= s.h:
-                        continue
-                    for kw in range(win.kw):
-                        iw = ow * win.sw - win.pw + kw * win.dw
-                        if iw < 0 or iw >= s.w:
-                            continue
-                        dst = dx + (first_sample + n) * s.ld_in + ih * s.sh + iw * s.sw + c0 * s.sc
-                        for c in range(s.cig):
-                            dst[c * s.sc] += src[c * s.kk + kh * win.kw + kw]
+                    if 0 <= ih < s.h and runs:
+                        iw = ow * win.sw - win.pw
+                        first = min(run, max(0, -iw) * s.cig)
+                        last = max(first, min(run, (s.w - iw) * s.cig))
+                        dst = (dx + (first_sample + n) * s.ld_in
+                               + (ih * s.w + iw + first // s.cig) * s.ldx)
+                        for i in range(last - first):
+                            dst[i] += src[first + i]
+                    elif 0 <= ih < s.h:
+                        for kw in range(win.kw):
+                            iw = ow * win.sw - win.pw + kw * win.dw
+                            if 0 <= iw < s.w:
+                                dst = dx + (first_sample + n) * s.ld_in + (ih * s.w + iw) * s.ldx + c0
+                                for i in range(s.cig):
+                                    dst[i] += src[kw * s.cig + i]
+                    src += run
 
 
 cdef inline void col2im(const floating* col, const ConvShape* s, const Window* win,
@@ -163,9 +212,15 @@ cdef inline void _zero_samples(floating* dx, Py_ssize_t ld, Py_ssize_t size, Py_
         memset(dx + n * ld, 0, size * sizeof(floating))
 
 
-cdef inline Py_ssize_t _gemm_part(Py_ssize_t gemm_bytes) noexcept nogil:
-    # The GEMM's packing scratch comes first in Tape.scratch, the column matrix after it.
-    return (gemm_bytes + 63) // 64 * 64
+cdef inline Py_ssize_t _aligned(Py_ssize_t nbytes) noexcept nogil:
+    return (nbytes + 63) // 64 * 64
+
+
+cdef struct ConvScratch:
+    char* gemm            # the GEMM's packing scratch
+    void* weight          # the weight in the kernel's order (when s.permute)
+    void* weight_grad     # its gradient, before it is added in PyTorch's order
+    void* col             # the column matrix of one chunk
 
 
 cdef inline Py_ssize_t _gemm_need(const ConvShape* s, Py_ssize_t batch, int nt,
@@ -176,48 +231,63 @@ cdef inline Py_ssize_t _gemm_need(const ConvShape* s, Py_ssize_t batch, int nt,
                gemm_scratch_bytes(rows, s.k, s.cog, nt, itemsize))
 
 
+cdef inline Py_ssize_t _weights_bytes(const ConvShape* s, Py_ssize_t itemsize) noexcept nogil:
+    return _aligned(s.c_out * s.k * itemsize) if s.permute else 0
+
+
+cdef inline ConvScratch _carve(void* scratch, const ConvShape* s, Py_ssize_t batch, int nt,
+                               Py_ssize_t itemsize) noexcept nogil:
+    """Tape.scratch's parts, in the order conv_scratch counts them."""
+    cdef ConvScratch part
+    part.gemm = <char*>scratch
+    part.weight = part.gemm + _aligned(_gemm_need(s, batch, nt, itemsize))
+    part.weight_grad = <char*>part.weight + _weights_bytes(s, itemsize)
+    part.col = <char*>part.weight_grad + _weights_bytes(s, itemsize)
+    return part
+
+
 # ---- the kind's kernels (see _ops.pxd): parameters 0 = weight (C_out, C_in/groups, kh,
 # kw), 1 = bias (C_out); window: op.window
 
 cdef inline Py_ssize_t conv_scratch(const Op* op, const Tape* t, Py_ssize_t batch, int nt,
                                     Py_ssize_t itemsize) noexcept nogil:
     cdef ConvShape s = conv_shape(op, t, itemsize)
-    cdef Py_ssize_t col = 0 if direct(op, t) else min(batch, s.chunk) * s.ho * s.wo * s.k * itemsize
-    return _gemm_part(_gemm_need(&s, batch, nt, itemsize)) + col
+    cdef Py_ssize_t col = 0 if direct(op) else min(batch, s.chunk) * s.ho * s.wo * s.k * itemsize
+    return _aligned(_gemm_need(&s, batch, nt, itemsize)) + 2 * _weights_bytes(&s, itemsize) + col
 
 
 cdef inline void conv_run(floating* kind, const Op* op, Tape* t, int nt) noexcept nogil:
     cdef ConvShape s = conv_shape(op, t, sizeof(floating))
+    cdef ConvScratch part = _carve(t.scratch, &s, t.batch, nt, sizeof(floating))
     cdef const floating* x = <const floating*>input_of(op, t).value
-    cdef const Slot* r = result_of(op, t)
+    cdef floating* out = <floating*>result_of(op, t).value
     cdef const floating* weight = param_of(kind, t.params, op, 0)
     cdef const floating* bias = param_of(kind, t.params, op, 1)
-    cdef char* gemm_scratch = <char*>t.scratch
-    cdef floating* col = <floating*>(gemm_scratch + _gemm_part(_gemm_need(&s, t.batch, nt,
-                                                                            sizeof(floating))))
+    cdef floating* col = <floating*>part.col
     cdef Py_ssize_t n0, samples, rows, g
-    cdef floating* out
-    if direct(op, t):
-        gemm(t.batch * s.ho * s.wo, s.c_out, s.c_in, x, matrix_stride(input_of(op, t)), False,
-             weight, s.c_in, True, <floating*>r.value, s.ldm, False, bias, op.fused, nt,
-             gemm_scratch)
+    if direct(op):
+        gemm(t.batch * s.ho * s.wo, s.c_out, s.c_in, x, s.ldx, False, weight, s.c_in, True,
+             out, s.ldm, False, bias, op.fused, nt, part.gemm)
         return
+    if s.permute:
+        reorder_weight(weight, <floating*>part.weight, &s, True, False)
+        weight = <floating*>part.weight
     n0 = 0
     while n0 < t.batch:
         samples = min(s.chunk, t.batch - n0)
         rows = samples * s.ho * s.wo
-        out = <floating*>r.value + n0 * s.ld_out
         for g in range(s.groups):
             im2col(x, &s, &op.window, n0, samples, g * s.cig, col, nt)
             gemm(rows, s.cog, s.k, col, s.k, False, weight + g * s.cog * s.k, s.k, True,
-                 out + g * s.cog, s.ldm, False, bias + g * s.cog if bias != NULL else NULL,
-                 op.fused, nt, gemm_scratch)
+                 out + n0 * s.ld_out + g * s.cog, s.ldm, False,
+                 bias + g * s.cog if bias != NULL else NULL, op.fused, nt, part.gemm)
         n0 += samples
 
 
 cdef inline void conv_back(floating* kind, const Op* op, Tape* t, bint want_dx,
                            int nt) noexcept nogil:
     cdef ConvShape s = conv_shape(op, t, sizeof(floating))
+    cdef ConvScratch part = _carve(t.scratch, &s, t.batch, nt, sizeof(floating))
     cdef const Slot* xs = input_of(op, t)
     cdef const floating* x = <const floating*>xs.value
     cdef const floating* dy_all = <const floating*>output_of(op, t).grad
@@ -225,9 +295,8 @@ cdef inline void conv_back(floating* kind, const Op* op, Tape* t, bint want_dx,
     cdef floating* weight_grad = param_of(kind, t.grads, op, 0)
     cdef floating* bias_grad = param_of(kind, t.grads, op, 1)
     cdef floating* dx = dx_of(kind, op, t, want_dx)
-    cdef char* gemm_scratch = <char*>t.scratch
-    cdef floating* col = <floating*>(gemm_scratch + _gemm_part(_gemm_need(&s, t.batch, nt,
-                                                                            sizeof(floating))))
+    cdef floating* col = <floating*>part.col
+    cdef floating* dw = weight_grad
     cdef Py_ssize_t n0, samples, rows, g, tt, lo, hi, all_rows = t.batch * s.ho * s.wo
     cdef const floating* dy
     cdef int team
@@ -240,13 +309,18 @@ cdef inline void conv_back(floating* kind, const Op* op, Tape* t, bint want_dx,
                 lo = part_start(s.c_out, tt, team, 16)
                 hi = part_start(s.c_out, tt + 1, team, 16)
                 column_sums(dy_all, s.ldm, all_rows, lo, hi, bias_grad)
-    if direct(op, t):
-        gemm(s.c_out, s.c_in, all_rows, dy_all, s.ldm, True, x, matrix_stride(xs), False,
-             weight_grad, s.c_in, True, NULL, IDENTITY, nt, gemm_scratch)
+    if direct(op):
+        gemm(s.c_out, s.c_in, all_rows, dy_all, s.ldm, True, x, s.ldx, False, weight_grad,
+             s.c_in, True, NULL, IDENTITY, nt, part.gemm)
         if dx != NULL:
             gemm(all_rows, s.c_in, s.c_out, dy_all, s.ldm, False, weight, s.c_in, False, dx,
-                 matrix_stride(xs), op.accumulate, NULL, IDENTITY, nt, gemm_scratch)
+                 s.ldx, op.accumulate, NULL, IDENTITY, nt, part.gemm)
         return
+    if s.permute:
+        reorder_weight(weight, <floating*>part.weight, &s, True, False)
+        weight = <floating*>part.weight
+        dw = <floating*>part.weight_grad
+        memset(dw, 0, s.c_out * s.k * sizeof(floating))
     n0 = 0
     while n0 < t.batch:
         samples = min(s.chunk, t.batch - n0)
@@ -264,10 +338,12 @@ cdef inline void conv_back(floating* kind, const Op* op, Tape* t, bint want_dx,
         for g in range(s.groups):
             im2col(x, &s, &op.window, n0, samples, g * s.cig, col, nt)
             gemm(s.cog, s.k, rows, dy + g * s.cog, s.ldm, True, col, s.k, False,
-                 weight_grad + g * s.cog * s.k, s.k, True, NULL, IDENTITY, nt, gemm_scratch)
+                 dw + g * s.cog * s.k, s.k, True, NULL, IDENTITY, nt, part.gemm)
             if dx != NULL:      # dcol overwrites col, which the dW product has used
                 gemm(rows, s.k, s.cog, dy + g * s.cog, s.ldm, False,
                      weight + g * s.cog * s.k, s.k, False, col, s.k, False, NULL, IDENTITY,
-                     nt, gemm_scratch)
+                     nt, part.gemm)
                 col2im(col, &s, &op.window, n0, samples, g * s.cig, dx, nt)
         n0 += samples
+    if s.permute:
+        reorder_weight(dw, weight_grad, &s, False, True)

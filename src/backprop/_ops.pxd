@@ -25,15 +25,26 @@ cdef struct Slot:
     # convolution or pooling, pixel by pixel with the channels adjacent (channels last).
     bint channels_last
     bint ids                 # int64 ids (an Embedding's input), not floating values
-    # The sample as a matrix: `rows` rows of `cols` adjacent values (the last dimension
-    # stored), so a batch is a (batch * rows) x cols matrix with row stride
-    # matrix_stride(slot).  Dense and LayerNorm work on the rows of this matrix (PyTorch's
-    # "last dimension"), BatchNorm on its columns when channels are last.
+    # A channels-first sample as a matrix: `rows` rows of its last dimension's `cols`
+    # values, so a batch is a (batch * rows) x cols matrix with row stride
+    # matrix_stride(slot): Dense and LayerNorm work on its rows (PyTorch's "last
+    # dimension").  Only then may samples be padded (ld > size): when rows == 1.
     Py_ssize_t rows, cols
 
 
 cdef inline Py_ssize_t matrix_stride(const Slot* s) noexcept nogil:
     return s.ld if s.rows == 1 else s.cols
+
+
+# A channels-last sample (or one with a single channel, which has one order) as a matrix:
+# a row of `c` channels per position, so a batch is a (batch * positions) x c matrix with
+# row stride pixel_stride(slot): convolutions, pooling and BatchNorm work on it.
+cdef inline Py_ssize_t positions(const Slot* s) noexcept nogil:
+    return s.size // s.c
+
+
+cdef inline Py_ssize_t pixel_stride(const Slot* s) noexcept nogil:
+    return s.ld if s.size == s.c else s.c
 
 
 cdef struct Window:

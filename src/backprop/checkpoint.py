@@ -4,15 +4,17 @@ executing anything and without trusting what the file says about itself.
 This module only moves arrays between memory and disk; what they mean (a network's
 parameters, buffers, optimizer state and its JSON ``header``) is ``record.py``'s business.
 
-Writing: a temporary file in the destination's directory, flushed and fsynced, renamed
-over the destination (atomic on POSIX), then the directory fsynced: a crash at any point
-leaves either the old file or the new one, never a mix.
+Writing: a temporary file in the destination's directory (a symbolic link's target's),
+flushed and fsynced, renamed over the destination (atomic on POSIX), then the directory
+fsynced: a crash at any point leaves either the old file or the new one, never a mix.  The
+file gets the permissions a plain ``open(path, "wb")`` would give (see ``_atomic.py``).
 
-Reading: the caller says which members it wants and what shape and dtype each must have
-(worked out from the header, not from the members).  Each is checked against the archive
-before a byte of it is read: present, stored uncompressed (as ``np.savez`` writes), its
-``.npy`` header matching the expected shape and dtype, its size matching, and lying
-inside the file.  Nothing else in the archive is read, so neither a header claiming a
+Reading: only a regular file is opened (``/dev/zero`` or a FIFO is refused, see
+``_userfiles.py``).  The caller says which members it wants and what shape and dtype each
+must have (worked out from the header, not from the members).  Each is checked against the
+archive before a byte of it is read: present, stored uncompressed (as ``np.savez``
+writes), its ``.npy`` header matching the expected shape and dtype, its size matching, and
+lying inside the file.  Nothing else in the archive is read, so neither a header claiming a
 huge layer nor an extra member costs memory.
 """
 import os
@@ -21,6 +23,7 @@ import zipfile
 import numpy as np
 
 from backprop._atomic import write_atomically
+from backprop._userfiles import open_regular
 
 # The JSON header of a network with a long history is a few hundred KB at most.
 MAX_HEADER_BYTES = 16 << 20
@@ -36,18 +39,24 @@ class Archive:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.size = os.path.getsize(self.path)      # FileNotFoundError passes through
+        self.file = open_regular(self.path)         # FileNotFoundError passes through
         try:
-            self.zip = zipfile.ZipFile(self.path)
+            self.size = os.fstat(self.file.fileno()).st_size
+            self.zip = zipfile.ZipFile(self.file)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            self.file.close()
             raise ValueError(f"{self.path}: not a readable checkpoint (truncated or "
                              f"corrupted?): {e}") from None
+        except BaseException:
+            self.file.close()
+            raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.zip.close()
+        self.file.close()
 
     def has(self, name):
         return f"{name}.npy" in self.zip.NameToInfo

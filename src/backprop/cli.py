@@ -4,14 +4,22 @@ Every mistake (a bad option, a missing or malformed file) ends with one line on 
 and exit code 2, never a traceback.
 """
 import argparse
+import os
 import sys
 import time
+import warnings
+import zipfile
 
 import numpy as np
 
 import backprop as bp
 from backprop import datasets, distributed
+from backprop._userfiles import open_regular
 from backprop.optim import OPTIMIZERS
+
+
+# A class label above this is a mistake (a float of 1e30 would not even cast to int64).
+MAX_LABEL = 2 ** 31 - 1
 
 
 class UsageError(Exception):
@@ -33,37 +41,97 @@ def load_dataset(name):
         (X, y), (Xt, yt) = datasets.load_fashion_mnist()
         return np.concatenate([X, Xt]), np.concatenate([y, yt])
     if name.endswith(".npz"):
-        with np.load(name, allow_pickle=False) as f:
-            if "X" not in f.files or "y" not in f.files:
-                raise UsageError(f"{name}: an .npz dataset needs arrays named X and y")
-            return f["X"].astype(np.float32), f["y"]
+        X, y = read_npz(name, "--dataset", ("X", "y"))
+        return features(X, name, np.float32), y
     if name.endswith(".csv"):
-        data = np.loadtxt(name, delimiter=",", dtype=np.float64, ndmin=2)
+        data = read_csv(name, "--dataset")
         if data.shape[1] < 2:
             raise UsageError(f"{name}: a .csv dataset needs feature columns and a label column")
-        return data[:, :-1].astype(np.float32), data[:, -1]
+        return features(data[:, :-1], name, np.float32), data[:, -1]
     raise UsageError(f"unknown dataset {name!r}: use digits, mnist-sample, fashion-mnist, "
                      "FILE.npz or FILE.csv")
 
 
+def read_npz(path, option, names):
+    """The arrays `names` of the .npz file at `path` (given as `option`)."""
+    try:
+        with open_regular(path, option) as fh, np.load(fh, allow_pickle=False) as f:
+            if not all(name in f.files for name in names):
+                raise UsageError(f"{path}: an .npz file here needs arrays named "
+                                 f"{' and '.join(names)}, it has {sorted(f.files)}")
+            return [f[name] for name in names]
+    except (zipfile.BadZipFile, EOFError) as e:      # neither is an OSError or ValueError
+        raise UsageError(f"{path}: not a readable .npz file (empty, truncated or "
+                         f"corrupted?): {e}") from None
+    except ValueError as e:                          # object arrays, a pickle, a bad member
+        raise UsageError(f"{path}: {e}") from None
+
+
+def read_csv(path, option):
+    """The numbers of a comma-separated file (UTF-8, with or without a byte-order mark, as
+    spreadsheet programs write it), one row per line."""
+    with open_regular(path, option, encoding="utf-8-sig") as fh, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")   # said below
+        try:
+            data = np.loadtxt(fh, delimiter=",", dtype=np.float64, ndmin=2)
+        except ValueError as e:
+            raise UsageError(f"{path}: {e} (a .csv here holds numbers only, no header "
+                             "row)") from None
+    if data.size == 0:
+        raise UsageError(f"{path}: the file holds no rows")
+    return data
+
+
+def features(X, name, dtype, sample_shape=None):
+    """X in `dtype`, if it is a non-empty array of finite real numbers that `dtype` can
+    hold, one sample per row: of shape (samples, *sample_shape), or (samples, features)
+    when no model says.  A complex X is refused rather than cut to its real part, and a
+    value too large is refused rather than made infinite (with a warning on stderr) and
+    refused by the network after a header line."""
+    X = np.asarray(X)
+    if X.dtype.kind not in "biuf":
+        raise UsageError(f"{name}: X must hold real numbers, got dtype {X.dtype}")
+    if sample_shape is None and (X.ndim != 2 or 0 in X.shape):
+        raise UsageError(f"{name}: X must be a 2-D array of shape (samples, features) with "
+                         f"at least one of each, got shape {X.shape}")
+    if sample_shape is not None and (X.shape[1:] != tuple(sample_shape) or len(X) == 0):
+        raise UsageError(f"{name}: the model takes samples of shape {tuple(sample_shape)}, "
+                         f"at least one: X must have shape (samples, "
+                         f"{', '.join(map(str, sample_shape))}), got {X.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = X.astype(dtype)
+    bad = ~np.isfinite(converted.reshape(len(X), -1)).all(axis=1)
+    if bad.any():
+        raise UsageError(f"{name}: X holds NaN, Inf or a value too large for {np.dtype(dtype)} "
+                         f"(first in row {np.flatnonzero(bad)[0]})")
+    return converted
+
+
 def class_labels(y, name):
-    """y as int64 class labels 0..K-1, every class present; else a UsageError (a float
-    label such as 0.7, or a label of 1e9, is a mistake, not a class)."""
+    """y as int64 class labels (whole numbers >= 0), else a UsageError (a float label
+    such as 0.7 is a mistake, not a class)."""
     y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
     if y.ndim != 1 or len(y) == 0:
         raise UsageError(f"{name}: labels must be one non-empty column")
     if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
         raise UsageError(f"{name}: labels must be whole numbers (class 0, 1, ...), got "
                          f"{y[~(y == np.round(y))][:3].tolist()}")
-    if y.dtype.kind not in "iuf" or y.min() < 0:
-        raise UsageError(f"{name}: labels must be whole numbers >= 0")
-    labels = y.astype(np.int64)
+    if y.dtype.kind not in "biuf" or y.min() < 0 or y.max() > MAX_LABEL:
+        raise UsageError(f"{name}: labels must be whole numbers from 0 to {MAX_LABEL}")
+    return y.astype(np.int64)
+
+
+def every_class(labels, name):
+    """The number of classes K of training labels, which must be 0..K-1, each present (a
+    label of 1e9 is a mistake, not a billion classes)."""
     present = np.unique(labels)
     if len(present) != present[-1] + 1:
         gaps = np.flatnonzero(present != np.arange(len(present)))
         raise UsageError(f"{name}: labels must be the classes 0..K-1, each present; class "
                          f"{gaps[0]} never appears (largest label {present[-1]})")
-    return labels
+    return len(present)
 
 
 def parse_layers(text, n_features, n_classes):
@@ -71,9 +139,9 @@ def parse_layers(text, n_features, n_classes):
         sizes = [int(s) for s in text.split(",")]
     except ValueError:
         raise UsageError(f"--layers must be comma-separated integers, got {text!r}") from None
-    if len(sizes) < 2 or sizes[0] != n_features or sizes[-1] != n_classes:
-        raise UsageError(f"--layers must start with the {n_features} input features and end "
-                         f"with the {n_classes} classes, got {text!r}")
+    if len(sizes) < 2 or sizes[0] != n_features or sizes[-1] != n_classes or min(sizes) < 1:
+        raise UsageError(f"--layers must be positive sizes starting with the {n_features} "
+                         f"input features and ending with the {n_classes} classes, got {text!r}")
     return sizes
 
 
@@ -145,12 +213,15 @@ def train(args):
     bp.set_num_threads(distributed.threads_per_rank(comm) if comm and not args.threads
                        else args.threads)
     with distributed.fail_together(comm, "loading the data"):
+        if rank0:                       # before training, not after it
+            for option, path in (("--save", args.save), ("--plot", args.plot)):
+                check_output(option, path)
         X, y = load_dataset(args.dataset)
         y = class_labels(y, args.dataset)
         if len(y) < 10:
             raise UsageError(f"{args.dataset}: {len(y)} rows are too few to split into "
                              "training, validation and test sets (10 at least)")
-        n_classes = int(y.max()) + 1
+        n_classes = every_class(y, args.dataset)
         sizes = (parse_layers(args.layers, X.shape[1], n_classes) if args.layers
                  else [X.shape[1], 128, n_classes])
         try:
@@ -177,6 +248,17 @@ def train(args):
             report(net, history, seconds, X_test, y_test, args)
 
 
+def check_output(option, path):
+    """Refuse an output path that cannot be written (None: the option is not given)."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: it is a folder; give a file name")
+
+
 def report(net, history, seconds, X_test, y_test, args):
     """Rank 0's part of train: the test scores, the checkpoint, the plot."""
     scores = net.evaluate(X_test, y_test)
@@ -198,24 +280,40 @@ def demo(args):
     vanishing_gradients(epochs=args.epochs, plot=args.plot)
 
 
+def targets(net, y, name):
+    """The dataset's y as the targets net's loss takes: class labels for cross_entropy,
+    rows of net.n_outputs numbers (a column for one output) for mse and
+    binary_cross_entropy."""
+    if net.loss == "cross_entropy":
+        return class_labels(y, name)
+    y = np.asarray(y)
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.dtype.kind not in "biuf" or y.ndim != 2 or y.shape[1] != net.n_outputs:
+        raise UsageError(f"{name}: a model with loss {net.loss} and {net.n_outputs} outputs "
+                         f"needs y of real numbers of shape (samples, {net.n_outputs})"
+                         f"{' or (samples,)' * (net.n_outputs == 1)}, got {y.dtype} of shape "
+                         f"{y.shape}")
+    return y.astype(net.dtype)
+
+
 def evaluate(args):
     net = bp.Network.load(args.model)
+    if net.loss is None:
+        raise UsageError(f"{args.model}: the model has no loss to evaluate; use predict")
     X, y = load_dataset(args.dataset)
-    y = class_labels(y, args.dataset)
-    scores = net.evaluate(X, y)
+    X = features(X, args.dataset, net.dtype, (net.n_inputs,))
+    scores = net.evaluate(X, targets(net, y, args.dataset))
     print("  ".join(f"{name} {value:.4f}" for name, value in scores.items()))
 
 
 def predict(args):
     net = bp.Network.load(args.model)
     if args.input.endswith(".npz"):
-        with np.load(args.input, allow_pickle=False) as f:
-            if "X" not in f.files:
-                raise UsageError(f"{args.input}: needs an array named X")
-            X = f["X"]
+        X, = read_npz(args.input, "--input", ("X",))
     else:
-        X = np.loadtxt(args.input, delimiter=",", ndmin=2)
-    labels = net.predict(X.astype(net.dtype))
+        X = read_csv(args.input, "--input")
+    labels = net.predict(features(X, args.input, net.dtype, (net.n_inputs,)))
     text = "\n".join(str(v) for v in labels.tolist()) + "\n"
     if args.output:
         with open(args.output, "w") as f:

@@ -15,6 +15,7 @@ See ``backprop/data/README.md`` for where the shipped data come from and
 under which licences.
 """
 import gzip
+import math
 import numbers
 import operator
 import os
@@ -23,6 +24,8 @@ import zlib
 from importlib import resources
 
 import numpy as np
+
+from backprop._userfiles import open_regular
 
 __all__ = [
     "load_digits",
@@ -160,32 +163,38 @@ def _check_path(path, name="path"):
     return os.fspath(path)
 
 
-def _read_maybe_gzip(path):
-    """Return the file's bytes, decompressed if it starts with the gzip magic."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise ValueError(
-            f"load_idx: {path!r} starts with the gzip magic bytes 1f 8b but is not a valid "
-            f"gzip stream (truncated or corrupt): {exc}") from None
+# Deflate (gzip's compression) spends at least 2 bits on a match, and a match restores at
+# most 258 bytes: no gzip stream decompresses to more than 1032 times its own size.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _read_exactly(stream, view, chunk=1 << 18):
+    """Fill the memoryview `view` from `stream`; the number of bytes it got.  In chunks:
+    a gzip stream's readinto decompresses into a temporary bytes object of the size asked."""
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:got + chunk])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def load_idx(path):
     """Read an IDX file (the format of MNIST and Fashion-MNIST) into an array.
 
     The file may be gzip-compressed or not; this is told from its first bytes,
-    not from its name.  The header is checked in full: two zero bytes, a known
-    type code, the number of dimensions, and that the dimensions account for
-    exactly the bytes that follow.
+    not from its name.  The header is checked in full before the body is read: two
+    zero bytes, a known type code, the number of dimensions, and that the file can
+    hold the data the dimensions claim (a plain file exactly, a gzip file within the
+    most a gzip stream can expand to); the body is then read straight into the array
+    and must be exactly as long as the header says.  So reading never costs more
+    memory than the data the file really holds.
 
     Parameters
     ----------
     path : str or os.PathLike
-        The file to read.
+        The file to read: a regular file (or a symbolic link to one).
 
     Returns
     -------
@@ -200,18 +209,41 @@ def load_idx(path):
     FileNotFoundError
         If there is no file at `path`.
     ValueError
-        If the file is not a well-formed IDX file: bad magic, unknown type code,
-        short header, or a body shorter or longer than the header says.
+        If `path` is not a regular file (a folder, a device, a FIFO), or the file is
+        not a well-formed IDX file: bad magic, unknown type code, short header, or a
+        body shorter or longer than the header says.
     """
     path = _check_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_idx: path={path!r} is not an existing file")
-    data = _read_maybe_gzip(path)
     where = f"load_idx: {path!r}"
-    if len(data) < 4:
+    try:
+        raw = open_regular(path, "load_idx: path")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_idx: path={path!r} is not an existing file") from None
+    with raw:
+        size = os.fstat(raw.fileno()).st_size
+        compressed = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
+        try:
+            if compressed:
+                with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                    return _read_idx(stream, size * _DEFLATE_MAX_RATIO, where)
+            return _read_idx(raw, size, where)
+        except (EOFError, OSError, zlib.error) as exc:
+            if not compressed:
+                raise
+            raise ValueError(
+                f"{where} starts with the gzip magic bytes 1f 8b but is not a valid gzip "
+                f"stream (truncated or corrupt): {exc}") from None
+
+
+def _read_idx(stream, most, where):
+    """The array an IDX `stream` holds, refused before it is allocated if the header
+    claims more than `most` bytes in all (the most the file can deliver)."""
+    head = stream.read(4)
+    if len(head) < 4:
         raise ValueError(f"{where} is too short to be an IDX file: expected a header of at "
-                         f"least 4 bytes, got {len(data)} bytes")
-    zero0, zero1, code, ndim = data[:4]
+                         f"least 4 bytes, got {len(head)} bytes")
+    zero0, zero1, code, ndim = head
     if zero0 != 0 or zero1 != 0:
         raise ValueError(f"{where} is not an IDX file: expected the magic to start with bytes "
                          f"00 00, got {zero0:02x} {zero1:02x}")
@@ -222,26 +254,37 @@ def load_idx(path):
     if ndim == 0:
         raise ValueError(f"{where} has an IDX header with 0 dimensions: expected at least 1")
     header_size = 4 + 4 * ndim
-    if len(data) < header_size:
+    dims = stream.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise ValueError(f"{where} is truncated inside its header: expected {header_size} "
-                         f"header bytes for {ndim} dimensions, got {len(data)} bytes in all")
-    shape = struct.unpack(f">{ndim}I", data[4:header_size])
+                         f"header bytes for {ndim} dimensions, got {4 + len(dims)} bytes in all")
+    shape = struct.unpack(f">{ndim}I", dims)
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    actual = len(data) - header_size
+    expected = math.prod(shape) * dtype.itemsize       # Python ints: no overflow
+    if header_size + expected > most:
+        raise ValueError(f"{where} is truncated: dimensions {shape} of "
+                         f"{dtype.newbyteorder('=')} need {expected} data bytes, more than "
+                         f"the file can hold ({most - header_size} at most)")
+    body = np.empty(expected, dtype=np.uint8)
+    actual = _read_exactly(stream, memoryview(body))
+    if actual == expected:
+        actual += len(stream.read(1))       # one byte more: longer than the header says
     if actual != expected:
         problem = "truncated" if actual < expected else "longer than its header says"
         raise ValueError(f"{where} is {problem}: dimensions {shape} of {dtype.newbyteorder('=')} "
-                         f"need {expected} data bytes, got {actual}")
-    body = np.frombuffer(data, dtype=dtype, offset=header_size)
-    return body.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+                         f"need {expected} data bytes, got {'at least ' * (actual > expected)}"
+                         f"{actual}")
+    values = body.view(dtype)
+    if not dtype.isnative:
+        values.byteswap(inplace=True)       # in place: no second copy of a large file
+    return values.view(dtype.newbyteorder("=")).reshape(shape)
 
 
 def _find_idx(folder, stem):
     """Path of ``stem`` or ``stem.gz`` in `folder`, or None."""
     for name in (stem + ".gz", stem):
         candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
+        if os.path.exists(candidate):       # load_idx refuses it if it is not a file
             return candidate
     return None
 

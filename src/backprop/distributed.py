@@ -44,6 +44,7 @@ it remains the tool for errors outside these collectives (run your script with
 business: ``mpiexec`` then ends the others.
 """
 import contextlib
+import json
 import os
 import time
 import zlib
@@ -51,7 +52,8 @@ import zlib
 import numpy as np
 
 from backprop import training
-from backprop._core import get_num_threads
+from backprop._core import get_num_threads, simd_kernel
+from backprop.record import network_config
 from backprop.progress import Progress, wanted
 
 
@@ -180,6 +182,12 @@ def fail_together(comm, where):
     _agree(comm, None, where)
 
 
+# What to do when a fact differs, where "call fit with the same ..." is not the answer.
+_REMEDIES = {"SIMD level": "the ranks' builds of the core round differently, so their "
+                           "weights would drift apart: run every rank at the same level "
+                           "(set the same BACKPROP_SIMD everywhere, e.g. generic)"}
+
+
 def _same_everywhere(comm, facts, what):
     """Raise DistributedError on every rank unless every rank has the same `facts` (a
     dict of plain values) about `what`."""
@@ -189,8 +197,10 @@ def _same_everywhere(comm, facts, what):
         values = "; ".join(f"{key}: " + ", ".join(f"rank {r} {other[key]!r}"
                                                   for r, other in enumerate(everyone))
                            for key in differ)
-        raise DistributedError(f"{what} differ between the ranks ({values}); every rank must "
-                               "call fit with the same data, network, seed and arguments")
+        remedies = [_REMEDIES[key] for key in differ if key in _REMEDIES] or [
+            "every rank must call fit with the same data, network, seed and arguments"]
+        raise DistributedError(f"{what} differ between the ranks ({values}); "
+                               + "; ".join(remedies))
 
 
 def _checksum(array):
@@ -200,7 +210,8 @@ def _checksum(array):
 def _fingerprint(net, X, y, validation_data, settings):
     """What every rank must agree on before training: the arguments, the shapes, a sample
     of the data (64 rows spread over it: cheap even for a memory-mapped dataset), the
-    weights, the optimizer and the shuffling RNG."""
+    build's SIMD level (levels round differently), the architecture and dtype, the
+    weights, the optimizer (hyperparameters, step count, state) and the shuffling RNG."""
     sample = slice(None, None, max(1, len(X) // 64))
     facts = {key: repr(value) for key, value in settings.items()}
     facts.update({
@@ -208,9 +219,14 @@ def _fingerprint(net, X, y, validation_data, settings):
         "y": (y.shape, y.dtype.str, _checksum(y[sample])),
         "validation data": None if validation_data is None else
             tuple((np.shape(a), _checksum(np.asarray(a)[sample])) for a in validation_data),
+        "SIMD level": simd_kernel(),
+        "dtype": net.dtype.name,
+        "architecture": json.dumps(network_config(net), sort_keys=True),
         "weights": _checksum(net.params),
         "running statistics": _checksum(net.buffers),
         "optimizer": repr(net.optimizer),
+        "optimizer state": (net.optimizer.steps, sorted(
+            (name, _checksum(value)) for name, value in net.optimizer.state.items())),
         "rng": zlib.crc32(repr(net.rng.bit_generator.state).encode()),
         "dropout passes": net._engine.passes,
         "epoch": net.epoch,
@@ -227,26 +243,24 @@ def _train_batch(net, comm, X, y, rows, clip_grad_norm, where, keep_norms=False)
     start, stop = share(len(rows), comm.rank, comm.size)
     # What a refused step must give back on every rank (the rank that failed has already
     # undone its own forward): Dropout's pass counter and BatchNorm's statistics.
-    passes = net._engine.passes
-    buffers = net.buffers.copy() if net.buffers.size else None
-    failure, loss_sum = None, 0.0
-    try:
-        if stop > start:
-            loss = net.compute_gradients(X, y, rows[start:stop],
-                                         scale=(stop - start) / len(rows), row_offset=start)
-            loss_sum = loss * (stop - start)
-        else:
-            # A batch with fewer rows than ranks leaves this rank without rows.  It still
-            # runs one pass (on the batch's first row, its result discarded), so that every
-            # rank counts the same training passes (dropout masks are keyed by that count)
-            # and the network takes the summed gradients in step().
-            net.compute_gradients(X, y, rows[:1], scale=0.0)
-            net.grads[...] = 0
-    except FloatingPointError:
-        loss_sum = np.inf               # diverged: every rank raises FloatingPointError below
-    except Exception as error:
-        failure = error
-    try:
+    with training.undone_if_refused(net):
+        failure, loss_sum = None, 0.0
+        try:
+            if stop > start:
+                loss = net.compute_gradients(X, y, rows[start:stop],
+                                             scale=(stop - start) / len(rows), row_offset=start)
+                loss_sum = loss * (stop - start)
+            else:
+                # A batch with fewer rows than ranks leaves this rank without rows.  It
+                # still runs one pass (on the batch's first row, its result discarded), so
+                # that every rank counts the same training passes (dropout masks are keyed
+                # by that count) and the network takes the summed gradients in step().
+                net.compute_gradients(X, y, rows[:1], scale=0.0)
+                net.grads[...] = 0
+        except FloatingPointError:
+            loss_sum = np.inf           # diverged: every rank raises FloatingPointError below
+        except Exception as error:
+            failure = error
         total, = _agree(comm, failure, where, [loss_sum])
         if not np.isfinite(total):
             diverged = [str(r) for r, value in enumerate(comm.allgather(loss_sum))
@@ -264,12 +278,6 @@ def _train_batch(net, comm, X, y, rows, clip_grad_norm, where, keep_norms=False)
             net.step()
         except FloatingPointError as error:
             raise FloatingPointError(f"training diverged {where}: {error}") from None
-    except (DistributedError, FloatingPointError):
-        net.zero_grad()                             # a refused step changes nothing
-        net._engine.passes = passes
-        if buffers is not None:
-            net.buffers[...] = buffers
-        raise
     net.zero_grad()
     return total / len(rows), norms
 
@@ -305,8 +313,9 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
     history and the same weights on every rank as ``fit`` in one process (to rounding).
 
     Every rank must pass the same X, y (memory-mapped arrays are fine: each rank reads
-    only its rows) and a network built with the same seed; ``fit`` checks the shapes, a
-    sample of the data, the weights and the RNG state first.  Callbacks run on every rank
+    only its rows) and a network built with the same seed; ``fit`` first checks that the
+    ranks agree (see `_fingerprint`: the data's shapes and a sample, the build's SIMD level,
+    the architecture, the weights, the optimizer and the RNG state).  Callbacks run on every rank
     (check ``comm.rank == 0`` before writing files); if one sets ``net.stop_training`` on
     any rank, every rank stops.  Raises DistributedError on every rank when any rank
     fails, FloatingPointError on every rank when the loss diverges.
@@ -323,8 +332,8 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
     _same_everywhere(comm, facts, "fit's inputs")
 
     n, rng = len(X), net.rng
-    steps_per_epoch = len(training._batches(n, batch_size))
-    bar = Progress(epochs * steps_per_epoch, wanted(progress) and comm.rank == 0)
+    batches = training.minibatches(n, batch_size, training.refuses_one_row(net))  # as in fit
+    bar = Progress(epochs * len(batches), wanted(progress) and comm.rank == 0)
     stopper = training.EarlyStopping(early_stopping)
     last_epoch = net.epoch + epochs
     net.stop_training = False
@@ -335,11 +344,11 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
                 started = time.perf_counter()
                 order = rng.permutation(n) if shuffle else np.arange(n)   # alike everywhere
                 total = 0.0
-                for step, start in enumerate(training._batches(n, batch_size)):
-                    rows = order[start:start + batch_size]
+                for step, (start, stop) in enumerate(batches):
+                    rows = order[start:stop]
                     loss, norms = _train_batch(net, comm, X, y, rows, clip_grad_norm,
                                                f"at epoch {epoch}, step {step}",
-                                               keep_norms=start + batch_size >= n)
+                                               keep_norms=stop == n)
                     total += loss * len(rows)
                     bar.batches(1)
                 average_buffers(net, comm)
@@ -360,8 +369,9 @@ def fit(net, X, y, comm, *, epochs=10, batch_size=32, shuffle=True, validation_d
                 if len(set(checksums)) > 1:
                     raise DistributedError(
                         f"the ranks hold different weights after epoch {epoch} (checksums "
-                        f"{list(checksums)}): a callback changed them on some ranks only, or "
-                        "the MPI library's Allreduce does not give every rank the same sum")
+                        f"{list(checksums)}): a callback changed them on some ranks only, "
+                        "the ranks' libraries compute differently, or the MPI library's "
+                        "Allreduce does not give every rank the same sum")
                 net.stop_training = any(stops)
                 stopper.update(net, logs["val_loss"])
                 if net.stop_training:

@@ -47,7 +47,9 @@ import warnings
 
 import numpy as np
 
-import backprop
+from backprop import training
+from backprop._core import MAX_THREADS
+from backprop._threads import limited
 from backprop.layers import Activation, BatchNorm, Dense, Dropout
 from backprop.network import Network
 from backprop.optim import SGD, Adam
@@ -280,18 +282,10 @@ def _check_choice(owner, name, value, choices):
         raise ValueError(f"{owner}: {name} must be one of {sorted(choices)}, got {value!r}")
 
 
-@contextlib.contextmanager
 def _threads(n):
-    """Run the block with backprop's kernels on `n` threads (None: leave the setting)."""
-    if n is None:
-        yield
-        return
-    previous = backprop.get_num_threads()
-    backprop.set_num_threads(n)
-    try:
-        yield
-    finally:
-        backprop.set_num_threads(previous)
+    """A block with backprop's kernels on `n` threads (None: the setting as it is), which
+    puts back exactly what was requested before (see backprop._threads)."""
+    return contextlib.nullcontext() if n is None else limited(n)
 
 
 def _rows(X, rows):
@@ -379,7 +373,7 @@ class _BaseMLP(BaseEstimator):
             check(owner, "n_iter_no_change", self.n_iter_no_change, 1, None, integer=True)
         check(owner, "max_fun", self.max_fun, 1, None, integer=True)
         if self.n_threads is not None:
-            check(owner, "n_threads", self.n_threads, 1, None, integer=True)
+            check(owner, "n_threads", self.n_threads, 1, MAX_THREADS, integer=True)
         check(owner, "dropout", self.dropout, 0, 1, high_open=True)
         for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping",
                      "batch_norm"):
@@ -495,31 +489,36 @@ class _BaseMLP(BaseEstimator):
 
     def _fit(self, X, y, sample_weight, incremental):
         self._check_params()
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
         first_pass = not hasattr(self, "network_") or (not self.warm_start and not incremental)
         saved = dict(self.__dict__)
-        try:                # a refused call changes nothing: validation may set attributes
+        try:                # a refused call changes nothing: everything up to the first step
             X, Y = self._validate_input(X, y, incremental, reset=first_pass)
             sample_weight = self._check_sample_weight(sample_weight, X)
             layer_units = [X.shape[1], *self._hidden_sizes(), Y.shape[1]]
             if not first_pass and layer_units != self._layer_units:
                 raise ValueError(f"{type(self).__name__}: warm_start/partial_fit needs the same "
                                  f"layer sizes {self._layer_units}, got {layer_units}")
+            rs = check_random_state(self.random_state)
+            if first_pass:
+                self._initialize(Y, layer_units, rs)
+            elif not incremental:       # warm start: the weights go on, the optimizer restarts
+                trained, fresh = self.network_, self._build_network(layer_units, None)
+                if fresh.params.size != trained.params.size:
+                    raise ValueError(f"{type(self).__name__}: warm_start needs the same layers; "
+                                     "batch_norm or dropout changed since the last fit")
+                self.network_ = fresh
+                self._restore((trained.params, trained.buffers))
+            validation = None
+            if self.early_stopping:     # after the weights: scikit-learn's order of draws
+                X, Y, sample_weight, validation = self._split_validation(X, Y, sample_weight, rs)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(saved)
             raise
-        rs = check_random_state(self.random_state)
-        if first_pass:
-            self._initialize(Y, layer_units, rs)
-        elif not incremental:           # warm start: the weights go on, the optimizer restarts
-            trained, fresh = self.network_, self._build_network(layer_units, None)
-            if fresh.params.size != trained.params.size:
-                raise ValueError(f"{type(self).__name__}: warm_start needs the same layers; "
-                                 "batch_norm or dropout changed since the last fit")
-            self.network_ = fresh
-            self._restore((trained.params, trained.buffers))
         with _threads(self.n_threads):
-            self._fit_stochastic(X, Y, sample_weight, rs, incremental)
+            self._fit_stochastic(X, Y, sample_weight, validation, rs, incremental)
         if not np.isfinite(self.network_.params).all():
             raise ValueError(_DIVERGED)
         return self
@@ -557,15 +556,10 @@ class _BaseMLP(BaseEstimator):
             self.validation_scores_ = None
             self.best_validation_score_ = None
 
-    def _fit_stochastic(self, X, Y, sample_weight, rs, incremental):
+    def _fit_stochastic(self, X, Y, sample_weight, validation, rs, incremental):
         """The training loop: epochs of shuffled minibatches, then scikit-learn's stopping
-        rules and learning-rate schedule after each epoch."""
-        if self.early_stopping and incremental:
-            raise ValueError("partial_fit does not support early_stopping=True")
-        if self.early_stopping:
-            X, Y, sample_weight, validation = self._split_validation(X, Y, sample_weight, rs)
-        else:
-            validation = None
+        rules and learning-rate schedule after each epoch (`validation`: the held-out
+        (X, Y, sample_weight) with early_stopping, else None)."""
         n = X.shape[0]
         if self.batch_size == "auto":
             batch_size = min(200, n)
@@ -575,6 +569,7 @@ class _BaseMLP(BaseEstimator):
                               "It is going to be clipped", stacklevel=4)
             batch_size = min(self.batch_size, n)
         order = np.arange(n)
+        batches = training.minibatches(n, batch_size, training.refuses_one_row(self.network_))
         # The built-in cross-entropy takes class numbers: cheaper than one-hot rows.
         T = Y.argmax(axis=1) if self.out_activation_ == "softmax" else Y
         self.network_.train()
@@ -584,8 +579,8 @@ class _BaseMLP(BaseEstimator):
                 if self.shuffle:        # the permutation scikit-learn's shuffle() draws
                     order = order[rs.permutation(n)]
                 total = 0.0
-                for start in range(0, n, batch_size):
-                    rows = order[start:start + batch_size]
+                for start, stop in batches:
+                    rows = order[start:stop]
                     total += self._train_batch(X, T, sample_weight, rows) * len(rows)
                 self.n_iter_ += 1
                 self.loss_ = total / n
@@ -626,9 +621,10 @@ class _BaseMLP(BaseEstimator):
             sample_weight = None if sample_weight is None else sample_weight[rows]
             rows = None
         try:
-            if self.out_activation_ == "exp":
-                loss = self._poisson_gradients(X, T, sample_weight, rows, norm)
-                net.step()
+            if self.out_activation_ == "exp":   # forward, backward and step: one step
+                with training.undone_if_refused(net):
+                    loss = self._poisson_gradients(X, T, sample_weight, rows, norm)
+                    net.step()
                 net.zero_grad()
                 return loss
             factor, scale = _loss_factors(self.out_activation_, self.n_outputs_)
@@ -791,7 +787,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         Threads for backprop's kernels during fit and predict (process-wide while they
         run); None leaves ``backprop.set_num_threads`` / ``OMP_NUM_THREADS`` in charge.
     batch_norm : bool, default=False
-        Batch normalisation after each hidden Dense layer (before its activation).
+        Batch normalisation after each hidden Dense layer (before its activation).  It
+        cannot normalise a minibatch of one row: a last minibatch of one row joins the
+        one before it.
     dropout : float in [0, 1), default=0.0
         Dropout probability after each hidden layer's activation (training only).
 

@@ -55,18 +55,28 @@ class Geometry:
 
     @property
     def cols(self):
-        """The values stored adjacently: the channels when last, else the last dimension."""
-        return self.shape[0] if self.channels_last else self.shape[-1]
+        """The last dimension: a channels-first sample is a rows x cols matrix."""
+        return self.shape[-1]
 
     @property
     def rows(self):
         return self.size // self.cols
 
+    @property
+    def positions(self):
+        """Values per channel: a channels-last sample is a positions x channels matrix."""
+        return self.size // self.shape[0]
+
     def stored(self, layout):
-        """This shape stored "first", "last" or as it is ("any"); one dimension has one
-        order."""
+        """This shape stored "first", "last" or as it is ("any").  A sample with one
+        dimension, or one channel, has a single order: it is called channels first, and
+        kernels that want channels last read it as it is."""
         last = self.channels_last if layout == "any" else layout == "last"
-        return Geometry(self.shape, last and len(self.shape) > 1, self.ids)
+        return Geometry(self.shape, last and len(self.shape) > 1 and self.shape[0] > 1, self.ids)
+
+    def fits(self, layout):
+        """Whether samples stored this way can be read by a layer wanting `layout`."""
+        return self.stored(layout) == self
 
     def as_slot(self):
         """The Slot fields the Engine fills in (_ops.pxd), padded to (c, h, w)."""
@@ -221,10 +231,9 @@ def plan(layers, loss, seed, input_shape=None):
 
     def stored(source, layout):
         """Slot `source`, or a relayout of it, stored as `layout` requires."""
-        wanted = p.geometry[source].stored(layout)
-        if wanted == p.geometry[source]:
+        if p.geometry[source].fits(layout):
             return source
-        return record("relayout", source, wanted)["output"]
+        return record("relayout", source, p.geometry[source].stored(layout))["output"]
 
     def emit(sequence, source, where):
         """Records for `sequence` applied to slot `source`; returns the output slot."""

@@ -16,7 +16,9 @@ are worked out from the architecture alone, before anything is allocated or read
 always one ``load`` accepts.  Version 1 files (Dense-only networks, no buffers or
 state) and version 2 files (no input shape: the first layer fixes it) are still read.
 """
+import contextlib
 import json
+import math
 
 import numpy as np
 
@@ -67,6 +69,38 @@ def _int(where, value, low=0, high=2 ** 63):
     return value
 
 
+# How deeply lists and dicts may nest in a header.  A layer description is a dict whose
+# "config" (a dict) may hold a list of layers, three levels per block nested in another;
+# the header, "network", "layers", and a config value that is a list take six more.  So
+# this admits blocks nested 64 deep, far beyond any real network, and keeps every check
+# below (and the repr in its messages) far from Python's recursion limit.
+MAX_LAYER_NESTING = 64
+MAX_DEPTH = 6 + 3 * MAX_LAYER_NESTING
+
+
+def _check_depth(header):
+    """Refuse a header nested deeper than MAX_DEPTH, without recursing into it."""
+    stack = [(header, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise RecordError(f"the header nests deeper than {MAX_DEPTH} levels (layer "
+                                  f"blocks at most {MAX_LAYER_NESTING} deep)")
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+
+
+@contextlib.contextmanager
+def _numbers_in(where):
+    """A value the constructors cannot take (a number too large for a float raises
+    OverflowError, a wrong kind TypeError) is a bad field like any other: RecordError."""
+    try:
+        yield
+    except (OverflowError, TypeError, ValueError) as e:
+        raise RecordError(f"{where}: {e}") from None
+
+
 def _field(record, key, kind, where):
     if not isinstance(record, dict) or key not in record:
         raise RecordError(f"{where}: missing {key!r}")
@@ -83,6 +117,7 @@ class Spec:
     def __init__(self, header):
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise RecordError("not a backprop checkpoint")
+        _check_depth(header)
         version = header.get("version")
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise RecordError(f"bad format version {version!r:.40}")
@@ -96,7 +131,10 @@ class Spec:
         layers = _field(network, "layers", list, "network")
         if version == 1:         # Dense keyword arguments, nothing else existed
             layers = [{"type": "Dense", "config": layer} for layer in layers]
-        self.layers = [from_config(layer) for layer in layers]
+        self.layers = []
+        for i, layer in enumerate(layers):
+            with _numbers_in(f"network.layers[{i}]"):
+                self.layers.append(from_config(layer))
         self.loss = network.get("loss")
         if self.loss is not None and self.loss not in LOSSES:
             raise RecordError(f"unknown loss {self.loss!r:.40}")
@@ -127,7 +165,8 @@ class Spec:
             raise RecordError(f"unknown optimizer {name!r:.40}")
         self.optimizer_name = name
         self.hyperparameters = _field(opt, "hyperparameters", dict, "optimizer")
-        self.optimizer = OPTIMIZERS[name](**self.hyperparameters)   # validates every value
+        with _numbers_in("optimizer.hyperparameters"):
+            self.optimizer = OPTIMIZERS[name](**self.hyperparameters)   # validates each value
         self.step = _int("optimizer.step", opt.get("step"))
         self.rng = _field(header, "rng", dict, "header")
         self.history = _field(header, "history", dict, "header")
@@ -158,11 +197,17 @@ def check(header, read_array):
     for name, values in arrays.items():
         if not np.isfinite(values).all():
             raise RecordError(f"{name} contains NaN or Inf")
+    if "buffers" in arrays:     # a negative variance would make every prediction NaN
+        for layer, name, offset, shape, _ in plan.buffers:
+            stop = offset + math.prod(shape)
+            if name == "running_var" and (arrays["buffers"][offset:stop] < 0).any():
+                raise RecordError(f"{plan.names[id(layer)]}.running_var has negative values")
     try:
         np.random.default_rng().bit_generator.state = spec.rng
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
         raise RecordError(f"bad rng state: {e}") from None
-    return spec, arrays, History.from_dict(spec.history)
+    with _numbers_in("history"):
+        return spec, arrays, History.from_dict(spec.history)
 
 
 def from_record(cls, header, read_array):
@@ -223,6 +268,9 @@ def load(cls, path):
             header = json.loads(raw.tobytes().decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: corrupted checkpoint header: {e}") from None
+        except RecursionError:          # JSON's reader stops near 1000 levels
+            raise ValueError(f"{path}: invalid backprop checkpoint: the header nests deeper "
+                             f"than {MAX_DEPTH} levels") from None
         try:
             return from_record(cls, header, archive.array)
         except RecordError as e:

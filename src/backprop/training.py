@@ -4,6 +4,7 @@ Minibatches are never copied out of the dataset: each step passes a slice of a s
 index to ``train_step(X, y, rows=...)``, which gathers those rows straight into the
 network's reused input buffer in compiled code.
 """
+import contextlib
 import time
 
 import numpy as np
@@ -110,8 +111,40 @@ def _check_dataset(net, X, y, name="X"):
     return X
 
 
-def _batches(n, batch_size):
-    return range(0, n, batch_size)
+def minibatches(n, batch_size, fold_single=False):
+    """(start, stop) of each minibatch of `n` rows, in order.  With `fold_single`, a last
+    minibatch of one row joins the one before it, which then has batch_size + 1 rows:
+    BatchNorm in train mode cannot normalise one row (its batch variance is 0), and
+    dropping the row (PyTorch's drop_last) would leave it out of every unshuffled epoch."""
+    starts = list(range(0, n, batch_size))
+    if fold_single and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def refuses_one_row(net):
+    """Whether `net` refuses a train-mode batch of one row: a BatchNorm over rows of
+    features, whose variance of one value is 0 (the layers declare it: over images, one
+    sample has many values per channel and is fine)."""
+    return net._plan.min_train_batch > 1
+
+
+@contextlib.contextmanager
+def undone_if_refused(net):
+    """Run one training step made of several calls (forward, backward, step) as a whole:
+    if the block raises, put back what the step had already moved, BatchNorm's running
+    statistics and Dropout's pass count, and zero the gradients it had accumulated (a
+    step starts from zero gradients), so a refused step changes nothing."""
+    passes = net._engine.passes
+    buffers = net.buffers.copy() if net.buffers.size else None
+    try:
+        yield
+    except BaseException:
+        net.zero_grad()
+        net._engine.passes = passes
+        if buffers is not None:
+            net.buffers[...] = buffers
+        raise
 
 
 def check_fit_arguments(net, X, y, epochs, batch_size, validation_data, validation_split,
@@ -134,6 +167,7 @@ def check_fit_arguments(net, X, y, epochs, batch_size, validation_data, validati
         X, y, validation_data = X[:cut], y[:cut], (X[cut:], y[cut:])
     if validation_data is not None:
         _check_dataset(net, validation_data[0], validation_data[1], "validation_data[0]")
+        check_values(net, validation_data, "validation_data")
     if clip_grad_norm is not None and not (clip_grad_norm > 0 and np.isfinite(clip_grad_norm)):
         raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm}")
     if early_stopping is not None:
@@ -141,10 +175,26 @@ def check_fit_arguments(net, X, y, epochs, batch_size, validation_data, validati
     return X, y, batch_size, validation_data, early_stopping
 
 
+def check_values(net, data, name):
+    """Refuse (X, y) now if the core would refuse any of its batches (NaN, values too
+    large for the network's dtype, labels out of range, ...), with the core's own
+    message: an evaluation in eval mode, which moves no weights or statistics."""
+    try:
+        evaluate(net, *data)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=None,
         validation_split=0.0, early_stopping=None, lr_schedule=None, clip_grad_norm=None,
         progress=None, callbacks=(), comm=None):
-    """Train `net` on (X, y); see ``Network.fit``."""
+    """Train `net` on (X, y); see ``Network.fit``.
+
+    Every argument is checked before the first step, validation data included (its
+    values too, by an evaluation), so a refused call changes nothing.  When the network
+    holds BatchNorm and the last minibatch of an epoch would have one row, that row
+    joins the minibatch before it (see `minibatches`).
+    """
     if comm is not None:     # data-parallel over MPI: the same loop, with collectives
         from backprop import distributed
         return distributed.fit(net, X, y, comm, epochs=epochs, batch_size=batch_size,
@@ -156,8 +206,8 @@ def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=No
         net, X, y, epochs, batch_size, validation_data, validation_split, clip_grad_norm,
         early_stopping)
     n, rng = len(X), net.rng
-    steps_per_epoch = len(_batches(n, batch_size))
-    bar = Progress(epochs * steps_per_epoch, wanted(progress))
+    batches = minibatches(n, batch_size, fold_single=refuses_one_row(net))
+    bar = Progress(epochs * len(batches), wanted(progress))
     stopper = EarlyStopping(early_stopping)
     last_epoch = net.epoch + epochs
     net.stop_training = False
@@ -168,11 +218,10 @@ def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=No
                 started = time.perf_counter()
                 order = rng.permutation(n) if shuffle else np.arange(n)
                 total, norms = 0.0, []
-                for step, start in enumerate(_batches(n, batch_size)):
-                    rows = order[start:start + batch_size]
-                    last = start + batch_size >= n
+                for step, (start, stop) in enumerate(batches):
+                    rows = order[start:stop]
                     loss, norms = _train_batch(net, X, y, rows, clip_grad_norm, epoch, step,
-                                               keep_norms=last)
+                                               keep_norms=stop == n)
                     total += loss * len(rows)
                     bar.batches(1)
                 seconds = time.perf_counter() - started
@@ -257,8 +306,8 @@ def predict_proba(net, X, batch_size=1024):
     X = _check_dataset(net, X, None)
     batch_size = _positive("batch_size", batch_size)
     with mode(net, False):
-        return np.concatenate([net.forward(X[i:i + batch_size])
-                               for i in _batches(len(X), batch_size)])
+        return np.concatenate([net.forward(X[start:stop])
+                               for start, stop in minibatches(len(X), batch_size)])
 
 
 def predict(net, X, batch_size=1024):
@@ -282,8 +331,8 @@ def evaluate(net, X, y, batch_size=1024):
         raise RuntimeError("evaluate needs a network with a loss")
     total, correct = 0.0, 0.0
     with mode(net, False):
-        for i in _batches(len(X), batch_size):
-            xb, yb = X[i:i + batch_size], y[i:i + batch_size]
+        for start, stop in minibatches(len(X), batch_size):
+            xb, yb = X[start:stop], y[start:stop]
             total += net.loss_of(xb, yb) * len(xb)
             if net.loss_spec.classifier:
                 correct += _correct(net, net._engine.output(), yb)

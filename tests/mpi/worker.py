@@ -14,6 +14,9 @@ import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+# scenario_different_simd: rank 1 imports the generic build (the level is chosen at import).
+if sys.argv[1:2] == ["different_simd"] and MPI.COMM_WORLD.rank == 1:
+    os.environ["BACKPROP_SIMD"] = "generic"
 
 import backprop as bp
 from backprop.distributed import DistributedError, allreduce_gradients, fail_together
@@ -258,6 +261,33 @@ def scenario_different_length():
 def scenario_different_data():
     X, y = data(seed=7 + comm.rank)
     expect_failure(lambda: network().fit(X, y, epochs=1, comm=comm, progress=False))
+
+
+def scenario_different_simd():
+    X, y = data()
+    expect_failure(lambda: network().fit(X, y, epochs=1, comm=comm, progress=False))
+    report(simd=bp.simd_kernel())
+
+
+def scenario_different_optimizer_state():
+    """The same weights, but rank 1's Adam has taken a step (its state differs)."""
+    X, y = data()
+    net = network()
+    if comm.rank == 1:
+        params = net.params.copy()
+        net.train_step(X[:8], y[:8])
+        net.params[...] = params
+    expect_failure(lambda: net.fit(X, y, epochs=1, comm=comm, progress=False))
+
+
+def scenario_different_architecture():
+    """The same layer sizes with two activations swapped on rank 1."""
+    X, y = data()
+    first, second = ("tanh", "relu") if comm.rank == 0 else ("relu", "tanh")
+    net = bp.Network([bp.Dense(10, 16, activation=first), bp.Dense(16, 12, activation=second),
+                      bp.Dense(12, 3, activation="softmax")], loss="cross_entropy",
+                     optimizer=bp.Adam(lr=0.01), dtype="float64", seed=0)
+    expect_failure(lambda: net.fit(X, y, epochs=1, comm=comm, progress=False))
 
 
 def scenario_stop():

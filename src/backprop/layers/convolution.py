@@ -14,7 +14,8 @@ class Convolution(Layer):
     dims = None
     kernel = "conv"
     kernel_params = ("weight", "bias")
-    output_layout = "last"          # a pixel's channels adjacent: the output is one product
+    input_layout = "last"           # a pixel's channels adjacent: im2col copies runs of them
+    output_layout = "last"          # and the output is one product
     fuses_activation = True
     takes_activation = True
 

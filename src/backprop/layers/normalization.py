@@ -78,7 +78,7 @@ class BatchNorm(Layer):
         return (4 * self.num_features, 0)   # mean, 1/std and two sums per channel
 
     def min_train_batch(self, x):
-        return 2 if x.rows == 1 else 1      # one value per channel has no variance
+        return 2 if x.positions == 1 else 1     # one value per channel has no variance
 
     def config(self):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,

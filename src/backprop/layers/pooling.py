@@ -1,5 +1,7 @@
 """Pooling: MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool2d(1), GlobalAvgPool (kernels:
 _pool.pxd)."""
+import math
+
 from backprop.layers import window
 from backprop.layers.base import Layer, describe, flag, register, unsupported
 
@@ -8,7 +10,7 @@ class Pooling(Layer):
     """What the windowed poolings share; `dims` is the number of spatial dimensions."""
 
     dims = None
-    output_layout = "last"
+    input_layout = output_layout = "last"     # a pixel's channels adjacent
     with_dilation = True
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
@@ -69,6 +71,10 @@ class MaxPooling(Pooling):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
         super().__init__(kernel_size, stride, padding, dilation)
         self._freeze()
+
+    def saved(self, x):
+        # Where each output value's maximum was: one int64 (a double's room) per value.
+        return (0, math.prod(self.output_shape(x.shape)))
 
     @classmethod
     def from_torch(cls, module, path):
@@ -157,7 +163,7 @@ class GlobalPooling(Layer):
     """The mean of each channel over all positions: one window the size of the sample."""
 
     kernel = "avg_pool"
-    output_layout = "last"
+    input_layout = output_layout = "last"
 
     def __init__(self):
         self._freeze()
