@@ -249,9 +249,10 @@ CONTEXTS = ("output", "hidden")
 
 def case_network(case, context, seed=0, optimizer=None, classes=3):
     """(net, model) for a Case.  "output": the case's layers are the whole network, mse
-    on their output, the input stored as given (channels first).  "hidden": they sit
-    between a convolution (so their input is stored channels last) and Flatten + Dense
-    with cross_entropy; for ids, between the Embedding and Flatten + Dense.  The
+    on their output, the input as users give it (channels first; a layer reading channels
+    last gets it through a relayout), the input's gradient back in that order.  "hidden":
+    they sit between a convolution (so their input is stored channels last) and Flatten +
+    Dense with cross_entropy; for ids, between the Embedding and Flatten + Dense.  The
     parameters and running statistics are away from their first values (non_trivial)."""
     torch = torch_single_threaded()
     nn = torch.nn

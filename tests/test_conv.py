@@ -30,7 +30,7 @@ def conv(dims, c_in, c_out, kernel, spatial, **options):
 CASES = {
     # Conv2d on (C, H, W): odd sizes everywhere
     "2d-k3": conv(2, 3, 4, 3, (7, 6)),
-    "2d-k1": conv(2, 3, 5, 1, (5, 4)),             # after a conv: the input is its own im2col
+    "2d-k1": conv(2, 3, 5, 1, (5, 4)),             # the input is its own column matrix
     "2d-k1-stride2": conv(2, 3, 2, 1, (5, 4), stride=2),
     "2d-k2-stride2-odd": conv(2, 2, 3, 2, (7, 7), stride=2),
     "2d-k5-pad2": conv(2, 1, 3, 5, (9, 9), padding=2),
@@ -106,7 +106,7 @@ def test_a_batch_of_several_chunks_matches_torch(groups, rng):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_bit_identical_for_any_thread_count(dtype, rng):
     """Every path of the kernel: im2col with groups, stride and dilation over a batch of
-    several chunks, and the direct 1x1 product on a channels-last input."""
+    several chunks, and the direct 1x1 product (its input is its column matrix)."""
     itemsize = np.dtype(dtype).itemsize
     x, y = images(rng, 64, (4, 32, 31), 3)
 
@@ -129,28 +129,6 @@ def test_bit_identical_for_any_thread_count(dtype, rng):
     for n in (2, 7, 64):
         for name, a, b in zip(("params", "grads", "output", "input_grad"), reference, run(n)):
             np.testing.assert_array_equal(b, a, err_msg=f"{name}, {n} threads")
-
-
-def test_a_direct_1x1_convolution_equals_the_im2col_path(rng):
-    """A 1x1 convolution after a convolution reads its input as the column matrix; the
-    same layer given the image stored channels first goes through im2col.  Both are the
-    same products summed in the same order: equal to the last bit."""
-    x, y = images(rng, 6, (3, 5, 7), 4)
-    direct = bp.Network([bp.Conv2d(3, 3, 1, bias=False), bp.Conv2d(3, 4, 1)],
-                        loss="mse", dtype="float64", seed=0, input_shape=(3, 5, 7))
-    direct.layers[0].weight[...] = np.eye(3).reshape(3, 3, 1, 1)     # the identity
-    plain = bp.Network([bp.Conv2d(3, 4, 1)], loss="mse", dtype="float64", seed=0,
-                       input_shape=(3, 5, 7))
-    plain.layers[0].weight[...] = direct.layers[1].weight
-    plain.layers[0].bias[...] = rng.normal(size=4)
-    direct.layers[1].bias[...] = plain.layers[0].bias
-    target = rng.normal(size=(6, 4, 5, 7))
-    np.testing.assert_array_equal(direct.forward(x), plain.forward(x))
-    for net in (direct, plain):
-        net.forward(x)
-        net.backward(target)
-    np.testing.assert_array_equal(direct.layers[1].weight_grad, plain.layers[0].weight_grad)
-    np.testing.assert_array_equal(direct.input_grad, plain.input_grad)
 
 
 def test_a_hand_worked_convolution():

@@ -155,8 +155,8 @@ def test_flatten_keeps_pytorchs_order_after_a_convolution(rng):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_pooling_is_bit_identical_for_any_thread_count(dtype, rng):
-    """Overlapping windows (whose gradients add into the same input value), on inputs
-    stored channels first (the network's input) and channels last (after a conv)."""
+    """Overlapping windows (whose gradients add into the same input value), on the
+    network's input (through a relayout) and after a convolution."""
     x, y = images(rng, 64, (8, 17, 15), 4)
 
     def run(n_threads):
