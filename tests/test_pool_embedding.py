@@ -86,7 +86,8 @@ CASES = {
 
 FD_EVERYWHERE = ["max2d-k3-s2-p1", "max1d-dilation2", "avg2d-rect-exclude-pad",
                  "avg1d-k3-s2-p1", "adaptive-avg", "global-avg-1d", "flatten-2d",
-                 "embedding-padding-first", "embedding-dense-layernorm"]
+                 "global-avg-2d", "embedding", "embedding-padding-first",
+                 "embedding-dense-layernorm"]
 
 (test_matches_torch, test_adam_steps_match_torch, test_finite_differences_as_the_output_layer,
  test_finite_differences) = case_tests(CASES, FD_EVERYWHERE)
