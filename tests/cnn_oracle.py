@@ -26,16 +26,6 @@ RTOL = 1e-9
 ATOL = 1e-12
 
 
-def torch_single_threaded():
-    """torch, computing on one thread: its OpenMP team and backprop's (two runtimes in one
-    process) would otherwise spin against each other on a small machine, slowing both by
-    an order of magnitude; the references' values do not depend on it."""
-    import torch
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-    return torch
-
-
 def assert_close(actual, expected, what, rtol=RTOL, atol=ATOL):
     """Element by element (never a norm), shapes included."""
     actual, expected = np.asarray(actual), np.asarray(expected)
@@ -47,7 +37,7 @@ def assert_close(actual, expected, what, rtol=RTOL, atol=ATOL):
 
 def torch_modules():
     """The torch classes the twins are built of (torch imported only when needed)."""
-    torch = torch_single_threaded()
+    import torch
 
     class Sum(torch.nn.Sequential):
         """x + f(x): backprop's Residual, written here independently of interop."""
@@ -89,7 +79,7 @@ def torch_modules():
 def torch_activation(name):
     """PyTorch's module for backprop's activation `name` (PyTorch's defaults are backprop's
     definitions), or None for the identity."""
-    torch = torch_single_threaded()
+    import torch
     nn = torch.nn
     return {"identity": lambda: None, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
             "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus,
@@ -118,7 +108,7 @@ def dropout(net, layer):
 def to_twin(net):
     """The twin of `net` from ``interop.to_torch`` (its Dropout modules replaced by the
     network's masks, the final softmax or sigmoid dropped when the loss takes logits)."""
-    torch = torch_single_threaded()
+    import torch
     from backprop.interop import to_torch
     model = to_torch(net)
     dropouts = iter(layer for layer in flatten(net.layers) if isinstance(layer, bp.Dropout))
@@ -141,7 +131,7 @@ def attach(net, model):
     """Copy the network's parameters and running statistics into `model` (listed in the
     same order, shapes checked) and record the pairs: ``model.pairs`` and
     ``model.buffer_pairs`` are [(name, backprop array's owner, attribute, tensor)]."""
-    torch = torch_single_threaded()
+    import torch
     params = list(model.parameters())
     assert len(params) == len(net._plan.params), "the twin's parameters do not pair up"
     model.pairs = []
@@ -168,7 +158,7 @@ def compare_pass(net, model, x, y):
     """One forward and backward of `net` and its twin on (x, y) in the network's mode:
     the outputs, the loss, every parameter's gradient, the input's gradient (unless the
     input is ids) and the running statistics, element by element."""
-    torch = torch_single_threaded()
+    import torch
     model.train(net.training)
     ids = net._plan.geometry[0].ids
     xt = torch.tensor(x) if ids else torch.tensor(x, dtype=torch.float64, requires_grad=True)
@@ -205,7 +195,7 @@ def compare_training(net, model, batches):
     """Train-mode steps of `net` (train_step, its own optimizer) and of its twin (the
     same torch.optim rule) on `batches` [(x, y)]: the losses, then the weights and running
     statistics, then the eval-mode outputs on the first batch."""
-    torch = torch_single_threaded()
+    import torch
     net.train()
     model.train()
     optimizer = torch_optimizer(net, model)
@@ -254,7 +244,7 @@ def case_network(case, context, seed=0, optimizer=None, classes=3):
     they sit between a convolution (so their input is stored channels last) and Flatten +
     Dense with cross_entropy; for ids, between the Embedding and Flatten + Dense.  The
     parameters and running statistics are away from their first values (non_trivial)."""
-    torch = torch_single_threaded()
+    import torch
     nn = torch.nn
     layers, shape = case.layers(), case.shape
     before, after, torch_before, torch_after = [], [], [], []

@@ -17,6 +17,8 @@ from cnn_oracle import (assert_close, assert_unchanged, compare_pass, compare_tr
                         to_twin)
 from conftest import threads
 
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
+
 NETWORKS = {
     "lenet": (lenet, (1, 28, 28), 10),
     "lenet-dropout": (lambda **kw: lenet(dropout=0.3, **kw), (1, 28, 28), 10),

@@ -10,6 +10,8 @@ from conftest import threads
 
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
+
 
 def conv(dims, c_in, c_out, kernel, spatial, **options):
     """A Case of one convolution; its torch twin is torch.nn.Conv{dims}d with the same

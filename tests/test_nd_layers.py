@@ -9,6 +9,7 @@ from cnn_oracle import Case, case_tests, dropout, torch_activation, torch_module
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
 F64 = dict(dtype=torch.float64)
 Sum = torch_modules()[0]
 

@@ -11,6 +11,8 @@ from conftest import threads
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
+
 
 def same(name, channels, spatial, *args, **options):
     """A Case of one layer that torch.nn has under the same name and arguments."""
