@@ -249,12 +249,24 @@ cdef struct ConvScratch:
     void* col             # the column matrix of one chunk
 
 
-cdef inline Py_ssize_t _gemm_need(const ConvShape* s, Py_ssize_t batch, int nt,
-                                  Py_ssize_t itemsize) noexcept nogil:
-    cdef Py_ssize_t rows = min(batch, s.chunk) * s.ho * s.wo
+cdef inline Py_ssize_t _chunk_need(const ConvShape* s, Py_ssize_t samples, int nt,
+                                   Py_ssize_t itemsize) noexcept nogil:
+    cdef Py_ssize_t rows = samples * s.ho * s.wo
+    if samples <= 0:
+        return 0
     return max(gemm_scratch_bytes(rows, s.cog, s.k, nt, itemsize),
                gemm_scratch_bytes(s.cog, s.k, rows, nt, itemsize),
                gemm_scratch_bytes(rows, s.k, s.cog, nt, itemsize))
+
+
+cdef inline Py_ssize_t _gemm_need(const ConvShape* s, Py_ssize_t batch, int nt,
+                                  Py_ssize_t itemsize) noexcept nogil:
+    """The products' packing scratch for every chunk of the batch: the full chunks and
+    the last, shorter one, which may need more (dW's product sums over the chunk's rows,
+    and fewer rows can mean a longer k block: 4 x 256 rows is one block of 1024, 14 x 256
+    four of 896)."""
+    return max(_chunk_need(s, min(batch, s.chunk), nt, itemsize),
+               _chunk_need(s, batch % s.chunk, nt, itemsize))
 
 
 cdef inline Py_ssize_t _weights_bytes(const ConvShape* s, Py_ssize_t itemsize) noexcept nogil:
