@@ -14,8 +14,9 @@ float32, plain SGD.  Before timing, each framework's first three losses must agr
 the NumPy reference's (so the networks really are the same), and after timing each loss
 must have fallen.  Rounds are interleaved: each round times a block of steps of every
 framework in turn (a different one first each round), and the table gives the median over
-rounds, so a noisy neighbour hurts all alike.  Before each block the script sleeps PAUSE seconds: OpenBLAS and OpenMP workers
-spin for a while after a call and would steal the cores of whoever runs next.
+rounds, so a noisy neighbour hurts all alike.  Before each block the script sleeps PAUSE
+seconds: OpenBLAS and OpenMP workers spin for a while after a call and would steal the
+cores of whoever runs next.
 
 Peers, each only if installed: a hand-written NumPy step (numpy_reference.py; convolutions
 by im2col and one product), JAX on the CPU (a jit-compiled step, parameters donated;
@@ -31,8 +32,9 @@ NumPy uses.
 
 GFLOP/s counts the products of the step only (configs.Config.gemm_flops: 2*B*in*out per
 Dense and 2*B*Ho*Wo*Cout*Cin*k*k per Conv2d forward, twice that backward, without dX of
-the first layer) over the median step time.  The peak is numpy.matmul on 2048^3 float32 with the same threads, timed once
-in every round beside the steps, so each row is measured against the peak of its moment.
+the first layer) over the median step time.  The peak is numpy.matmul on 2048^3 float32
+with the same threads, timed once in every round beside the steps, so each row is
+measured against the peak of its moment.
 """
 import os
 import sys

@@ -1,20 +1,20 @@
 """The networks every benchmark trains, described once, framework-neutrally.
 
 A config is a tuple of layer specs (the dataclasses below) plus the batch size, the loss,
-the SGD learning rate and the shape of one input sample ((features,), or (C, H, W) for a
-convolutional network, whose batches are NCHW float32 as PyTorch's).  `networks.py` turns a config into a backprop network, a
-PyTorch module, a JAX train step and a NumPy reference, so every framework trains exactly
-the same network.  The last layer is a `Dense` whose activation pairs with the loss:
-"softmax" with "cross_entropy" (the peers that fuse softmax into the loss drop it there),
-"sigmoid" with "mse".
+the SGD learning rate and the shape of one input sample: (features,), or (C, H, W) for a
+convolutional network, whose batches are NCHW float32 as PyTorch's.  `networks.py` turns a
+config into a backprop network, a PyTorch module, a JAX train step and a NumPy reference,
+so every framework trains exactly the same network.  The last layer is a `Dense` whose
+activation pairs with the loss: "softmax" with "cross_entropy" (the peers that fuse
+softmax into the loss drop it there), "sigmoid" with "mse".
 """
 from dataclasses import dataclass
 import math
 
 
-# Each spec but Residual says which sample shape it gives for which it takes
+# Each spec but Residual maps the shape of the samples it takes to the shape it gives
 # (`output_shape`), so a config is checked when it is declared and its flops are counted
-# from the shapes (the layers of a Residual keep the shape).
+# from the shapes (a Residual's layers must give back the shape they take).
 
 @dataclass(frozen=True)
 class Dense:
@@ -26,6 +26,10 @@ class Dense:
     def output_shape(self, shape):
         _expect(self, shape, (self.in_features,))
         return (self.out_features,)
+
+    @property
+    def weight_shape(self):
+        return (self.out_features, self.in_features)
 
     def products(self, shape):
         """Multiplications of one sample's forward product."""
@@ -49,6 +53,10 @@ class Conv2d:
             raise ValueError(f"{self} takes ({self.in_channels}, H, W) samples, not {shape}")
         return (self.out_channels,) + tuple(
             _windows(n, self.kernel_size, self.stride, self.padding, self) for n in shape[1:])
+
+    @property
+    def weight_shape(self):
+        return (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
 
     def products(self, shape):
         """Multiplications of one sample's forward product: each output value is the dot
@@ -120,7 +128,8 @@ def _windows(size, kernel, stride, padding, spec):
     """Windows along one dimension: PyTorch's floor((n + 2p - k) / s) + 1."""
     n = (size + 2 * padding - kernel) // stride + 1
     if n < 1:
-        raise ValueError(f"{spec}: kernel {kernel} larger than its padded input {size + 2 * padding}")
+        raise ValueError(f"{spec}: kernel {kernel} larger than its padded input "
+                         f"{size + 2 * padding}")
     return n
 
 

@@ -34,10 +34,7 @@ def initial_weights(config, seed=0):
     rng = np.random.default_rng(seed)
     weights = []
     for spec in config.weighted_layers():
-        if isinstance(spec, Dense):
-            shape = (spec.out_features, spec.in_features)
-        else:
-            shape = (spec.out_channels, spec.in_channels, spec.kernel_size, spec.kernel_size)
+        shape = spec.weight_shape
         gain = 2.0 if spec.activation == "relu" else 1.0
         w = rng.normal(size=shape) * np.sqrt(gain / np.prod(shape[1:]))
         b = rng.uniform(-0.1, 0.1, shape[0])
@@ -102,11 +99,13 @@ def _bp_layer(bp, spec):
 
 
 def _bp_weighted_layers(bp, layers):
-    """The Dense and Conv2d layers in forward order, as configs.Config.weighted_layers."""
+    """The Dense and Conv2d layers in forward order, as configs.Config.weighted_layers (a
+    backprop from before issue 16 has no Conv2d)."""
+    weighted = tuple(getattr(bp, name) for name in ("Dense", "Conv2d") if hasattr(bp, name))
     for layer in layers:
-        if isinstance(layer, (bp.Dense, bp.Conv2d)):
+        if isinstance(layer, weighted):
             yield layer
-        elif isinstance(layer, bp.Residual):
+        elif hasattr(layer, "layers"):            # a Residual block
             yield from _bp_weighted_layers(bp, layer.layers)
 
 
