@@ -146,6 +146,21 @@ def test_backprop_builds_the_declared_network(name):
     np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["digits", "mnist-sample", "mnist-sample-cnn"])
+def test_time_to_accuracy_feeds_each_recipe_its_shape(name):
+    """The shipped data sets, shaped for the recipe, go through its network (the
+    Fashion-MNIST recipes differ only in their data, which may not be installed)."""
+    from configs import RECIPES
+    from networks import backprop_network
+    from time_to_accuracy import load, shaped
+    recipe = RECIPES[name]
+    (X_train, y_train), (X_test, _) = shaped(load(recipe.dataset), recipe.config)
+    assert X_train.shape[1:] == X_test.shape[1:] == recipe.config.input_shape
+    net = backprop_network(recipe.config)
+    assert net.forward(X_test[:3]).shape == (3, 10)
+    assert set(np.unique(y_train)) == set(range(10))
+
+
 def test_residual_blocks_count_their_dense_layers():
     # resnet: 784-256, two blocks of two 256-256, 256-10, batch 128.
     first, square, last = 2 * 128 * 784 * 256, 2 * 128 * 256 * 256, 2 * 128 * 256 * 10
