@@ -5,6 +5,7 @@ numpy.matmul.
     python benchmarks/compare.py                   # every config but huge, 2 threads
     python benchmarks/compare.py --quick           # a short run (about a minute)
     python benchmarks/compare.py --configs huge --rounds 3 --no-matmul
+    python benchmarks/compare.py --configs lenet,cnn-wide --no-matmul   # the convolutions
     python benchmarks/compare.py --avx2-only       # every library capped at AVX2+FMA
 
 Method.  Every framework trains the same network (configs.py, built for each framework in
@@ -13,22 +14,27 @@ float32, plain SGD.  Before timing, each framework's first three losses must agr
 the NumPy reference's (so the networks really are the same), and after timing each loss
 must have fallen.  Rounds are interleaved: each round times a block of steps of every
 framework in turn (a different one first each round), and the table gives the median over
-rounds, so a noisy neighbour hurts all alike.  Before each block the script sleeps PAUSE seconds: OpenBLAS and OpenMP workers
-spin for a while after a call and would steal the cores of whoever runs next.
+rounds, so a noisy neighbour hurts all alike.  Before each block the script sleeps PAUSE
+seconds: OpenBLAS and OpenMP workers spin for a while after a call and would steal the
+cores of whoever runs next.
 
-Peers, each only if installed: a hand-written NumPy step (numpy_reference.py), JAX on the
-CPU (a jit-compiled step, parameters donated), PyTorch eager (torch==2.13.0, the CPU build;
-fused SGD, which torch's docs rank fastest, or --torch-optim), scikit-learn's MLP
-partial_fit (plain MLP configs only, its own initial weights).  Each gets the thread count
+Peers, each only if installed: a hand-written NumPy step (numpy_reference.py; convolutions
+by im2col and one product), JAX on the CPU (a jit-compiled step, parameters donated;
+lax.conv_general_dilated on NCHW), PyTorch eager (torch==2.13.0, the CPU build; NCHW
+tensors as users write them, whose convolutions go to oneDNN when torch.backends.mkldnn is
+enabled: the output says whether it is and which kernel ran; fused SGD, which torch's docs
+rank fastest, or --torch-optim), scikit-learn's MLP partial_fit (plain MLP configs only,
+its own initial weights; it has no convolution).  Each gets the thread count
 of --threads, and the output says how.  OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE, set on this project's machines, would slow NumPy down: the script
 re-executes itself without them before NumPy is loaded, and prints which OpenBLAS kernel
 NumPy uses.
 
-GFLOP/s counts the matrix products of the step only (configs.Config.gemm_flops: 2*B*in*out
-per Dense forward, twice that backward, without dX of the first layer) over the median
-step time.  The peak is numpy.matmul on 2048^3 float32 with the same threads, timed once
-in every round beside the steps, so each row is measured against the peak of its moment.
+GFLOP/s counts the products of the step only (configs.Config.gemm_flops: 2*B*in*out per
+Dense and 2*B*Ho*Wo*Cout*Cin*k*k per Conv2d forward, twice that backward, without dX of
+the first layer) over the median step time.  The peak is numpy.matmul on 2048^3 float32
+with the same threads, timed once in every round beside the steps, so each row is
+measured against the peak of its moment.
 """
 import os
 import sys
@@ -49,7 +55,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import backprop as bp  # noqa: E402
-from configs import CONFIGS, MATMUL_SHAPES, TARGET_US  # noqa: E402
+from configs import CONFIGS, MATMUL_SHAPES, TARGET_US, Conv2d  # noqa: E402
 from networks import STEPS, TORCH_IMPLEMENTATIONS, Unsupported, initial_weights  # noqa: E402
 
 PAUSE = 0.25          # seconds before each timed block, so the previous library's spinners stop
@@ -236,7 +242,35 @@ def versions(peers):
     for p in peers:
         if p != "numpy":
             parts.append(f"{p} {sys.modules[p].__version__}")
+        if p == "torch":
+            mkldnn = sys.modules["torch"].backends.mkldnn
+            parts[-1] += (f" (torch.backends.mkldnn, oneDNN: available {mkldnn.is_available()}, "
+                          f"enabled {mkldnn.enabled})")
     return "Versions: " + ", ".join(parts)
+
+
+# What torch's profiler calls the routing steps of a convolution, not the kernel it chose.
+TORCH_CONV_DISPATCH = {"aten::conv1d", "aten::conv2d", "aten::convolution",
+                       "aten::_convolution", "aten::convolution_backward"}
+
+
+def torch_conv_kernels(step):
+    """The aten convolution ops (e.g. aten::mkldnn_convolution: oneDNN) that one step ran,
+    from torch's profiler.  Its tracer (Kineto) logs its start and stop on stderr: stderr
+    is closed for that one step."""
+    import torch
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            with torch.autograd.profiler.profile() as prof:
+                step()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return sorted({e.name for e in prof.function_events if e.name.startswith("aten::")
+                   and "conv" in e.name and e.name not in TORCH_CONV_DISPATCH})
 
 
 def main(argv=None):
@@ -286,8 +320,9 @@ def main(argv=None):
               "in each round beside the steps; the row's median is its 'sgemm peak' column"),
              (f"Median of {rounds} interleaved rounds; µs per step; ratio = peer time ÷ backprop "
               "time (> 1: backprop is faster); GFLOP/s = GEMM flops of the step ÷ step time "
-              "(forward 2·B·in·out per Dense, backward twice that, no dX for the first layer; "
-              "element-wise work not counted); % of peak = backprop GFLOP/s ÷ sgemm peak."),
+              "(forward 2·B·in·out per Dense, 2·B·Ho·Wo·Cout·Cin·k·k per Conv2d, backward "
+              "twice that, no dX for the first layer; element-wise work, pooling included, "
+              "not counted); % of peak = backprop GFLOP/s ÷ sgemm peak."),
              "", *table_head(peers)]
     missing = [p for p in wanted if p not in peers]
     if missing:
@@ -300,6 +335,11 @@ def main(argv=None):
             steps, skipped = build(config, ["backprop", *peers], args.torch_optim)
             notes += [f"{name}: {fw} not timed: {why}" for fw, why in skipped.items()]
             us, row_peak, busy = time_config(config, steps, rounds, block, peak)
+            if "torch" in steps and any(isinstance(spec, Conv2d) for spec, _ in config.traced()):
+                kernels = [f"{op} (oneDNN)" if op == "aten::mkldnn_convolution" else op
+                           for op in torch_conv_kernels(steps["torch"])]
+                notes.append(f"{name}: PyTorch's convolutions ran as "
+                             f"{', '.join(kernels) or 'no aten convolution op'}")
             row = table_row(config, us, peers, row_peak)
             cores.append(f"{name}: " + ", ".join(f"{fw} {b:.2f}" for fw, b in busy.items()))
             lines.append(row)

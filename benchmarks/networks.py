@@ -9,9 +9,12 @@ for step: `compare.py` checks it before timing.
 
 A framework that cannot express a config raises `Unsupported` with the reason.
 """
+from functools import partial
+
 import numpy as np
 
-from configs import EPS, MOMENTUM, Activation, BatchNorm, Dense, Residual
+from configs import (EPS, MOMENTUM, WEIGHTED, Activation, BatchNorm, Conv2d, Dense, Flatten,
+                     MaxPool2d, Residual)
 from numpy_reference import NumpyNetwork
 
 
@@ -20,27 +23,30 @@ class Unsupported(Exception):
 
 
 def initial_weights(config, seed=0):
-    """(W, b) for every Dense layer in forward order, W of shape (out, in), float32.
+    """(W, b) for every Dense and Conv2d layer in forward order, float32: W of shape
+    (out, in) for a Dense, (out_channels, in_channels, k, k) for a Conv2d (PyTorch's).
 
-    W ~ N(0, gain/in): gain 2 before a fused relu (He et al., 2015), else 1 (LeCun), which
-    keeps the residual configs' logits moderate; b ~ U(-0.1, 0.1), so that the bias
-    gradients take part in the peers' agreement check.
+    W ~ N(0, gain/fan_in), fan_in = in (Dense) or in_channels*k*k (Conv2d): gain 2 before a
+    fused relu (He et al., 2015), else 1 (LeCun), which keeps the residual configs' logits
+    moderate; b ~ U(-0.1, 0.1), so that the bias gradients take part in the peers'
+    agreement check.
     """
     rng = np.random.default_rng(seed)
     weights = []
-    for d in config.dense_layers():
-        gain = 2.0 if d.activation == "relu" else 1.0
-        w = rng.normal(size=(d.out_features, d.in_features)) * np.sqrt(gain / d.in_features)
-        b = rng.uniform(-0.1, 0.1, d.out_features)
+    for spec in config.weighted_layers():
+        shape = spec.weight_shape
+        gain = 2.0 if spec.activation == "relu" else 1.0
+        w = rng.normal(size=shape) * np.sqrt(gain / np.prod(shape[1:]))
+        b = rng.uniform(-0.1, 0.1, shape[0])
         weights.append((w.astype(np.float32), b.astype(np.float32)))
     return weights
 
 
 def batch_for(config, seed=0):
-    """One fixed batch: x ~ N(0, 1) float32 (batch, in); y class indices (int64) for a
-    classifier, else 0/1 targets float32 (batch, out)."""
+    """One fixed batch: x ~ N(0, 1) float32 (batch, *input_shape), NCHW for images; y class
+    indices (int64) for a classifier, else 0/1 targets float32 (batch, out)."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(config.batch, config.n_inputs)).astype(np.float32)
+    x = rng.normal(size=(config.batch, *config.input_shape)).astype(np.float32)
     if config.classifier:
         return x, rng.integers(0, config.n_outputs, config.batch)
     return x, (rng.random((config.batch, config.n_outputs)) > 0.5).astype(np.float32)
@@ -58,33 +64,49 @@ def backprop_network(config, weights=None, optimizer=None, seed=0):
     import backprop as bp
     layers = [_bp_layer(bp, spec) for spec in config.layers]
     net = bp.Network(layers, loss=config.loss, optimizer=optimizer or bp.SGD(lr=config.lr),
-                     dtype="float32", seed=seed)
+                     dtype="float32", seed=seed, input_shape=config.input_shape)
     if weights is not None:
-        for layer, (w, b) in zip(_bp_dense_layers(bp, net.layers), weights, strict=True):
+        for layer, (w, b) in zip(_bp_weighted_layers(bp, net.layers), weights, strict=True):
             layer.weight[...] = w
             layer.bias[...] = b
     return net
 
 
+# The bp class of each spec, and the issue that brought it (for the message when missing).
+_BP_NEEDS = {BatchNorm: ("BatchNorm", 8), Activation: ("Activation", 8), Residual: ("Residual", 8),
+             Conv2d: ("Conv2d", 16), MaxPool2d: ("MaxPool2d", 16), Flatten: ("Flatten", 16)}
+
+
 def _bp_layer(bp, spec):
-    needs = {BatchNorm: "BatchNorm", Activation: "Activation", Residual: "Residual"}
-    if type(spec) in needs and not hasattr(bp, needs[type(spec)]):
-        raise Unsupported(f"backprop has no bp.{needs[type(spec)]} yet (issue 8)")
+    if type(spec) in _BP_NEEDS and not hasattr(bp, _BP_NEEDS[type(spec)][0]):
+        raise Unsupported("backprop has no bp.{} yet (issue {})".format(*_BP_NEEDS[type(spec)]))
     if isinstance(spec, Dense):
         return bp.Dense(spec.in_features, spec.out_features, spec.activation)
+    if isinstance(spec, Conv2d):
+        return bp.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size,
+                         stride=spec.stride, padding=spec.padding, activation=spec.activation)
+    if isinstance(spec, MaxPool2d):
+        return bp.MaxPool2d(spec.kernel_size, stride=spec.step)
+    if isinstance(spec, Flatten):
+        return bp.Flatten()
     if isinstance(spec, BatchNorm):
         return bp.BatchNorm(spec.num_features, eps=EPS, momentum=MOMENTUM)
     if isinstance(spec, Activation):
         return bp.Activation(spec.name)
-    return bp.Residual(*(_bp_layer(bp, inner) for inner in spec.layers))
+    if isinstance(spec, Residual):
+        return bp.Residual(*(_bp_layer(bp, inner) for inner in spec.layers))
+    raise TypeError(f"no backprop layer mapped for spec {spec!r}")
 
 
-def _bp_dense_layers(bp, layers):
+def _bp_weighted_layers(bp, layers):
+    """The Dense and Conv2d layers in forward order, as configs.Config.weighted_layers (a
+    backprop from before issue 16 has no Conv2d)."""
+    weighted = tuple(getattr(bp, name) for name in ("Dense", "Conv2d") if hasattr(bp, name))
     for layer in layers:
-        if isinstance(layer, bp.Dense):
+        if isinstance(layer, weighted):
             yield layer
         elif hasattr(layer, "layers"):            # a Residual block
-            yield from _bp_dense_layers(bp, layer.layers)
+            yield from _bp_weighted_layers(bp, layer.layers)
 
 
 def backprop_step(config, weights):
@@ -96,7 +118,10 @@ def backprop_step(config, weights):
 # -------------------------------------------------------------------------------- NumPy
 
 def numpy_step(config, weights):
-    net = NumpyNetwork(config, weights)
+    try:
+        net = NumpyNetwork(config, weights)
+    except NotImplementedError as e:
+        raise Unsupported(str(e)) from None
     x, y = batch_for(config)
     return lambda: net.train_step(x, y)
 
@@ -114,23 +139,33 @@ def torch_model(config, weights=None):
 def _torch_modules(torch, config, specs, weights, top):
     nn, modules = torch.nn, []
     for i, spec in enumerate(specs):
-        if isinstance(spec, Dense):
-            linear = nn.Linear(spec.in_features, spec.out_features)
+        if isinstance(spec, WEIGHTED):
+            if isinstance(spec, Dense):
+                module = nn.Linear(spec.in_features, spec.out_features)
+            else:
+                module = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size,
+                                   stride=spec.stride, padding=spec.padding)
             if weights is not None:
                 w, b = next(weights)
                 with torch.no_grad():
-                    linear.weight.copy_(torch.from_numpy(w))
-                    linear.bias.copy_(torch.from_numpy(b))
-            modules.append(linear)
+                    module.weight.copy_(torch.from_numpy(w))
+                    module.bias.copy_(torch.from_numpy(b))
+            modules.append(module)
             if not _output_fused(config, spec, top and i == len(specs) - 1):
                 modules += _torch_activation(nn, spec.activation)
+        elif isinstance(spec, MaxPool2d):
+            modules.append(nn.MaxPool2d(spec.kernel_size, stride=spec.step))
+        elif isinstance(spec, Flatten):
+            modules.append(nn.Flatten())
         elif isinstance(spec, BatchNorm):
             modules.append(nn.BatchNorm1d(spec.num_features, eps=EPS, momentum=MOMENTUM))
         elif isinstance(spec, Activation):
             modules += _torch_activation(nn, spec.name)
-        else:
+        elif isinstance(spec, Residual):
             body = _torch_modules(torch, config, spec.layers, weights, top=False)
             modules.append(_torch_residual(torch)(nn.Sequential(*body)))
+        else:
+            raise TypeError(f"no torch module mapped for spec {spec!r}")
     return modules
 
 
@@ -232,10 +267,15 @@ def _jax_apply(jnp, config, specs, weights, params, stats, top):
     of their parameters to `params` and of their running statistics to `stats`."""
     fns = []
     for i, spec in enumerate(specs):
-        if isinstance(spec, Dense):
+        if isinstance(spec, WEIGHTED):
             fused = _output_fused(config, spec, top and i == len(specs) - 1)
-            fns.append(_jax_dense(jnp, len(params), "identity" if fused else spec.activation))
+            make = _jax_dense if isinstance(spec, Dense) else partial(_jax_conv2d, spec=spec)
+            fns.append(make(jnp, len(params), "identity" if fused else spec.activation))
             params.extend(next(weights))
+        elif isinstance(spec, MaxPool2d):
+            fns.append(_jax_max_pool2d(spec))
+        elif isinstance(spec, Flatten):
+            fns.append(lambda p, s, ns, x: x.reshape(x.shape[0], -1))
         elif isinstance(spec, BatchNorm):
             fns.append(_jax_batchnorm(jnp, len(params), len(stats)))
             n = spec.num_features
@@ -245,9 +285,11 @@ def _jax_apply(jnp, config, specs, weights, params, stats, top):
         elif isinstance(spec, Activation):
             act = _jax_activation(jnp, spec.name)
             fns.append(lambda p, s, ns, x, act=act: act(x))
-        else:
+        elif isinstance(spec, Residual):
             body = _jax_apply(jnp, config, spec.layers, weights, params, stats, top=False)
             fns.append(lambda p, s, ns, x, body=body: x + body(p, s, ns, x))
+        else:
+            raise TypeError(f"no JAX function mapped for spec {spec!r}")
 
     def apply(p, s, ns, x):
         for fn in fns:
@@ -270,6 +312,27 @@ def _jax_dense(jnp, k, activation):
     return lambda p, s, ns, x: act(x @ p[k].T + p[k + 1])
 
 
+def _jax_conv2d(jnp, k, activation, spec):
+    """lax.conv_general_dilated in PyTorch's layouts: NCHW input, OIHW weight, NCHW output."""
+    from jax import lax
+    act = _jax_activation(jnp, activation)
+    stride, pad = (spec.stride,) * 2, [(spec.padding, spec.padding)] * 2
+
+    def conv(p, s, ns, x):
+        y = lax.conv_general_dilated(x, p[k], stride, pad,
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return act(y + p[k + 1][None, :, None, None])
+    return conv
+
+
+def _jax_max_pool2d(spec):
+    """lax.reduce_window with max over each channel's window (no padding)."""
+    from jax import lax
+    window, strides = (1, 1, spec.kernel_size, spec.kernel_size), (1, 1, spec.step, spec.step)
+    return lambda p, s, ns, x: lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, window,
+                                                   strides, "VALID")
+
+
 def _jax_batchnorm(jnp, k, j):
     def batchnorm(p, s, ns, x):
         rows = x.shape[0]
@@ -289,7 +352,8 @@ def sklearn_step(config, weights=None):
     others before its first step).  MLPRegressor's output is linear, not sigmoid."""
     shape = config.mlp_sizes()
     if shape is None:
-        raise Unsupported("scikit-learn's MLP has no batch norm, residual or per-layer activations")
+        raise Unsupported("scikit-learn's MLP has no convolution, pooling, batch norm, residual "
+                          "or per-layer activations")
     sizes, hidden = shape
     kinds = {"relu": "relu", "sigmoid": "logistic", "tanh": "tanh", "identity": "identity"}
     if hidden not in kinds:

@@ -5,10 +5,18 @@ batch size, and every product writes into its buffer with ``out=``; softmax and
 cross-entropy are fused the usual way (dZ = (p - onehot) / B); no gradient is computed for
 the network's input.  Each layer has ``forward(x) -> y`` and ``backward(dy) -> dx`` (dx is
 None for the first layer) and lists its (parameter, gradient) pairs for the SGD update.
+
+Images (NCHW batches, as the other frameworks take them) are handled channels-last inside,
+(B, H, W, C): a convolution done as one product (im2col) then gives its output in that
+layout directly, with no transpose per layer.  The input is read through a transposed
+view, and Flatten writes PyTorch's channel-by-channel order, so the weights and the
+parameters' layouts are PyTorch's everywhere.
 """
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
-from configs import EPS, MOMENTUM, Activation, BatchNorm, Dense, Residual
+from configs import (EPS, MOMENTUM, Activation, BatchNorm, Conv2d, Dense, Flatten, MaxPool2d,
+                     Residual)
 
 
 def _activate(name, z, out):
@@ -52,13 +60,13 @@ class DenseLayer:
     """y = activation(x @ W.T + b); "softmax" before a cross-entropy loss is left to the loss."""
 
     def __init__(self, spec, weight, bias, batch, needs_input_grad):
-        self.activation = spec.activation
-        self.W, self.b = weight.astype(np.float32), bias.astype(np.float32)
+        self.activation, dtype = spec.activation, weight.dtype
+        self.W, self.b = weight, bias
         self.dW, self.db = np.empty_like(self.W), np.empty_like(self.b)
-        self.out = np.empty((batch, spec.out_features), np.float32)
+        self.out = np.empty((batch, spec.out_features), dtype)
         self.dz = np.empty_like(self.out)
         self.scratch = np.empty_like(self.out)
-        self.dx = np.empty((batch, spec.in_features), np.float32) if needs_input_grad else None
+        self.dx = np.empty((batch, spec.in_features), dtype) if needs_input_grad else None
 
     def forward(self, x):
         self.x = x
@@ -82,6 +90,132 @@ class DenseLayer:
         return [(self.W, self.dW), (self.b, self.db)]
 
 
+def _windows(x, kernel, stride):
+    """The (B, Ho, Wo, C, k, k) view of every window of a channels-last x (no copy)."""
+    return sliding_window_view(x, (kernel, kernel), axis=(1, 2))[:, ::stride, ::stride]
+
+
+def _tap(a, i, j, stride, ho, wo):
+    """The (B, Ho, Wo, C) view of `a` holding tap (i, j) of every window."""
+    return a[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+
+
+class Conv2dLayer:
+    """y = activation(conv2d(x, W) + b) on channels-last images, by im2col: a Dense layer
+    over the input's windows.
+
+    Forward: the window of each output pixel (its k*k taps of every input channel, in the
+    order of W's (C, k, k)) is copied to one row of `cols`, shape (B*Ho*Wo, C*k*k); the
+    convolution is then the Dense layer activation(cols . W^T + b), W seen as
+    (Cout, C*k*k), whose (B*Ho*Wo, Cout) output is already the channels-last image.
+    Backward: the Dense layer gives dW, db and dcols = dZ . W; each row of dcols goes back
+    to the input positions it was copied from (col2im: one strided add per tap, k*k in
+    all, summing where windows overlap).
+    """
+
+    def __init__(self, spec, weight, bias, batch, shape, needs_input_grad):
+        (h, w, c), dtype = shape, weight.dtype
+        k, s, p = spec.kernel_size, spec.stride, spec.padding
+        self.k, self.s, self.p = k, s, p
+        self.ho, self.wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        self.shape = (self.ho, self.wo, spec.out_channels)
+        self.W = weight                                      # (Cout, C, k, k), PyTorch's
+        rows = Dense(c * k * k, spec.out_channels, spec.activation)
+        self.dense = DenseLayer(rows, weight.reshape(len(weight), -1), bias,
+                                batch * self.ho * self.wo, needs_input_grad)
+        # The zero-padded input: its border is written once, here, and stays zero.
+        self.padded = np.zeros((batch, h + 2 * p, w + 2 * p, c), dtype) if p else None
+        self.cols = np.empty((batch, self.ho, self.wo, c, k, k), dtype)
+        self.dx = np.empty((batch, h + 2 * p, w + 2 * p, c), dtype) if needs_input_grad else None
+
+    def forward(self, x):
+        p = self.p
+        if self.padded is not None:
+            self.padded[:, p:-p, p:-p, :] = x
+            x = self.padded
+        np.copyto(self.cols, _windows(x, self.k, self.s))
+        out = self.dense.forward(self.cols.reshape(len(self.dense.out), -1))
+        return out.reshape(-1, *self.shape)
+
+    def backward(self, dy):
+        dcols = self.dense.backward(dy.reshape(self.dense.out.shape))
+        if dcols is None:
+            return None
+        dcols = dcols.reshape(self.cols.shape)
+        self.dx.fill(0)
+        for i in range(self.k):
+            for j in range(self.k):
+                _tap(self.dx, i, j, self.s, self.ho, self.wo)[...] += dcols[..., i, j]
+        p = self.p
+        return self.dx[:, p:-p, p:-p, :] if p else self.dx
+
+    def parameters(self):
+        return [(self.W, self.dense.dW.reshape(self.W.shape)), (self.dense.b, self.dense.db)]
+
+
+class MaxPool2dLayer:
+    """torch.nn.MaxPool2d on channels-last images: each window's taps are copied side by
+    side, (B, Ho, Wo, C, k*k), and the max and its first position (argmax) kept.  Backward
+    sends each output's gradient to that position, as PyTorch does: with ties only the
+    first largest value gets it (after a relu the ties are zeros, whose gradient the relu
+    stops anyway)."""
+
+    def __init__(self, spec, batch, shape, dtype):
+        h, w, c = shape
+        self.k, self.s = spec.kernel_size, spec.step
+        self.ho, self.wo = (h - self.k) // self.s + 1, (w - self.k) // self.s + 1
+        self.shape = (self.ho, self.wo, c)
+        self.taps = np.empty((batch, self.ho, self.wo, c, self.k, self.k), dtype)
+        self.out = np.empty((batch, *self.shape), dtype)
+        self.argmax = np.empty(self.out.shape, np.intp)
+        self.hit, self.scratch = np.empty(self.out.shape, bool), np.empty_like(self.out)
+        self.dx = np.empty((batch, h, w, c), dtype)
+
+    def forward(self, x):
+        np.copyto(self.taps, _windows(x, self.k, self.s))
+        taps = self.taps.reshape(*self.out.shape, -1)
+        np.argmax(taps, axis=-1, out=self.argmax)
+        np.max(taps, axis=-1, out=self.out)
+        return self.out
+
+    def backward(self, dy):
+        self.dx.fill(0)           # input positions in no window (or no window's max) get 0
+        for i in range(self.k):
+            for j in range(self.k):
+                np.equal(self.argmax, i * self.k + j, out=self.hit)
+                np.multiply(dy, self.hit, out=self.scratch)
+                _tap(self.dx, i, j, self.s, self.ho, self.wo)[...] += self.scratch
+        return self.dx
+
+    def parameters(self):
+        return []
+
+
+class FlattenLayer:
+    """torch.nn.Flatten(): channels-last images become rows in PyTorch's (C, H, W) order."""
+
+    def __init__(self, batch, shape, dtype):
+        self.shape = shape
+        self.out = np.empty((batch, int(np.prod(shape))), dtype)
+
+    def forward(self, x):
+        if len(self.shape) == 3:
+            h, w, c = self.shape
+            np.copyto(self.out.reshape(-1, c, h, w), x.transpose(0, 3, 1, 2))
+        else:
+            np.copyto(self.out, x.reshape(self.out.shape))
+        return self.out
+
+    def backward(self, dy):
+        if len(self.shape) == 3:
+            h, w, c = self.shape
+            return dy.reshape(-1, c, h, w).transpose(0, 2, 3, 1)
+        return dy.reshape(-1, *self.shape)
+
+    def parameters(self):
+        return []
+
+
 class BatchNormLayer:
     """torch.nn.BatchNorm1d in train mode: y = gamma * xhat + beta, per feature.
 
@@ -100,15 +234,15 @@ class BatchNormLayer:
     the input gradient is  dx = gamma / (B s) * (B dy - dbeta - xhat * dgamma).
     """
 
-    def __init__(self, spec, batch):
+    def __init__(self, spec, batch, dtype):
         n = spec.num_features
-        self.gamma, self.beta = np.ones(n, np.float32), np.zeros(n, np.float32)
+        self.gamma, self.beta = np.ones(n, dtype), np.zeros(n, dtype)
         self.dgamma, self.dbeta = np.empty_like(self.gamma), np.empty_like(self.beta)
-        self.running_mean, self.running_var = np.zeros(n, np.float32), np.ones(n, np.float32)
-        self.xhat = np.empty((batch, n), np.float32)
+        self.running_mean, self.running_var = np.zeros(n, dtype), np.ones(n, dtype)
+        self.xhat = np.empty((batch, n), dtype)
         self.out = np.empty_like(self.xhat)
         self.dx = np.empty_like(self.xhat)
-        self.inv_std = np.empty(n, np.float32)
+        self.inv_std = np.empty(n, dtype)
 
     def forward(self, x):
         rows = x.shape[0]
@@ -144,9 +278,9 @@ class BatchNormLayer:
 
 
 class ActivationLayer:
-    def __init__(self, spec, batch, n):
+    def __init__(self, spec, batch, shape, dtype):
         self.name = spec.name
-        self.out = np.empty((batch, n), np.float32)
+        self.out = np.empty((batch, *shape), dtype)
         self.scratch, self.dx = np.empty_like(self.out), np.empty_like(self.out)
 
     def forward(self, x):
@@ -163,9 +297,9 @@ class ActivationLayer:
 class ResidualLayer:
     """y = x + f(x), so dL/dx = dy + f'(x)^T dy."""
 
-    def __init__(self, layers, batch, n):
+    def __init__(self, layers, batch, shape, dtype):
         self.layers = layers
-        self.out = np.empty((batch, n), np.float32)
+        self.out = np.empty((batch, *shape), dtype)
         self.dx = np.empty_like(self.out)
 
     def forward(self, x):
@@ -185,38 +319,61 @@ class ResidualLayer:
 
 
 class NumpyNetwork:
-    """The network of a benchmark config, trained by plain SGD in float32.
+    """The network of a benchmark config, trained by plain SGD in float32 (float64 for
+    the tests' comparisons with autograd: in float32, rounding can flip a relu or a max
+    pooling's choice where two values nearly tie, and so move a gradient).
 
     Parameters
     ----------
     config : configs.Config
     weights : list of (W, b)
-        Initial weights of every Dense layer in forward order, W of shape (out, in).
+        Initial weights of every Dense and Conv2d layer in forward order, W of shape
+        (out, in) or (out_channels, in_channels, k, k).
+    dtype : float32 or float64
+
+    Raises NotImplementedError for a config it cannot build (batch norm of images).
     """
 
-    def __init__(self, config, weights):
-        self.config = config
-        weights = iter(weights)
-        self.layers = self._build(config.layers, config.batch, weights, config.n_inputs, first=True)
+    def __init__(self, config, weights, dtype=np.float32):
+        self.config, self.dtype = config, np.dtype(dtype)
+        weights = iter((w.astype(dtype), b.astype(dtype)) for w, b in weights)
+        shape = tuple(config.input_shape)
+        self.images = len(shape) == 3       # NCHW batches, handled channels-last inside
+        if self.images:
+            shape = shape[1:] + shape[:1]
+        self.layers = self._build(config.layers, config.batch, weights, shape, first=True)
         if config.classifier:   # the loss below applies the softmax
             self.layers[-1].activation = "identity"
         self.pairs = [pair for layer in self.layers for pair in layer.parameters()]
-        self.probs = np.empty((config.batch, config.n_outputs), np.float32)
+        self.probs = np.empty((config.batch, config.n_outputs), self.dtype)
         self.delta = np.empty_like(self.probs)
 
-    def _build(self, specs, batch, weights, width, first):
+    def _build(self, specs, batch, weights, shape, first):
+        """The layers of `specs`, whose input samples have `shape` ((H, W, C) for images)."""
         layers = []
         for spec in specs:
             if isinstance(spec, Dense):
                 layers.append(DenseLayer(spec, *next(weights), batch, needs_input_grad=not first))
-                width = spec.out_features
+                shape = (spec.out_features,)
+            elif isinstance(spec, Conv2d):
+                layers.append(Conv2dLayer(spec, *next(weights), batch, shape,
+                                          needs_input_grad=not first))
+                shape = layers[-1].shape
+            elif isinstance(spec, MaxPool2d):
+                layers.append(MaxPool2dLayer(spec, batch, shape, self.dtype))
+                shape = layers[-1].shape
+            elif isinstance(spec, Flatten):
+                layers.append(FlattenLayer(batch, shape, self.dtype))
+                shape = layers[-1].out.shape[1:]
             elif isinstance(spec, BatchNorm):
-                layers.append(BatchNormLayer(spec, batch))
+                if len(shape) != 1:
+                    raise NotImplementedError("numpy_reference has no batch norm of images")
+                layers.append(BatchNormLayer(spec, batch, self.dtype))
             elif isinstance(spec, Activation):
-                layers.append(ActivationLayer(spec, batch, width))
+                layers.append(ActivationLayer(spec, batch, shape, self.dtype))
             elif isinstance(spec, Residual):
-                inner = self._build(spec.layers, batch, weights, width, first=False)
-                layers.append(ResidualLayer(inner, batch, width))
+                inner = self._build(spec.layers, batch, weights, shape, first=False)
+                layers.append(ResidualLayer(inner, batch, shape, self.dtype))
             else:
                 raise TypeError(f"numpy_reference: unknown layer spec {spec!r}")
             first = False
@@ -224,7 +381,7 @@ class NumpyNetwork:
 
     def compute_gradients(self, x, y):
         """Forward, loss and backward on one batch: fills every gradient, returns the loss."""
-        h = x
+        h = x.transpose(0, 2, 3, 1) if self.images else x      # NCHW -> channels-last view
         for layer in self.layers:
             h = layer.forward(h)
         loss = self._loss_and_delta(h, y)
