@@ -191,7 +191,9 @@ def check(header, read_array):
     from backprop.training import History
 
     spec = Spec(header)
-    plan = planner.plan(spec.layers, LOSSES.get(spec.loss), spec.dropout_seed, spec.input_shape)
+    with _numbers_in("network"):        # layers that do not chain, or too large to run
+        plan = planner.plan(spec.layers, LOSSES.get(spec.loss), spec.dropout_seed,
+                            spec.input_shape)
     wanted = spec.arrays((plan.n_params, plan.n_buffers))
     arrays = {name: read_array(name, shape, dtype) for name, (shape, dtype) in wanted.items()}
     for name, values in arrays.items():
