@@ -325,7 +325,7 @@ cdef class Engine:
         refused batch changes nothing."""
         cdef bint ids = self.tape.slots[0].ids
         cdef cnp.ndarray arr = self._samples(x, "x", self.input_shape, ids)
-        cdef cnp.ndarray index = None if rows is None else _row_index(rows, arr.shape[0])
+        cdef cnp.ndarray index = None if rows is None else _row_index(rows)
         cdef Py_ssize_t n = arr.shape[0] if index is None else index.shape[0]
         cdef Workspace ws = self.ws
         cdef int spare = 1 - self.active_input, labels = 0
@@ -339,8 +339,12 @@ cdef class Engine:
             raise ValueError("BatchNorm in train mode needs more than one value per channel "
                              "(the variance of one value is 0): give more than one row, or "
                              "use net.eval() to predict one row")
+        # The workspace first: a batch too large for memory (2**62 rows of a zero-stride
+        # array) is refused here at once, before anything reads its n rows.
         if ws is None or n > ws.capacity:
             ws = self._allocate(n)       # MemoryError here leaves everything as it was
+        if index is not None:
+            index = _check_rows(index, arr.shape[0])
         if ids:
             _copy_ids(arr, "x", <int64_t*>ws.inputs[spare], self.tape.slots[0].ld,
                       self.id_limit, index)
