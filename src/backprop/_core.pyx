@@ -109,7 +109,19 @@ def _gemm_config():
 
 def _gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads, dtype):
     """The packing scratch one m x n x k product of `dtype` needs on `n_threads` threads."""
+    # gemm_scratch_bytes rounds the sides up to whole tiles in C: every caller bounds them
+    # (matmul by its arrays, which NumPy keeps below 2**63 bytes; a network by the
+    # workspace it allocated), and so does this one.
+    if not (0 <= m <= MAX_OPERAND_SIDE and 0 <= n <= MAX_OPERAND_SIDE
+            and 0 <= k <= MAX_OPERAND_SIDE and 1 <= n_threads <= MAX_THREADS):
+        raise ValueError(f"m, n, k must lie in [0, {MAX_OPERAND_SIDE}] and n_threads in "
+                         f"[1, {MAX_THREADS}], got {(m, n, k, n_threads)}")
     return gemm_scratch_bytes(m, n, k, n_threads, np.dtype(dtype).itemsize)
+
+
+# The longest side a product may have: an operand of more float32 values than this would
+# hold more bytes than NumPy allows.
+MAX_OPERAND_SIDE = 1 << 61
 
 
 def openmp_enabled():

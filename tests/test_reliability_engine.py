@@ -1,0 +1,167 @@
+"""Trying to break the engine (issue 17, round three): sizes that overflow on their way
+into C, checkpoints that claim more than they bring, updates that overflow, snapshots
+taken while another thread trains, and what a user handed over being changed behind
+their back.  Each test reproduces what the earlier engine did wrong."""
+import json
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from conftest import make_net
+
+
+def snapshot(net):
+    return ([net.params.copy(), net.grads.copy(), net.buffers.copy(), net._engine.passes,
+             net.optimizer.steps] + [v.copy() for v in net.optimizer.state.values()])
+
+
+def assert_unchanged(net, before):
+    for a, b in zip(before, snapshot(net)):
+        np.testing.assert_array_equal(a, b)
+
+
+def run_python(code, timeout=120):
+    """Run `code` in a fresh interpreter (for what would hang or crash this one); its
+    stdout's last line, parsed as JSON."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def forge(path, header, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, array in {"header": np.frombuffer(json.dumps(header).encode(), np.uint8),
+                            **members}.items():
+            with z.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(array))
+
+
+# ---- 1. sizes never overflow on their way into C
+
+
+def test_huge_row_counts_are_refused_at_once_never_scanned():
+    """A zero-stride batch of 32,400,604,344,923,406 rows, and row indexes of 2**62 and
+    2**63 - 1 entries: a MemoryError before anything reads them (the earlier engine
+    scanned a 2**62-entry index for its minimum first, which never ends)."""
+    result = run_python("""
+        import json, numpy as np, backprop as bp
+        net = bp.Network([bp.Dense(64, 8, "relu"), bp.Dense(8, 3, "softmax")],
+                         loss="cross_entropy", optimizer=bp.SGD(lr=0.1), seed=0)
+        x, y = np.ones((4, 64), np.float32), np.zeros(4, np.int64)
+        net.train_step(x, y)
+        before = net.params.copy()
+        huge = np.broadcast_to(np.float32(1), (32400604344923406, 64))
+        calls = {
+            "forward": lambda: net.forward(huge),
+            "train_step": lambda: net.train_step(huge, np.broadcast_to(np.int64(0), (huge.shape[0],))),
+            "compute_gradients": lambda: net.compute_gradients(
+                huge, np.broadcast_to(np.int64(0), (huge.shape[0],))),
+            "sample_weight": lambda: net.train_step(
+                huge, np.broadcast_to(np.int64(0), (huge.shape[0],)),
+                sample_weight=np.broadcast_to(np.float32(1), (huge.shape[0],))),
+        }
+        for n in (2 ** 62, 2 ** 63 - 1):
+            index = np.broadcast_to(np.uint8(0), (n,))
+            calls[f"rows={n}"] = lambda index=index: net.train_step(x, y, rows=index)
+            calls[f"forward rows={n}"] = lambda index=index: net._engine.forward(x, rows=index)
+        calls["rows=int64"] = lambda: net.train_step(x, y, rows=np.broadcast_to(np.int64(0), (2 ** 59,)))
+        errors = {}
+        for name, call in calls.items():
+            try:
+                call()
+                errors[name] = "no error"
+            except Exception as e:
+                errors[name] = type(e).__name__
+        net.train_step(x, y)            # and it still trains
+        print(json.dumps({"errors": errors, "finite": bool(np.isfinite(net.params).all()),
+                          "moved": bool((net.params != before).any())}))
+    """, timeout=60)
+    assert all(e in ("MemoryError", "ValueError") for e in result["errors"].values()), result
+    assert result["finite"] and result["moved"]
+
+
+def test_a_small_batch_of_huge_zero_stride_data_reads_only_its_rows(rng):
+    """rows= picks a batch out of data of any size: labels, ids, targets and weights of
+    another dtype are converted row by row as they are gathered, never whole (which
+    for 2**59 rows asked for exabytes, and for a real int32 dataset copied it at every
+    step)."""
+    n = 2 ** 59
+    rows = np.array([0, 5, n - 1])
+    X = np.broadcast_to(np.float32(0.5), (n, 1))
+    net = bp.Network([bp.Dense(1, 3, activation="softmax")], loss="cross_entropy",
+                     optimizer=bp.SGD(lr=0.1), seed=0)
+    twin = bp.Network([bp.Dense(1, 3, activation="softmax")], loss="cross_entropy",
+                      optimizer=bp.SGD(lr=0.1), seed=0)
+    for dtype in (np.int8, np.uint16, np.int32, np.uint64):
+        labels = np.broadcast_to(dtype(2), (n,))
+        weights = np.broadcast_to(np.float32(2), (n,))
+        loss = net.train_step(X, labels, rows=rows, sample_weight=weights)
+        same = twin.train_step(np.full((3, 1), 0.5, np.float32), np.full(3, 2),
+                               sample_weight=np.full(3, 2.0))
+        assert loss == same
+        np.testing.assert_array_equal(net.params, twin.params)
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\), got 255"):
+        net.train_step(X, np.broadcast_to(np.uint8(255), (n,)), rows=rows)
+    with pytest.raises(ValueError, match="got 18446744073709551615"):
+        net.train_step(X, np.broadcast_to(np.uint64(2 ** 64 - 1), (n,)), rows=rows)
+    with pytest.raises(ValueError, match="sample_weight must be finite and >= 0, got -1.0 for row 5"):
+        w = np.ones(6, np.float32)
+        w[5] = -1
+        net.train_step(X[:6], np.zeros(6, np.int64), rows=np.array([0, 5]), sample_weight=w)
+
+    emb = bp.Network([bp.Embedding(10, 4), bp.Flatten(), bp.Dense(12, 1)], loss="mse",
+                     input_shape=(3,), seed=0)
+    ids = np.broadcast_to(np.int16(7), (n, 3))
+    emb.train_step(ids, np.broadcast_to(np.float32(0), (n, 1)), rows=rows)
+    values = (np.arange(12, dtype=np.int32) % 10).tobytes()
+    unaligned = np.frombuffer(b"\x00" + values, np.int32, offset=1).reshape(4, 3)
+    assert not unaligned.flags.aligned
+    emb.forward(unaligned)
+    with pytest.raises(ValueError, match=r"every id must lie in \[0, 10\).*got 12 in row 1"):
+        emb.forward(np.array([[1, 2, 3], [4, 12, 5]], np.uint32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bp.Network([bp.Conv1d(1, 1, 3, stride=2 ** 70)], input_shape=(1, 8)),
+    lambda: bp.Network([bp.Conv1d(1, 1, 2, dilation=2 ** 70, padding=2 ** 69)],
+                       input_shape=(1, 8)),
+    lambda: bp.Network([bp.MaxPool1d(2, stride=2 ** 70)], input_shape=(1, 8)),
+    lambda: bp.Network([bp.MaxPool2d((2 ** 39, 2 ** 39), padding=(2 ** 38, 2 ** 38))],
+                       input_shape=(1, 4, 4)),
+], ids=["conv-stride", "conv-dilation", "pool-stride", "pool-window"])
+def test_window_numbers_too_large_for_the_kernels_are_a_valueerror(make):
+    with pytest.raises(ValueError, match="the compiled core takes"):
+        make()
+
+
+def test_a_header_with_a_stride_of_2_to_the_70_is_an_invalid_checkpoint(tmp_path):
+    from backprop import record
+    net = bp.Network([bp.Conv1d(1, 1, 3, stride=2)], input_shape=(1, 8), seed=0)
+    header, arrays = record.to_record(net)
+    header["network"]["layers"][0]["config"]["stride"] = [2 ** 70]
+    forge(tmp_path / "stride.npz", header, arrays)
+    with pytest.raises(ValueError, match="invalid backprop checkpoint.*stride"):
+        bp.Network.load(tmp_path / "stride.npz")
+
+
+def test_products_bound_their_sides_before_sizing_scratch():
+    """matmul's operands are NumPy arrays, whose sides NumPy keeps below 2**61; the
+    scratch helper checks its own (it used to round 2**63 - 1 up to whole tiles in C)."""
+    for m, n, k in ((2 ** 63 - 1, 8, 8), (8, 2 ** 63 - 1, 8), (8, 8, -1), (2 ** 62, 2 ** 62, 2 ** 62)):
+        with pytest.raises(ValueError, match="m, n, k must lie in"):
+            bp._core._gemm_scratch_bytes(m, n, k, 2, np.float32)
+    with pytest.raises(ValueError, match="n_threads"):
+        bp._core._gemm_scratch_bytes(8, 8, 8, 0, np.float32)
+    a = np.broadcast_to(np.float32(1), (2 ** 40, 2 ** 20))
+    b = np.broadcast_to(np.float32(1), (2 ** 20, 2 ** 20))
+    for call in (lambda: bp.ops.matmul(a, b), lambda: bp.ops.matmul(b, a, trans_b=True),
+                 lambda: bp.ops.matmul(np.broadcast_to(np.float32(1), (1, 2 ** 60)),
+                                       np.broadcast_to(np.float32(1), (2 ** 60, 1)))):
+        with pytest.raises((MemoryError, ValueError)):
+            call()
