@@ -165,3 +165,46 @@ def test_products_bound_their_sides_before_sizing_scratch():
                                        np.broadcast_to(np.float32(1), (2 ** 60, 1)))):
         with pytest.raises((MemoryError, ValueError)):
             call()
+
+
+# ---- 2. a checkpoint claiming a huge layer costs nothing until it runs
+
+
+@pytest.mark.parametrize("width", [10 ** 8, 2 ** 63 - 1])
+def test_loading_a_huge_layer_without_arrays_allocates_nothing(width, tmp_path):
+    """A LayerNorm without affine parameters brings no arrays, so its header may claim any
+    width: loading costs what the file holds (the workspace waits for the first batch),
+    a width the core cannot index is refused, and a batch too large for memory is a
+    MemoryError, never an OverflowError or a crash."""
+    from backprop import record
+    net = bp.Network([bp.LayerNorm(4, elementwise_affine=False)], seed=0)
+    header, arrays = record.to_record(net)
+    header["network"]["layers"][0]["config"]["normalized_shape"] = width
+    header["network"]["input_shape"] = [width]
+    forge(tmp_path / "huge.npz", header, arrays)
+    result = run_python(f"""
+        import json, resource, tracemalloc, numpy as np, backprop as bp
+        rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = rss()
+        tracemalloc.start()
+        try:
+            net = bp.Network.load({str(tmp_path / "huge.npz")!r})
+            loaded = "loaded"
+        except ValueError as e:
+            net, loaded = None, str(e)
+        traced = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        grew = rss() - before
+        error = None
+        if net is not None:
+            try:
+                net.forward(np.broadcast_to(np.float32(1), (2 ** 34, {width})))
+            except Exception as e:
+                error = type(e).__name__
+        print(json.dumps({{"loaded": loaded, "traced": traced, "grew": grew, "error": error}}))
+    """)
+    assert result["traced"] < 2 ** 20 and result["grew"] < 32 * 2 ** 20, result
+    if width == 10 ** 8:
+        assert result["loaded"] == "loaded" and result["error"] == "MemoryError"
+    else:
+        assert "holds more than 1,099,511,627,776 values" in result["loaded"]
