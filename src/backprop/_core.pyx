@@ -15,10 +15,10 @@
 cimport cython
 cimport numpy as cnp
 from cython cimport floating
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
-from libc.math cimport sqrt, isfinite
+from libc.math cimport sqrt, isfinite, INFINITY, NAN
 
 import math
 
@@ -27,7 +27,8 @@ import numpy as np
 from backprop._gemm cimport (gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name,
                              bp_ctx, bp_ctx_caches, PARALLEL_MIN_WORK)
 from backprop._activations cimport Activation, IDENTITY, SOFTMAX
-from backprop._optim cimport OptimConfig, optimizer_update, sum_of_squares, STAT_BLOCK
+from backprop._optim cimport (OptimConfig, optimizer_update, sum_of_squares, largest_magnitude,
+                             most, STAT_BLOCK, N_HELD)
 from backprop._dropout cimport mix64
 from backprop._parallel cimport part_start, team_for
 from cython.parallel cimport prange

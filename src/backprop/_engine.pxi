@@ -5,10 +5,6 @@ cdef enum PassPart:
     LOSS = 2
     BACKWARD = 4
 
-# The largest float32, and so the bound on a float32 network's squared gradient norm:
-# below it every squared gradient fits in float32, so no optimizer state can overflow.
-cdef double FLOAT32_MAX = 3.4028234663852886e38
-
 # The most bytes one workspace may claim (sizes are summed in Python integers, so they
 # never wrap; an allocator may still refuse less).
 MAX_WORKSPACE_BYTES = 1 << 62
@@ -543,11 +539,6 @@ cdef class Engine:
         return sum_of_squares(<float*>self.tape.grads, self.params.shape[0], self.block_sums, nt)
 
     @cython.nonecheck(False)
-    cdef bint _gradients_ok(self, double sum_sq) noexcept nogil:
-        # Finite, and (float32) every squared gradient fits: no optimizer state overflows.
-        return isfinite(sum_sq) and (self.is64 or sum_sq < FLOAT32_MAX)
-
-    @cython.nonecheck(False)
     cdef void _zero_grads(self) noexcept nogil:
         memset(self.tape.grads, 0, self.params.shape[0] * self.dtype_size())
 
@@ -691,11 +682,13 @@ cdef class Engine:
         (see compute_gradients), whose gradient is multiplied by `scale` (the factor
         between another library's loss and the built-in one).  clip > 0 scales the
         gradients so their global norm is at most `clip` (torch's clip_grad_norm_).
-        A step whose loss or gradients are not finite is refused: FloatingPointError,
-        and the weights, optimizer, statistics and gradients are as they were."""
-        cdef int labels, nt
+        A step whose loss, gradients or update are not finite is refused:
+        FloatingPointError (MemoryError if the copy that would undo an update that may
+        overflow cannot be made), and the weights, optimizer, statistics and gradients are
+        as they were."""
+        cdef int labels, nt, update = APPLIED
         cdef double value, sum_sq = 0.0, factor = 1.0
-        cdef bint ok, finite = True, pending
+        cdef bint ok, pending, refused
         cdef char* backup = NULL
         self._enter()
         try:
@@ -722,26 +715,31 @@ cdef class Engine:
                     ok = isfinite(value)
                     if ok:
                         sum_sq = self._sum_of_squares(nt)
-                        ok = self._gradients_ok(sum_sq)
-                        if not ok and pending:      # back to what they were
-                            memcpy(self.tape.grads, backup,
-                                   self.params.shape[0] * self.dtype_size())
-                        elif not ok:
-                            self._zero_grads()
+                        ok = isfinite(sum_sq)
                     if ok:
                         if record_norms:
                             self._record_weight_norms(nt)
                         if clip > 0 and sqrt(sum_sq) + 1e-6 > clip:
                             factor = clip / (sqrt(sum_sq) + 1e-6)
-                        finite = optimizer._run_nogil(self.tape.params, self.tape.grads,
-                                                      self.params.shape[0], nt, True, factor)
-                    else:
+                        update = optimizer._run_nogil(self.tape.params, self.tape.grads,
+                                                      self.params.shape[0], nt, True, factor,
+                                                      sqrt(sum_sq))
+                    if not ok or update == UNDONE or update == NO_COPY:
+                        # Refused: the gradients back to what they were (the update may
+                        # have cleared some), the forward's statistics and count undone.
+                        if pending:
+                            memcpy(self.tape.grads, backup,
+                                   self.params.shape[0] * self.dtype_size())
+                        else:
+                            self._zero_grads()
                         self._undo_forward()
             finally:
                 optimizer._end()
+            refused = not ok or update == UNDONE or update == NO_COPY
             self.has_input_grad = False
-            self.has_grads = pending and not ok
-            # The forward stays inspectable only when the step was refused.
+            self.has_grads = pending and refused
+            # The forward stays inspectable when the loss or the gradients were refused,
+            # to find the first layer that is not finite.
             self.has_forward = not ok
             if not isfinite(value):
                 raise FloatingPointError(
@@ -751,17 +749,17 @@ cdef class Engine:
                 raise FloatingPointError(
                     f"the gradients are not finite (squared norm {sum_sq:.3g}); this step's "
                     "update was not applied, so the weights are those of the last good step")
-            _check_update(finite, optimizer)
+            _check_update(update, optimizer)
             return value
         finally:
             self.busy = False
 
     def step(self, OptimizerBase optimizer):
         """One optimizer update from the accumulated gradients, or FloatingPointError
-        (nothing changed) if they are not finite."""
-        cdef int nt
+        (nothing changed) if they or the update are not finite."""
+        cdef int nt, update = APPLIED
         cdef double sum_sq
-        cdef bint ok, finite = True
+        cdef bint ok
         self._enter()
         try:
             if not self.has_grads:
@@ -771,18 +769,20 @@ cdef class Engine:
             try:
                 with nogil:
                     sum_sq = self._sum_of_squares(nt)
-                    ok = self._gradients_ok(sum_sq)
+                    ok = isfinite(sum_sq)
                     if ok:
-                        finite = optimizer._run_nogil(self.tape.params, self.tape.grads,
-                                                      self.params.shape[0], nt, False, 1.0)
+                        update = optimizer._run_nogil(self.tape.params, self.tape.grads,
+                                                      self.params.shape[0], nt, False, 1.0,
+                                                      sqrt(sum_sq))
             finally:
                 optimizer._end()
             if not ok:
                 raise FloatingPointError(
                     f"the gradients are not finite (squared norm {sum_sq:.3g}); the update "
                     "was not applied")
-            self.has_forward = False   # the saved activations belong to the old weights
-            _check_update(finite, optimizer)
+            if update == APPLIED or update == BROKEN:
+                self.has_forward = False   # the saved activations belong to the old weights
+            _check_update(update, optimizer)
         finally:
             self.busy = False
 
@@ -822,7 +822,7 @@ cdef class Engine:
             with nogil:
                 sum_sq = self._sum_of_squares(nt)
             norm = sqrt(sum_sq)
-            if not self._gradients_ok(sum_sq):
+            if not isfinite(sum_sq):
                 raise FloatingPointError(f"the gradient norm is {norm}: not finite, nothing "
                                          "was clipped")
             factor = max_norm / (norm + 1e-6)
@@ -852,11 +852,23 @@ cdef int _check_scale(double scale) except -1:
     return 0
 
 
-cdef int _check_update(bint finite, OptimizerBase optimizer) except -1:
-    if not finite:
+cdef int _check_update(int update, OptimizerBase optimizer) except -1:
+    """Raise for an update that was not applied, saying what happened."""
+    if update == UNDONE:
+        raise FloatingPointError(
+            f"the update overflowed: it would have made some weights or optimizer state "
+            f"infinite or NaN (learning rate {optimizer.lr:g}); it was not applied, so the "
+            "weights and optimizer state are those of the last good step: lower the "
+            "learning rate")
+    if update == NO_COPY:
+        raise MemoryError(
+            "this update might overflow, and there is no memory for the copy of the weights "
+            "and optimizer state that would undo it; it was not applied")
+    if update == BROKEN:
         raise FloatingPointError(
             f"the update made some weights or optimizer state overflow (learning rate "
-            f"{optimizer.lr:g}); the network is no longer finite: reload a checkpoint and "
-            "lower the learning rate")
+            f"{optimizer.lr:g}), which the optimizer's bound on its updates did not foresee "
+            "(were they written from outside since its last step?); the network is no longer "
+            "finite: reload a checkpoint and lower the learning rate")
     return 0
 
