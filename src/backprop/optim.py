@@ -35,10 +35,12 @@ class Optimizer(OptimizerBase):
     AdamW, RMSprop or Adagrad (or a subclass of one of them).
 
     An optimizer class is one declaration: ``RULE``, the compiled rule it runs (a row of
-    the rule table, ``backprop._core.RULES``; its kernel is in ``_optim.pxd``),
-    ``STATE_NAMES``, the rule's state buffers in the order its kernel takes them, the
-    validation of its settings in ``__init__``, the rule in words in its docstring, and
-    ``hyperparameters()`` for ``state_dict``."""
+    the rule table, ``backprop._core.RULES``; its kernel and the bound on what one update
+    can write are in ``_optim.pxd``), ``STATE_NAMES``, the rule's state buffers in the
+    order its kernel takes them, ``NONNEGATIVE``, those that hold sums of squares (a
+    loaded state must agree: the bound counts on it), the validation of its settings in
+    ``__init__``, the rule in words in its docstring, and ``hyperparameters()`` for
+    ``state_dict``."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("backprop.Optimizer is the base class; use SGD, Adam, AdamW, RMSprop "
@@ -128,6 +130,7 @@ class Adam(Optimizer):
     """
     RULE = "adam"
     STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    NONNEGATIVE = ("exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
@@ -171,13 +174,19 @@ class RMSprop(Optimizer):
     With g = grad + weight_decay * p:
 
         s = alpha * s + (1 - alpha) * g^2
-        centered:  a = alpha * a + (1 - alpha) * g;  denom = sqrt(s - a^2) + eps
+        centered:  a = alpha * a + (1 - alpha) * g;  denom = sqrt(max(s - a^2, 0)) + eps
         otherwise: denom = sqrt(s) + eps
         momentum:  b = momentum * b + g / denom;  p = p - lr * b
         otherwise: p = p - lr * g / denom
+
+    s - a^2 is a variance, never negative in exact arithmetic; rounding takes it a little
+    below 0 when the gradient hardly varies (a constant gradient), where torch takes the
+    square root of a negative number and writes NaN into the weights.  Clamping it at 0
+    is the one difference from ``torch.optim.RMSprop``, and only where torch gives NaN.
     """
     RULE = "rmsprop"
     STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
+    NONNEGATIVE = ("square_avg",)
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False):
@@ -204,6 +213,7 @@ class Adagrad(Optimizer):
     """
     RULE = "adagrad"
     STATE_NAMES = ("sum",)
+    NONNEGATIVE = ("sum",)
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10):
