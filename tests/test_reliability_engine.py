@@ -208,3 +208,122 @@ def test_loading_a_huge_layer_without_arrays_allocates_nothing(width, tmp_path):
         assert result["loaded"] == "loaded" and result["error"] == "MemoryError"
     else:
         assert "holds more than 1,099,511,627,776 values" in result["loaded"]
+
+
+# ---- 3. an update that overflows is undone
+
+
+def overflowing(name):
+    """(network, x, y, steps that succeed first) where the update after them overflows
+    although the loss and the gradients are finite."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)), rng.normal(size=(8, 2)) * 100
+    if name == "adagrad-sum":            # float32 sum of squares: 2 * 2.56e38 on step 2
+        net = bp.Network([bp.Dense(1, 1, bias=False)], loss="mse", optimizer=bp.Adagrad(),
+                         dtype="float32", seed=0)
+        net.layers[0].weight[...] = 0
+        return net, np.ones((1, 1)), np.full((1, 1), -8e18), 1
+    optimizer, dtype = {
+        "sgd": (bp.SGD(lr=1e37), "float32"),
+        "sgd-momentum-float64": (bp.SGD(lr=1e308, momentum=0.9), "float64"),
+        "adam-lr": (bp.Adam(lr=1e39), "float32"),       # lr itself is infinite in float32
+        "rmsprop": (bp.RMSprop(lr=1e38), "float32"),
+    }[name]
+    net = bp.Network([bp.Dense(4, 8), bp.BatchNorm(8), bp.Activation("relu"), bp.Dropout(0.3),
+                      bp.Dense(8, 2)], loss="mse", optimizer=optimizer, dtype=dtype, seed=0)
+    return net, x, y, 0
+
+
+CASES = ["sgd", "sgd-momentum-float64", "adam-lr", "rmsprop", "adagrad-sum"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_train_step_refuses_an_update_that_overflows_and_changes_nothing(name):
+    net, x, y, good = overflowing(name)
+    for _ in range(good):
+        net.train_step(x, y)
+    net.forward(x)
+    net.backward(y)                          # pending gradients, which train_step adds to
+    before = snapshot(net)
+    with pytest.raises(FloatingPointError, match="the update overflowed.*not applied, so the "
+                                                 "weights and optimizer state are those of the "
+                                                 "last good step: lower the learning rate"):
+        net.train_step(x, y)
+    assert_unchanged(net, before)
+    assert np.isfinite(net.params).all()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_step_refuses_an_update_that_overflows_and_changes_nothing(name):
+    net, x, y, good = overflowing(name)
+    for _ in range(good):
+        net.train_step(x, y)
+    net.forward(x)
+    net.backward(y)
+    before = snapshot(net)
+    with pytest.raises(FloatingPointError, match="the update overflowed"):
+        net.step()
+    assert_unchanged(net, before)
+    if name != "adagrad-sum":                # (there the sum itself overflows)
+        net.optimizer.lr = 1e-3              # the gradients are still there to step on
+        net.step()
+        assert net.optimizer.steps == good + 1 and np.isfinite(net.params).all()
+
+
+def test_a_refused_update_leaves_training_where_it_was():
+    """After a refused update, training goes on as if it had never been tried: the same
+    weights, state, running statistics and dropout masks as a twin that skipped it."""
+    net, x, y, _ = overflowing("sgd")
+    twin, _, _, _ = overflowing("sgd")
+    for model in (net, twin):
+        model.optimizer.lr = 1e-2
+        model.train_step(x, y)
+    net.optimizer.lr = 1e37
+    with pytest.raises(FloatingPointError):
+        net.train_step(x, y)
+    net.optimizer.lr = 1e-2
+    for model in (net, twin):
+        model.train_step(x, y)
+        model.train_step(x[::-1], y)
+    assert_unchanged(net, snapshot(twin))
+
+
+def test_fit_says_the_update_overflowed_and_keeps_the_last_good_weights():
+    net, x, y, _ = overflowing("sgd")
+    before = snapshot(net)
+    with pytest.raises(FloatingPointError) as error:
+        net.fit(x, y, epochs=2, batch_size=8, progress=False)
+    message = str(error.value)
+    assert message.startswith("training diverged at epoch 1, step 0: the update overflowed")
+    assert "lower the learning rate" in message
+    assert "the loss" not in message and "non-finite layer" not in message
+    assert_unchanged(net, before)
+
+
+def test_centered_rmsprop_with_a_constant_gradient_stays_finite():
+    """s - a**2 rounds below 0 when the gradient never varies; torch's square root then
+    writes NaN into the weights.  Clamped at 0, the update stays finite."""
+    for alpha, g in ((0.5, 0.3), (0.9, 3.0), (0.9, 0.1)):
+        net = bp.Network([bp.Dense(1, 1, bias=False)], dtype="float32", seed=0,
+                         optimizer=bp.RMSprop(lr=1e-3, alpha=alpha, centered=True))
+        for _ in range(300):
+            net.forward(np.ones((1, 1)))
+            net.backward(grad_output=np.full((1, 1), g))
+            net.step()
+            net.zero_grad()
+        assert np.isfinite(net.params).all() and np.isfinite(net.optimizer.state["grad_avg"]).all()
+
+
+@pytest.mark.parametrize("optimizer, buffer", [(bp.Adam(), "exp_avg_sq"),
+                                               (bp.Adam(amsgrad=True), "max_exp_avg_sq"),
+                                               (bp.RMSprop(), "square_avg"),
+                                               (bp.Adagrad(), "sum")])
+def test_a_state_with_negative_sums_of_squares_is_refused(optimizer, buffer):
+    net = bp.Network([bp.Dense(3, 2)], loss="mse", optimizer=optimizer, seed=0)
+    net.train_step(np.ones((4, 3)), np.zeros((4, 2)))
+    state = optimizer.state_dict()
+    state["state"][buffer][1] = -1.0
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=f"optimizer state '{buffer}' holds sums of squares"):
+        optimizer.load_state_dict(state)
+    assert_unchanged(net, before)
