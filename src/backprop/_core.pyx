@@ -21,6 +21,8 @@ from libc.string cimport memcpy, memset
 from libc.math cimport sqrt, isfinite, INFINITY, NAN
 
 import math
+import threading
+import time
 
 import numpy as np
 

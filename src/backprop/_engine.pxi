@@ -99,8 +99,10 @@ cdef class Engine:
     cdef readonly bint has_forward, has_grads, has_input_grad
     cdef bint _training
     cdef bint busy
+    cdef dict holders              # thread -> how many `held()` blocks it is in
 
     def __cinit__(self):
+        self.holders = {}
         self.tape.ops = NULL
         self.tape.slots = NULL
         self.grad_owner = NULL
@@ -462,12 +464,25 @@ cdef class Engine:
 
     cdef int _enter(self) except -1:
         # One network, one pass at a time: a second Python thread entering while the first
-        # runs without the GIL would overwrite its workspace.
-        if self.busy:
-            raise RuntimeError("this Network is already running a pass in another thread; "
-                               "use one Network per thread, or a lock around it")
+        # runs without the GIL would overwrite its workspace.  A pass waits while another
+        # thread holds the network to copy it (held()), which is over in microseconds.
+        while True:
+            if self.busy:
+                raise RuntimeError("this Network is already running a pass in another "
+                                   "thread; use one Network per thread, or a lock around it")
+            if not self.holders or threading.get_ident() in self.holders:
+                break
+            time.sleep(WAIT_SECONDS)
         self.busy = True
         return 0
+
+    def held(self):
+        """A context manager: `with engine.held():` waits for a pass running in another
+        thread to end, and keeps any other thread from starting one until the block ends
+        (they wait), so what the block reads of the network (weights, buffers, optimizer
+        state, counters) is all of one step boundary.  Checkpoints, pickles and copies are
+        taken in one; another thread's training merely pauses for it."""
+        return _Held(self)
 
     cdef int _check_forward(self, str what) except -1:
         if not self.has_forward:
@@ -837,6 +852,39 @@ cdef class Engine:
             return norm
         finally:
             self.busy = False
+
+
+# How long a thread waiting for another's pass (or copy) sleeps between looks: a step
+# takes microseconds to seconds, and a waiting thread must not take a core from it.
+WAIT_SECONDS = 1e-4
+
+
+cdef class _Held:
+    """Engine.held()'s context manager."""
+    cdef Engine engine
+    cdef object thread
+
+    def __cinit__(self, Engine engine):
+        self.engine = engine
+
+    def __enter__(self):
+        holders = self.engine.holders
+        self.thread = threading.get_ident()
+        holders[self.thread] = holders.get(self.thread, 0) + 1      # new passes wait now
+        try:
+            while self.engine.busy:                   # a pass in another thread: let it end
+                time.sleep(WAIT_SECONDS)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        holders = self.engine.holders
+        holders[self.thread] -= 1
+        if not holders[self.thread]:
+            del holders[self.thread]
+        return False
 
 
 cdef uint64_t _row_offset(object value) except? 0:

@@ -45,18 +45,21 @@ def network_config(net):
 
 
 def to_record(net):
-    """(header, arrays) of `net`: everything needed to continue training bit for bit."""
-    opt = net.optimizer.state_dict()
-    header = {
-        "format": FORMAT, "version": VERSION, "network": network_config(net),
-        "state": {"training": net.training, "dropout_seed": net._key_seed,
-                  "passes": net._engine.passes, "epoch": net.epoch},
-        "optimizer": {"name": opt["name"], "hyperparameters": opt["hyperparameters"],
-                      "step": opt["step"]},
-        "rng": net.rng.bit_generator.state,
-        "history": net.history.to_dict(),
-    }
-    arrays = {"params": net.params.copy(), "buffers": net.buffers.copy()}
+    """(header, arrays) of `net`: everything needed to continue training bit for bit, all
+    of one step boundary even while another thread trains it (that thread waits for the
+    copies; the copies wait for its step to end)."""
+    with net.held():
+        opt = net.optimizer.state_dict()
+        header = {
+            "format": FORMAT, "version": VERSION, "network": network_config(net),
+            "state": {"training": net.training, "dropout_seed": net._key_seed,
+                      "passes": net._engine.passes, "epoch": net.epoch},
+            "optimizer": {"name": opt["name"], "hyperparameters": opt["hyperparameters"],
+                          "step": opt["step"]},
+            "rng": net.rng.bit_generator.state,
+            "history": net.history.to_dict(),
+        }
+        arrays = {"params": net.params.copy(), "buffers": net.buffers.copy()}
     arrays.update({f"optimizer.{name}": value for name, value in opt["state"].items()})
     return header, arrays
 
