@@ -327,3 +327,155 @@ def test_a_state_with_negative_sums_of_squares_is_refused(optimizer, buffer):
     with pytest.raises(ValueError, match=f"optimizer state '{buffer}' holds sums of squares"):
         optimizer.load_state_dict(state)
     assert_unchanged(net, before)
+
+
+# ---- 4. snapshots are of one step boundary, even while another thread trains
+
+
+def fingerprint(net):
+    """What a snapshot must agree on with some step boundary."""
+    return (hash(net.params.tobytes()), hash(net.buffers.tobytes()), net.optimizer.steps,
+            net._engine.passes, tuple(hash(v.tobytes()) for v in net.optimizer.state.values()))
+
+
+def test_snapshots_taken_while_another_thread_trains_are_whole_steps(tmp_path):
+    """pickle, deepcopy and save while a thread trains in a loop: each equals the network at
+    some step boundary (weights, running statistics, optimizer state, step and pass
+    counts), never a mix of several steps (the earlier engine copied the weights while an
+    update wrote them).  The snapshot waits for the step; the training thread waits for
+    the snapshot, neither fails."""
+    import copy
+    import pickle
+    import threading
+    rng = np.random.default_rng(0)
+    net = bp.Network([bp.Dense(128, 512), bp.BatchNorm(512), bp.Activation("relu"),
+                      bp.Dropout(0.2), bp.Dense(512, 10, activation="softmax")],
+                     loss="cross_entropy", optimizer=bp.Adam(lr=1e-4), seed=0)
+    X, y = rng.normal(size=(256, 128)).astype(np.float32), rng.integers(0, 10, 256)
+    boundaries = {fingerprint(net)}
+    stop, failures = threading.Event(), []
+
+    def train():
+        try:
+            while not stop.is_set():
+                net.train_step(X, y)
+                boundaries.add(fingerprint(net))
+        except Exception as e:                  # pragma: no cover - reported below
+            failures.append(e)
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    snapshots = []
+    try:
+        for i in range(20):
+            snapshots.append(pickle.loads(pickle.dumps(net)))
+            snapshots.append(copy.deepcopy(net))
+            net.save(tmp_path / "net.npz")
+            snapshots.append(bp.Network.load(tmp_path / "net.npz"))
+    finally:
+        stop.set()
+        worker.join()
+    assert not failures
+    assert len(boundaries) > 2                   # the network trained meanwhile
+    assert all(fingerprint(s) in boundaries for s in snapshots)
+
+
+def test_copies_of_one_layer_wait_for_the_step_too():
+    import copy
+    import threading
+    # A small batch: the update (of a million weights, with momentum) is most of a step.
+    net = bp.Network([bp.Dense(1024, 1024), bp.Dense(1024, 4)], loss="mse",
+                     optimizer=bp.SGD(lr=1e-3, momentum=0.9), seed=0)
+    X, y = np.random.default_rng(0).normal(size=(4, 1024)), np.zeros((4, 4))
+    layer, weights = net.layers[0], {hash(net.layers[0].weight.tobytes())}
+    stop = threading.Event()
+
+    def train():
+        while not stop.is_set():
+            net.train_step(X, y)
+            weights.add(hash(layer.weight.tobytes()))
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    copies = []
+    try:
+        while len(copies) < 30 or len(weights) < 100:       # copies over 100 steps at least
+            copies.append(copy.deepcopy(layer))
+    finally:
+        stop.set()
+        worker.join()
+    assert all(hash(c._values()["weight"].tobytes()) in weights for c in copies)
+
+
+# ---- 5. what a user handed over is never silently changed
+
+
+def test_a_layer_keeps_its_weights_when_its_network_is_collected(rng):
+    """As a torch module keeps its weights: a layer of a network that was collected brings
+    its trained weights and running statistics to the next network, which used to draw
+    fresh ones over them."""
+    import gc
+    layers = [bp.Dense(3, 4), bp.BatchNorm(4), bp.Dense(4, 2)]
+    net = bp.Network(layers, loss="mse", seed=0)
+    for _ in range(3):
+        net.train_step(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))
+    trained = [layer._values() for layer in layers]
+    del net
+    gc.collect()
+    with pytest.raises(ValueError, match="needs a 'softmax' output"):
+        bp.Network(layers, loss="cross_entropy")            # refused: changes nothing
+    again = bp.Network(layers, loss="mse", seed=1)
+    for layer, values in zip(layers, trained):
+        for name, value in values.items():
+            np.testing.assert_array_equal(getattr(layer, name), value)
+    assert again.layers[1].running_var is layers[1].running_var
+
+
+@pytest.mark.parametrize("name", ["params", "grads", "buffers", "layers", "dtype", "loss",
+                                  "loss_spec", "seed", "output_activation"])
+def test_what_the_engine_was_built_from_cannot_be_reassigned(name):
+    net = bp.Network([bp.Dense(3, 4), bp.BatchNorm(4), bp.Dense(4, 2)], loss="mse", seed=0)
+    with pytest.raises(AttributeError):
+        setattr(net, name, getattr(net, name))
+    assert isinstance(net.layers, tuple)
+
+
+def test_assigning_an_optimizer_trains_with_it_and_frees_the_old_one(rng):
+    x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
+    net = bp.Network([bp.Dense(3, 2)], loss="mse", optimizer=bp.Adam(), seed=0)
+    twin = bp.Network([bp.Dense(3, 2)], loss="mse", optimizer=bp.SGD(lr=0.1), seed=0)
+    old = net.optimizer
+    net.optimizer = bp.SGD(lr=0.1)
+    for model in (net, twin):
+        model.train_step(x, y)
+    np.testing.assert_array_equal(net.params, twin.params)
+    assert not old.attached and net.optimizer.attached
+    bp.Network([bp.Dense(3, 2)], optimizer=old)           # free for another network
+    with pytest.raises(ValueError, match="already updates another Network"):
+        net.optimizer = twin.optimizer
+    with pytest.raises(TypeError):
+        net.optimizer = "sgd"
+    assert net.optimizer.steps == 1
+
+
+def test_an_optimizer_of_a_collected_network_is_free_and_keeps_its_state(rng):
+    import gc
+    x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
+    opt = bp.Adam(lr=0.01)
+    layers = [bp.Dense(3, 2)]
+    net = bp.Network(layers, loss="mse", optimizer=opt, seed=0)
+    net.train_step(x, y)
+    twin = copy_of(net)
+    del net
+    gc.collect()
+    assert not opt.attached
+    again = bp.Network(layers, loss="mse", optimizer=opt, seed=0)     # continues training
+    again.train_step(x, y)
+    twin.train_step(x, y)
+    np.testing.assert_array_equal(again.params, twin.params)
+    assert opt.steps == 2
+
+
+def copy_of(net):
+    import copy
+    return copy.deepcopy(net)

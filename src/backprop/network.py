@@ -28,6 +28,27 @@ def _dtype(dtype):
     return np.dtype(name)
 
 
+def _views(plan, params, grads, buffers):
+    """{id(layer): {name: view}} of each layer's parameters, their gradients and its
+    buffers in the flat arrays."""
+    views = {id(layer): {} for layer in plan.layers}
+    for layer, (name, shape, _), offset in plan.params:
+        end = offset + math.prod(shape)
+        views[id(layer)][name] = params[offset:end].reshape(shape)
+        views[id(layer)][name + "_grad"] = grads[offset:end].reshape(shape)
+    for layer, name, offset, shape, _ in plan.buffers:
+        views[id(layer)][name] = buffers[offset:offset + math.prod(shape)].reshape(shape)
+    return views
+
+
+def _check_optimizer(optimizer, network):
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a backprop.optim.Optimizer, got {optimizer!r}")
+    if optimizer.attached and optimizer._owner() is not network:
+        raise ValueError("this optimizer already updates another Network; give each "
+                         "network its own optimizer")
+
+
 class Network:
     """A feed-forward network: layers applied in order.
 
@@ -79,11 +100,7 @@ class Network:
                                  or not 0 <= seed < 2 ** 63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
         optimizer = Adam() if optimizer is None else optimizer
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a backprop.optim.Optimizer, got {optimizer!r}")
-        if optimizer.attached:
-            raise ValueError("this optimizer already updates another Network; give each "
-                             "network its own optimizer")
+        _check_optimizer(optimizer, self)
         # Dropout's masks are keyed by a seed even when the caller gave none.
         if key_seed is None:
             key_seed = int(seed) if seed is not None else int(
@@ -97,50 +114,106 @@ class Network:
         for layer in plan.layers:      # refuse before changing any layer
             layer._check_free(self)
 
-        self.layers = layers
-        self.loss = loss
-        self.loss_spec = declared
-        self.dtype = dtype
-        self.seed = None if seed is None else int(seed)
-        self.output_activation = output
-        self._plan = plan
-        self._key_seed = key_seed
-        self.params = np.zeros(plan.n_params, dtype=dtype)
-        self.grads = np.zeros_like(self.params)
-        self.buffers = np.zeros(plan.n_buffers, dtype=dtype)
-        self._attach_views()
+        # Everything that can fail comes before any layer or the optimizer is touched, so
+        # a refused network leaves them as they were (free, with their own weights).
+        params = np.zeros(plan.n_params, dtype=dtype)
+        grads = np.zeros_like(params)
+        buffers = np.zeros(plan.n_buffers, dtype=dtype)
+        views = _views(plan, params, grads, buffers)
+        # A layer brings its own values (a copy's, or those of a network it belonged to
+        # that was since collected, as a torch module keeps its weights); the others
+        # start from their initialisation, drawn in order from `seed`.
+        kept = {id(layer): layer._values() for layer in plan.layers}
         rng = np.random.default_rng(seed)
         for layer in plan.layers:
-            carried = layer._carried
-            if carried is not None or initialise:
-                values = carried if carried is not None else layer.initial_parameters(rng)
-                for name, value in values.items():
-                    getattr(layer, name)[...] = value
+            values = kept[id(layer)]
+            if values is None and initialise:
+                values = layer.initial_parameters(rng)
+            for name, value in (values or {}).items():
+                views[id(layer)][name][...] = value
         for layer, name, offset, shape, value in plan.buffers:
-            if layer._carried is None:
-                self.buffers[offset:offset + math.prod(shape)] = value
+            if kept[id(layer)] is None:
+                buffers[offset:offset + math.prod(shape)] = value
+        engine = Engine(plan, declared, params, grads, buffers)
+        optimizer.bind(params.size, dtype, owner=self)
+
+        self._layers = tuple(layers)
+        self._loss = loss
+        self._loss_spec = declared
+        self._dtype = dtype
+        self._seed = None if seed is None else int(seed)
+        self._output_activation = output
+        self._plan = plan
+        self._key_seed = key_seed
+        self._params, self._grads, self._buffers = params, grads, buffers
+        self._engine = engine
+        self._optimizer = optimizer
         for layer in plan.layers:
-            object.__setattr__(layer, "_carried", None)   # its values now live here
-        self._engine = Engine(plan, declared, self.params, self.grads, self.buffers)
-        self.optimizer = optimizer
-        optimizer.bind(self.params.size, self.dtype)
+            layer._attach(self, views[id(layer)])          # its values now live here
         self.rng = np.random.default_rng(seed)   # shuffling in fit; saved in checkpoints
         self.epoch = 0                           # epochs trained by fit
         self.history = training.History()
         self.stop_training = False               # a fit callback may set it
 
-    # ---- the flat buffers and their views
+    # ---- what the compiled engine was built from: read-only, so they cannot part ways
 
-    def _attach_views(self):
-        views = {id(layer): {} for layer in self._plan.layers}
-        for layer, (name, shape, _), offset in self._plan.params:
-            end = offset + math.prod(shape)
-            views[id(layer)][name] = self.params[offset:end].reshape(shape)
-            views[id(layer)][name + "_grad"] = self.grads[offset:end].reshape(shape)
-        for layer, name, offset, shape, _ in self._plan.buffers:
-            views[id(layer)][name] = self.buffers[offset:offset + math.prod(shape)].reshape(shape)
-        for layer in self._plan.layers:
-            layer._attach(self, views[id(layer)])
+    @property
+    def layers(self):
+        """The layers given, as a tuple (the network was planned for exactly these)."""
+        return self._layers
+
+    @property
+    def params(self):
+        """Every parameter, in one flat array; each layer's weights are views of it."""
+        return self._params
+
+    @property
+    def grads(self):
+        """Every parameter's gradient, laid out as ``params``."""
+        return self._grads
+
+    @property
+    def buffers(self):
+        """Every running statistic (BatchNorm's), in one flat array."""
+        return self._buffers
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def loss(self):
+        """The built-in loss's name, or None."""
+        return self._loss
+
+    @property
+    def loss_spec(self):
+        return self._loss_spec
+
+    @property
+    def seed(self):
+        return self._seed
+
+    @property
+    def output_activation(self):
+        return self._output_activation
+
+    @property
+    def optimizer(self):
+        """The optimizer ``step``, ``train_step`` and ``fit`` use.  Assigning another one
+        trains with it from the next step: it takes this network's parameters (bringing
+        the state a copy carries, or the one it kept from a network since collected, when
+        it fits), and the one it replaces is free for another network, its state kept."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer):
+        _check_optimizer(optimizer, self)
+        if optimizer is self._optimizer:
+            return
+        optimizer.bind(self.params.size, self.dtype, owner=self)
+        self._optimizer, old = optimizer, self._optimizer
+        old._detach()
 
     @property
     def input_shape(self):
@@ -340,6 +413,13 @@ class Network:
         return training.evaluate(self, X, y, batch_size)
 
     # ---- persistence: checkpoints, pickling, copies
+
+    def held(self):
+        """``with net.held():`` waits for a step running in another thread, and keeps other
+        threads from starting one until the block ends, so what the block reads of the
+        network (weights, statistics, optimizer state) is all of one step boundary.
+        Checkpoints, pickles and copies are taken this way."""
+        return self._engine.held()
 
     def save(self, path):
         """Write a checkpoint atomically (see ``backprop.checkpoint``); a network whose
