@@ -14,17 +14,7 @@ import numpy as np
 import pytest
 
 import backprop as bp
-from conftest import make_net, threads
-
-
-def snapshot(net):
-    return ([net.params.copy(), net.grads.copy(), net.buffers.copy(), net._engine.passes,
-             net.optimizer.steps] + [v.copy() for v in net.optimizer.state.values()])
-
-
-def assert_unchanged(net, before):
-    for a, b in zip(before, snapshot(net)):
-        np.testing.assert_array_equal(a, b)
+from conftest import assert_unchanged, make_net, snapshot, threads
 
 
 # ---- 1. a failed allocation leaves the network as it was

@@ -2,27 +2,22 @@
 into C, checkpoints that claim more than they bring, updates that overflow, snapshots
 taken while another thread trains, and what a user handed over being changed behind
 their back.  Each test reproduces what the earlier engine did wrong."""
+import copy
+import gc
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 import zipfile
 
 import numpy as np
 import pytest
 
 import backprop as bp
-from conftest import make_net
-
-
-def snapshot(net):
-    return ([net.params.copy(), net.grads.copy(), net.buffers.copy(), net._engine.passes,
-             net.optimizer.steps] + [v.copy() for v in net.optimizer.state.values()])
-
-
-def assert_unchanged(net, before):
-    for a, b in zip(before, snapshot(net)):
-        np.testing.assert_array_equal(a, b)
+from backprop import record
+from conftest import assert_unchanged, snapshot
 
 
 def run_python(code, timeout=120):
@@ -141,7 +136,6 @@ def test_window_numbers_too_large_for_the_kernels_are_a_valueerror(make):
 
 
 def test_a_header_with_a_stride_of_2_to_the_70_is_an_invalid_checkpoint(tmp_path):
-    from backprop import record
     net = bp.Network([bp.Conv1d(1, 1, 3, stride=2)], input_shape=(1, 8), seed=0)
     header, arrays = record.to_record(net)
     header["network"]["layers"][0]["config"]["stride"] = [2 ** 70]
@@ -176,7 +170,6 @@ def test_loading_a_huge_layer_without_arrays_allocates_nothing(width, tmp_path):
     width: loading costs what the file holds (the workspace waits for the first batch),
     a width the core cannot index is refused, and a batch too large for memory is a
     MemoryError, never an OverflowError or a crash."""
-    from backprop import record
     net = bp.Network([bp.LayerNorm(4, elementwise_affine=False)], seed=0)
     header, arrays = record.to_record(net)
     header["network"]["layers"][0]["config"]["normalized_shape"] = width
@@ -237,14 +230,20 @@ def overflowing(name):
 CASES = ["sgd", "sgd-momentum-float64", "adam-lr", "rmsprop", "adagrad-sum"]
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_train_step_refuses_an_update_that_overflows_and_changes_nothing(name):
+def about_to_overflow(name):
+    """overflowing(name) brought to the step that overflows, with gradients pending (which
+    train_step adds to, step uses); and what the network is then."""
     net, x, y, good = overflowing(name)
     for _ in range(good):
         net.train_step(x, y)
     net.forward(x)
-    net.backward(y)                          # pending gradients, which train_step adds to
-    before = snapshot(net)
+    net.backward(y)
+    return net, x, y, good, snapshot(net)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_train_step_refuses_an_update_that_overflows_and_changes_nothing(name):
+    net, x, y, _, before = about_to_overflow(name)
     with pytest.raises(FloatingPointError, match="the update overflowed.*not applied, so the "
                                                  "weights and optimizer state are those of the "
                                                  "last good step: lower the learning rate"):
@@ -255,12 +254,7 @@ def test_train_step_refuses_an_update_that_overflows_and_changes_nothing(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_step_refuses_an_update_that_overflows_and_changes_nothing(name):
-    net, x, y, good = overflowing(name)
-    for _ in range(good):
-        net.train_step(x, y)
-    net.forward(x)
-    net.backward(y)
-    before = snapshot(net)
+    net, _, _, good, before = about_to_overflow(name)
     with pytest.raises(FloatingPointError, match="the update overflowed"):
         net.step()
     assert_unchanged(net, before)
@@ -344,9 +338,6 @@ def test_snapshots_taken_while_another_thread_trains_are_whole_steps(tmp_path):
     counts), never a mix of several steps (the earlier engine copied the weights while an
     update wrote them).  The snapshot waits for the step; the training thread waits for
     the snapshot, neither fails."""
-    import copy
-    import pickle
-    import threading
     rng = np.random.default_rng(0)
     net = bp.Network([bp.Dense(128, 512), bp.BatchNorm(512), bp.Activation("relu"),
                       bp.Dropout(0.2), bp.Dense(512, 10, activation="softmax")],
@@ -381,8 +372,6 @@ def test_snapshots_taken_while_another_thread_trains_are_whole_steps(tmp_path):
 
 
 def test_copies_of_one_layer_wait_for_the_step_too():
-    import copy
-    import threading
     # A small batch: the update (of a million weights, with momentum) is most of a step.
     net = bp.Network([bp.Dense(1024, 1024), bp.Dense(1024, 4)], loss="mse",
                      optimizer=bp.SGD(lr=1e-3, momentum=0.9), seed=0)
@@ -414,7 +403,6 @@ def test_a_layer_keeps_its_weights_when_its_network_is_collected(rng):
     """As a torch module keeps its weights: a layer of a network that was collected brings
     its trained weights and running statistics to the next network, which used to draw
     fresh ones over them."""
-    import gc
     layers = [bp.Dense(3, 4), bp.BatchNorm(4), bp.Dense(4, 2)]
     net = bp.Network(layers, loss="mse", seed=0)
     for _ in range(3):
@@ -459,13 +447,12 @@ def test_assigning_an_optimizer_trains_with_it_and_frees_the_old_one(rng):
 
 
 def test_an_optimizer_of_a_collected_network_is_free_and_keeps_its_state(rng):
-    import gc
     x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
     opt = bp.Adam(lr=0.01)
     layers = [bp.Dense(3, 2)]
     net = bp.Network(layers, loss="mse", optimizer=opt, seed=0)
     net.train_step(x, y)
-    twin = copy_of(net)
+    twin = copy.deepcopy(net)
     del net
     gc.collect()
     assert not opt.attached
@@ -474,8 +461,3 @@ def test_an_optimizer_of_a_collected_network_is_free_and_keeps_its_state(rng):
     twin.train_step(x, y)
     np.testing.assert_array_equal(again.params, twin.params)
     assert opt.steps == 2
-
-
-def copy_of(net):
-    import copy
-    return copy.deepcopy(net)

@@ -41,6 +41,12 @@ def _views(plan, params, grads, buffers):
     return views
 
 
+def _built_from(name, doc):
+    """A read-only attribute: the engine was built from it, so a new value would leave the
+    Python side and what runs out of step (forward keeping the old arrays, save failing)."""
+    return property(lambda self: getattr(self, f"_{name}"), doc=doc)
+
+
 def _check_optimizer(optimizer, network):
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a backprop.optim.Optimizer, got {optimizer!r}")
@@ -155,48 +161,18 @@ class Network:
         self.history = training.History()
         self.stop_training = False               # a fit callback may set it
 
-    # ---- what the compiled engine was built from: read-only, so they cannot part ways
+    # ---- what the compiled engine was built from: read-only, so the two cannot part ways
 
-    @property
-    def layers(self):
-        """The layers given, as a tuple (the network was planned for exactly these)."""
-        return self._layers
-
-    @property
-    def params(self):
-        """Every parameter, in one flat array; each layer's weights are views of it."""
-        return self._params
-
-    @property
-    def grads(self):
-        """Every parameter's gradient, laid out as ``params``."""
-        return self._grads
-
-    @property
-    def buffers(self):
-        """Every running statistic (BatchNorm's), in one flat array."""
-        return self._buffers
-
-    @property
-    def dtype(self):
-        return self._dtype
-
-    @property
-    def loss(self):
-        """The built-in loss's name, or None."""
-        return self._loss
-
-    @property
-    def loss_spec(self):
-        return self._loss_spec
-
-    @property
-    def seed(self):
-        return self._seed
-
-    @property
-    def output_activation(self):
-        return self._output_activation
+    layers = _built_from("layers", "The layers given, as a tuple.")
+    params = _built_from("params", "Every parameter in one flat array; the layers' weights "
+                                   "are views of it (write into it: net.params[...] = w).")
+    grads = _built_from("grads", "Every parameter's gradient, laid out as params.")
+    buffers = _built_from("buffers", "Every running statistic (BatchNorm's), in one flat array.")
+    dtype = _built_from("dtype", "The numpy dtype of every array: float32 or float64.")
+    loss = _built_from("loss", "The built-in loss's name, or None.")
+    loss_spec = _built_from("loss_spec", "The built-in loss's declaration (losses.py), or None.")
+    seed = _built_from("seed", "The seed given, or None.")
+    output_activation = _built_from("output_activation", "The last layer's activation.")
 
     @property
     def optimizer(self):
