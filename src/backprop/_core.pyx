@@ -116,9 +116,8 @@ def _gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads,
     # (matmul by its arrays, which NumPy keeps below 2**63 bytes; a network by the
     # workspace it allocated), and so does this one.
     if not (0 <= m <= MAX_OPERAND_SIDE and 0 <= n <= MAX_OPERAND_SIDE
-            and 0 <= k <= MAX_OPERAND_SIDE and 1 <= n_threads <= MAX_THREADS):
-        raise ValueError(f"m, n, k must lie in [0, {MAX_OPERAND_SIDE}] and n_threads in "
-                         f"[1, {MAX_THREADS}], got {(m, n, k, n_threads)}")
+            and 0 <= k <= MAX_OPERAND_SIDE):
+        raise ValueError(f"m, n, k must lie in [0, {MAX_OPERAND_SIDE}], got {(m, n, k)}")
     return gemm_scratch_bytes(m, n, k, n_threads, np.dtype(dtype).itemsize)
 
 

@@ -69,8 +69,8 @@ cdef class Engine:
     must stay alive and never be reallocated.  The workspace is allocated by the first
     batch (and grown by a larger one), so building a network costs only its parameters.
     Every public method runs with the one-pass guard held (a second thread gets a
-    RuntimeError) and returns copies, never views of the workspace, which the next pass
-    overwrites.
+    RuntimeError; it waits while another thread holds the network to copy it, held()) and
+    returns copies, never views of the workspace, which the next pass overwrites.
     """
     cdef Tape tape
     cdef int n_slots

@@ -44,7 +44,13 @@ def _views(plan, params, grads, buffers):
 def _built_from(name, doc):
     """A read-only attribute: the engine was built from it, so a new value would leave the
     Python side and what runs out of step (forward keeping the old arrays, save failing)."""
-    return property(lambda self: getattr(self, f"_{name}"), doc=doc)
+    def refuse(self, value):
+        # `net.grads /= 2` works in place and then sets the same array again: that is fine.
+        if value is not getattr(self, f"_{name}"):
+            raise AttributeError(
+                f"Network.{name} cannot be reassigned: the compiled network was built from "
+                f"it; write into the arrays (net.params[...] = values), or build a new Network")
+    return property(lambda self: getattr(self, f"_{name}"), refuse, doc=doc)
 
 
 def _check_optimizer(optimizer, network):
@@ -394,7 +400,8 @@ class Network:
         """``with net.held():`` waits for a step running in another thread, and keeps other
         threads from starting one until the block ends, so what the block reads of the
         network (weights, statistics, optimizer state) is all of one step boundary.
-        Checkpoints, pickles and copies are taken this way."""
+        Checkpoints, pickles and copies are taken this way.  Keep the block short: the
+        other threads' passes wait for it."""
         return self._engine.held()
 
     def save(self, path):
