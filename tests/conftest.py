@@ -118,6 +118,22 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(scope="module")
+def torch_on_one_thread():
+    """PyTorch on one thread for a module's references (restored after it): its OpenMP
+    runtime and backprop's would otherwise spin against each other on a small machine,
+    slowing both tenfold or more on tiny tensors; the values do not depend on it."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     yield

@@ -136,6 +136,12 @@ def test_fit_with_dropout_equals_single_process_training(mpiexec):
     assert_same_as_single_process(scenario(mpiexec, "dropout"))
 
 
+def test_a_cnn_equals_single_process_training(mpiexec):
+    # Convolutions and pooling split by rows like any layer; Dropout after a convolution
+    # is keyed by the global row and the position as stored (channels last).
+    assert_same_as_single_process(scenario(mpiexec, "cnn"))
+
+
 def test_batchnorm_keeps_ranks_identical_and_averages_running_statistics(mpiexec):
     ranks = scenario(mpiexec, "batchnorm")
     assert ranks[0]["checksum"] == ranks[1]["checksum"]

@@ -9,6 +9,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import backprop as bp  # noqa: E402
 from backprop.interop import to_onnx  # noqa: E402
+from cnn_oracle import CNNS, embedding_net, lenet, residual_cnn, sample  # noqa: E402
 from layer_oracle import non_trivial  # noqa: E402
 
 ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus",
@@ -23,8 +24,11 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
 def run(path, x):
+    """The model's output on x: float32 values, or int64 ids."""
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": np.asarray(x, dtype=np.float32)})[0]
+    x = np.asarray(x)
+    return session.run(None, {"input": x.astype(np.int64 if x.dtype.kind in "iu"
+                                                 else np.float32)})[0]
 
 
 def make_net(activation, dtype="float32", sizes=(6, 8, 5, 4), bias=True, loss=None, seed=0):
@@ -213,3 +217,65 @@ def test_non_finite_running_statistics_are_refused(tmp_path):
     with pytest.raises(ValueError, match="running statistics contain NaN or Inf"):
         to_onnx(net, tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------ convolutions, pooling, Flatten and Embedding
+
+GELU = ["Mul", "Erf", "Add", "Mul", "Mul"]
+# The operators each network must become, in order.
+CNN_OPERATORS = {
+    "cnn_2d": ["Conv", "Relu", "BatchNormalization", "MaxPool", "AveragePool",
+               "Conv", "LayerNormalization", "Add", "GlobalAveragePool", "Conv", "Tanh",
+               "Flatten", "Gemm", "Softmax"],
+    "cnn_1d": ["Conv", *GELU, "MaxPool", "AveragePool", "BatchNormalization", "Conv",
+               "GlobalAveragePool", "Flatten", "Gemm"],
+    "ids_net": ["Gather", "MatMul", "Add", "Elu", "LayerNormalization", "Flatten", "Gemm",
+                "Softmax"],
+    "lenet": ["Conv", "Relu", "MaxPool", "Conv", "Relu", "MaxPool", "Flatten", "Gemm", "Relu",
+              "Gemm", "Relu", "Gemm", "Softmax"],
+    "residual_cnn": ["Conv", "BatchNormalization", "Relu",
+                     *["Conv", "BatchNormalization", "Relu", "Conv", "BatchNormalization",
+                       "Add", "Relu"] * 2, "GlobalAveragePool", "Flatten", "Gemm", "Softmax"],
+    "embedding_net": ["Gather", "Flatten", "Gemm", "Softmax"],
+}
+MAKERS = {**CNNS, "lenet": lenet, "residual_cnn": residual_cnn, "embedding_net": embedding_net}
+
+
+def shape_of(value):
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", CNN_OPERATORS)
+def test_convolutional_and_embedding_networks_export(name, dtype, tmp_path):
+    net = MAKERS[name](dtype=dtype)
+    model = to_onnx(net, tmp_path / "m.onnx")
+    assert [node.op_type for node in model.graph.node] == CNN_OPERATORS[name]
+    (given,), (output,) = model.graph.input, model.graph.output
+    ids = name in ("ids_net", "embedding_net")
+    assert given.type.tensor_type.elem_type == (onnx.TensorProto.INT64 if ids
+                                                else onnx.TensorProto.FLOAT)
+    assert output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert shape_of(given) == ["batch", *net.input_shape]
+    assert shape_of(output) == ["batch", *net.output_shape]
+    net.eval()
+    for rows in (1, 7):
+        x = sample(net, n=rows, seed=rows)
+        out = run(tmp_path / "m.onnx", x)
+        assert out.shape == (rows,) + net.output_shape
+        np.testing.assert_allclose(out, net.forward(x), **TOLERANCE)
+
+
+def test_the_convolution_attributes_are_torchs(tmp_path):
+    """Conv keeps groups, strides, pads (both sides) and dilations; the pooling windows
+    theirs; AveragePool whether the padding counts."""
+    model = to_onnx(MAKERS["cnn_2d"](), tmp_path / "m.onnx")
+    attributes = {node.name: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                  for node in model.graph.node}
+    assert attributes["layers.0.conv"] == {"group": 2, "kernel_shape": [3, 2], "strides": [2, 1],
+                                           "pads": [1, 0, 1, 0], "dilations": [1, 2]}
+    assert attributes["layers.2.maxpool"] == {"kernel_shape": [3, 3], "strides": [1, 1],
+                                              "pads": [1, 1, 1, 1], "dilations": [2, 2]}
+    assert attributes["layers.3.avgpool"] == {"count_include_pad": 0, "kernel_shape": [2, 2],
+                                              "strides": [2, 2], "pads": [1, 1, 1, 1]}

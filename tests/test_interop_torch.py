@@ -10,6 +10,7 @@ from torch import nn  # noqa: E402
 
 import backprop as bp  # noqa: E402
 from backprop.interop import TorchModule, TorchResidual, from_torch, to_torch  # noqa: E402
+from cnn_oracle import CNNS, ids_net, sample  # noqa: E402
 from layer_oracle import non_trivial  # noqa: E402
 
 ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus",
@@ -555,23 +556,29 @@ def test_to_torch_in_train_mode_batch_statistics_and_running_statistics():
                                        getattr(net.layers[i], name), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_every_layer_type_round_trips_exactly(training):
-    net = full_net().train(training)
-    back = from_torch(to_torch(net))
+def assert_round_trips(net):
+    """from_torch(to_torch(net)) has net's layers, arrays and mode; to_torch(from_torch(m))
+    has m's modules and state, for m = to_torch(net)."""
+    training = net.training
+    back = from_torch(to_torch(net), input_shape=net.input_shape)
     assert back.training == training
     assert back.config()["layers"] == net.config()["layers"]
     np.testing.assert_array_equal(back.params, net.params)
     np.testing.assert_array_equal(back.buffers, net.buffers)
 
     model = to_torch(net)
-    again = to_torch(from_torch(model))
+    again = to_torch(from_torch(model, input_shape=net.input_shape))
     assert again.training == training
     assert repr(again) == repr(model)
     expected = state(model)
     assert list(state(again)) == list(expected)
     for name, value in state(again).items():
         assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_every_layer_type_round_trips_exactly(training):
+    assert_round_trips(full_net().train(training))
 
 
 def test_from_torch_reads_a_model_written_in_torch():
@@ -749,3 +756,198 @@ def test_deepcopy_and_pickle_wrap_a_copy_of_the_network():
         with torch.no_grad():
             next(clone.parameters()).add_(1.0)
         assert not np.array_equal(clone.net.params, net.params)   # independent
+
+
+# ------------------------------------------ convolutions, pooling, Flatten and Embedding
+
+def expected_modules(name, dtype):
+    """The modules each network must become, written out with torch's own arguments
+    (to_torch gives pooling's sizes as tuples, as backprop keeps them)."""
+    d = dict(dtype=dtype)
+    if name == "cnn_2d":
+        return [nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2),
+                          groups=2, bias=False, **d), nn.ReLU(),
+                nn.BatchNorm2d(4, **d),
+                nn.MaxPool2d((3, 3), stride=(1, 1), padding=(1, 1), dilation=(2, 2)),
+                nn.AvgPool2d((2, 2), stride=(2, 2), padding=(1, 1), count_include_pad=False),
+                nn.Dropout(0.1),
+                TorchResidual(nn.Conv2d(4, 4, 3, padding=1, **d), nn.LayerNorm(3, **d)),
+                nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 6, 1, **d), nn.Tanh(), nn.Flatten(),
+                nn.Linear(6, 3, **d), nn.Softmax(dim=1)]
+    if name == "cnn_1d":
+        return [nn.Conv1d(3, 4, 5, padding=2, **d), nn.GELU(),
+                nn.MaxPool1d((2,), stride=(2,), padding=(0,), dilation=(1,)),
+                nn.AvgPool1d((3,), stride=(1,), padding=(1,)), nn.BatchNorm1d(4, **d),
+                nn.Conv1d(4, 4, 3, groups=4, dilation=2, **d), nn.AdaptiveAvgPool1d(1),
+                nn.Flatten(), nn.Linear(4, 2, **d)]
+    return [nn.Embedding(9, 4, padding_idx=2, **d), nn.Linear(4, 5, **d), nn.ELU(),
+            nn.LayerNorm(5, **d), nn.Flatten(), nn.Linear(30, 3, **d), nn.Softmax(dim=1)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", CNNS)
+def test_to_torch_writes_each_layer_as_its_torch_module(name, dtype):
+    net = CNNS[name](dtype).eval()
+    model = to_torch(net)
+    assert repr(model) == repr(nn.Sequential(*expected_modules(name, TORCH_DTYPE[dtype])))
+    assert all(p.dtype == TORCH_DTYPE[dtype] for p in model.parameters())
+    x = sample(net)
+    np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), net.forward(x),
+                               **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", CNNS)
+def test_convolutional_and_embedding_networks_round_trip_exactly(name, training):
+    assert_round_trips(CNNS[name]().train(training))
+
+
+def test_from_torch_reads_lenet_written_in_torch():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10)).double()
+    net = from_torch(model, input_shape=(1, 28, 28))
+    assert [type(layer) for layer in net.layers] == [bp.Conv2d, bp.MaxPool2d, bp.Conv2d,
+                                                     bp.MaxPool2d, bp.Flatten, bp.Dense,
+                                                     bp.Dense, bp.Dense]
+    assert [net.layers[i].activation for i in (0, 2, 5, 6, 7)] == ["relu"] * 4 + ["identity"]
+    assert net.layers[0].padding == (2, 2) and net.layers[1].stride == (2, 2)
+    np.testing.assert_array_equal(net.layers[2].weight, model[3].weight.detach().numpy())
+    x = randn(3, 1, 28, 28)
+    np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_from_torch_reads_padding_same_as_the_padding_it_means():
+    model = nn.Sequential(nn.Conv2d(2, 3, (3, 5), padding="same", dilation=(2, 1))).double()
+    net = from_torch(model, input_shape=(2, 7, 6))
+    assert net.layers[0].padding == (2, 2)
+    x = randn(4, 2, 7, 6)
+    np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
+     r"module 1 \(Conv2d\(.*padding_mode=reflect\)\) is not supported: backprop pads with "
+     r"zeros"),
+    (lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), r"module 1 .*zeros"),
+    (lambda: nn.Conv2d(2, 2, 4, padding="same"),
+     r"module 1 \(Conv2d\(2, 2, kernel_size=\(4, 4\).*padding=same\)\) is not supported: "
+     r"Conv2d: padding='same' needs stride 1 and an odd"),
+    (lambda: nn.MaxPool2d(2, ceil_mode=True), r"module 1 \(MaxPool2d\(.*ceil_mode=True\)\) is "
+                                              r"not supported.*ceil_mode=False"),
+    (lambda: nn.AvgPool2d(2, ceil_mode=True), r"module 1 \(AvgPool2d.*ceil_mode=False"),
+    (lambda: nn.AvgPool2d(2, divisor_override=3), r"module 1 \(AvgPool2d.*divisor_override"),
+    (lambda: nn.MaxPool2d(2, return_indices=True), r"module 1 .*return_indices=True"),
+    (lambda: nn.MaxPool2d(3, padding=2), r"module 1 \(MaxPool2d.*MaxPool2d: padding \(2, 2\) "
+                                         r"must be at most half the kernel size"),
+    (lambda: nn.AdaptiveAvgPool2d(2), r"module 1 \(AdaptiveAvgPool2d\(output_size=2\)\) is not "
+                                      r"supported: only output_size=1"),
+    (lambda: nn.Flatten(start_dim=2), r"module 1 \(Flatten\(start_dim=2.*start_dim=1, "
+                                      r"end_dim=-1"),
+    (lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(0)),
+     r"module 1\.1 \(Flatten\(start_dim=0"),
+    (lambda: nn.Conv3d(2, 2, 1), r"module 1 \(Conv3d.*is not supported by backprop"),
+    (lambda: nn.Conv1d(2, 2, 3), r"module 1 \(Conv1d.*takes samples of shape \(2, L\), but "
+                                 r"its input is \(2, 8, 8\)"),
+    (lambda: nn.Conv2d(3, 2, 3), r"module 1 \(Conv2d.*takes samples of shape \(3, H, W\)"),
+    (lambda: nn.MaxPool2d(9), r"module 1 \(MaxPool2d.*kernel spanning \(9, 9\), larger than its "
+                              r"padded input \(8, 8\)"),
+])
+def test_from_torch_refuses_conv_and_pooling_options_naming_the_module(make, message):
+    with pytest.raises(ValueError, match=message):
+        from_torch(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), make()), input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: nn.Embedding(9, 4, max_norm=1.0), r"module 0 \(Embedding\(9, 4, max_norm=1.0\)\) "
+                                               r"is not supported.*max_norm"),
+    (lambda: nn.Embedding(9, 4, scale_grad_by_freq=True), r"module 0 .*scale_grad_by_freq"),
+    (lambda: nn.Embedding(9, 4, sparse=True), r"module 0 .*sparse"),
+])
+def test_from_torch_refuses_embedding_options_naming_the_module(make, message):
+    with pytest.raises(ValueError, match=message):
+        from_torch(nn.Sequential(make(), nn.Flatten()), input_shape=(3,))
+
+
+def test_from_torch_reads_adaptive_pooling_then_flatten_as_global_pooling():
+    """to_torch writes GlobalAvgPool so; an adaptive pool not followed by a plain Flatten
+    stays itself (or, in 1-D, is refused: backprop has no layer giving (C, 1))."""
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                          nn.Linear(3, 2)).double()
+    net = from_torch(model, input_shape=(2, 9))
+    assert [type(layer) for layer in net.layers] == [bp.Conv1d, bp.GlobalAvgPool, bp.Dense]
+    x = randn(4, 2, 9)
+    np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+    kept = from_torch(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(2, 2, 1), nn.Flatten()),
+                      input_shape=(2, 5, 5))
+    assert [type(layer) for layer in kept.layers] == [bp.AdaptiveAvgPool2d, bp.Conv2d,
+                                                      bp.Flatten]
+    with pytest.raises(ValueError, match=r"module 0 \(AdaptiveAvgPool1d\(output_size=1\)\) is "
+                                         r"not supported by backprop"):
+        from_torch(nn.Sequential(nn.AdaptiveAvgPool1d(1)), input_shape=(2, 5))
+
+
+def test_module_runs_a_cnn_with_the_torch_copys_gradients():
+    from cnn_oracle import residual_cnn
+    net = residual_cnn()
+    reference = to_torch(net)
+    module = TorchModule(net)
+    assert [name for name, _ in module.named_parameters()][:3] == [
+        "layers.0.weight", "layers.1.weight", "layers.1.bias"]
+    assert [name for name, _ in module.named_buffers()][:2] == [
+        "layers.1.running_mean", "layers.1.running_var"]
+    x = randn(6, 3, 9, 7)
+    xs = [tensor(x.copy(), requires_grad=True) for _ in range(2)]
+    g = torch.from_numpy(randn(6, 5, seed=4))
+    for model, xi in ((module, xs[0]), (reference, xs[1])):
+        (model(xi) * g).sum().backward()
+    np.testing.assert_allclose(xs[0].grad.numpy(), xs[1].grad.numpy(), rtol=1e-10, atol=1e-12)
+    ours, theirs = list(module.parameters()), list(reference.parameters())
+    assert len(ours) == len(theirs) == len(net._plan.params)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for a, b in zip(module.buffers(), (t for n, t in reference.named_buffers()
+                                       if not n.endswith("num_batches_tracked"))):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_through_a_cnn(training):
+    from cnn_oracle import small_cnn
+    net = small_cnn(dropout=0.0 if training else 0.5).train(training)   # fixed masks: none
+    module = TorchModule(net)
+    x = tensor(randn(2, 1, 8, 7, seed=3), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: module(x), (x, *module.parameters()),
+                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_module_takes_integer_ids_for_an_embedding_network():
+    net = ids_net().eval()
+    reference = to_torch(net)
+    module = TorchModule(net)
+    ids = torch.from_numpy(sample(net, n=7))
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        np.testing.assert_array_equal(module(ids.to(dtype)).detach().numpy(),
+                                      net.forward(ids.numpy()))
+    g = torch.from_numpy(randn(7, 3, seed=2))
+    (module(ids) * g).sum().backward()
+    (reference(ids) * g).sum().backward()
+    for a, b in zip(module.parameters(), reference.parameters()):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert not module.layers[0].weight.grad[2].any()             # padding_idx
+    # The table's padding row gets no gradient by definition though the output depends on
+    # it, so torch's finite differences cover the parameters after it (bp.gradcheck, told
+    # of padding_idx, covers the table: test_pool_embedding).
+    assert torch.autograd.gradcheck(lambda *p: module(ids), tuple(module.parameters())[1:],
+                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    for bad in (ids.double(), ids.bool(), ids.to(torch.complex64)):
+        with pytest.raises(TypeError, match=r"TorchModule: x must hold integer ids \(the network "
+                                            r"starts with an Embedding\), got a tensor of dtype"):
+            module(bad)
+    with pytest.raises(ValueError, match=r"x: every id must lie in \[0, 9\)"):
+        module(ids + 9)

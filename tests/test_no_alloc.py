@@ -47,3 +47,22 @@ def test_every_layer_type_trains_without_allocating():
                  lambda: net.train_step(X, y, rows=rows, clip_grad_norm=1.0),
                  lambda: net.compute_gradients(X, y, rows=rows) and net.step() or net.zero_grad()):
         assert traced_growth(step, 500) < 1024
+
+
+def test_convolutional_and_embedding_networks_train_without_allocating():
+    """Convolutions (im2col scratch, several chunks), pooling, BatchNorm on images,
+    residual blocks, relayouts, Dropout, and an Embedding's ids."""
+    from cnn_oracle import embedding_net, residual_cnn, small_cnn
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(200, 3, 9, 7)).astype(np.float32)
+    small = rng.normal(size=(200, 1, 8, 7)).astype(np.float32)
+    ids, labels = rng.integers(0, 20, (200, 6)), rng.integers(0, 3, 200)
+    rows = np.arange(32)
+    cnn, dropout, embedding = (residual_cnn(dtype="float32"), small_cnn(dtype="float32"),
+                               embedding_net(dtype="float32"))
+    for step in (lambda: cnn.train_step(images[:32], labels[:32]),
+                 lambda: cnn.train_step(images, labels, rows=rows, clip_grad_norm=1.0, l2=1e-4),
+                 lambda: dropout.train_step(small, labels, rows=rows),
+                 lambda: embedding.train_step(ids[:32], labels[:32]),
+                 lambda: embedding.train_step(ids, labels, rows=rows, l2=1e-4)):
+        assert traced_growth(step, 100) < 1024     # 100 steps: 11 bytes a step would show

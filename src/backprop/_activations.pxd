@@ -93,10 +93,6 @@ cdef inline double derivative(double a, double z, int activation) noexcept nogil
     return 1.0
 
 
-cdef inline bint needs_preactivation(int activation) noexcept nogil:
-    return activation == GELU
-
-
 cdef inline void activate_tile(floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t cols,
                                int activation) noexcept nogil:
     """Apply an elementwise activation in place to a rows x cols tile (row stride ldc)."""

@@ -76,9 +76,6 @@ typedef struct {
     bp_dgemm_ops d;
 } bp_context;
 
-/* The largest MR x NR any level uses, for scratch tiles. */
-#define BP_MAX_TILE (8 * 32)
-
 /* ------------------------------------------------------------------ portable level */
 
 /* The generic kernel's contract in plain C; the compiler vectorises the inner j loop

@@ -1,4 +1,6 @@
 """Check backpropagation against finite differences, using forward passes alone."""
+import math
+
 import numpy as np
 
 from backprop import record
@@ -24,6 +26,10 @@ def gradcheck(net, x, y, *, eps=1e-5, floor=1e-4, max_params=None, seed=0):
     difference's truncation error (~eps^2) against that rounding noise (~1e-16 / eps);
     both then stay near 1e-9 relative.
 
+    Entries a layer declares to get no gradient (an Embedding's padding_idx row, as in
+    PyTorch, although the loss depends on it) must have a backpropagated gradient of
+    exactly zero.
+
     The check runs in the network's mode; in train mode every forward pass uses the same
     dropout masks (those of the network's next pass), so the loss is one function of
     the parameters.  BatchNorm in train mode is checked through its batch statistics.
@@ -47,11 +53,21 @@ def gradcheck(net, x, y, *, eps=1e-5, floor=1e-4, max_params=None, seed=0):
     analytic = twin.grads.copy()
     analytic_x = np.zeros(0) if ids else twin.input_grad
 
+    # Entries a layer declares gradient-free (padding_idx rows) are checked to be zero.
+    free = np.zeros(twin.params.size, dtype=bool)
+    for layer, (name, shape, _), offset in twin._plan.params:
+        for param, index in layer.without_gradient().items():
+            if param == name:
+                free[offset:offset + math.prod(shape)].reshape(shape)[index] = True
+
     indices = np.arange(twin.params.size)
     if max_params is not None and max_params < indices.size:
         indices = np.random.default_rng(seed).choice(indices, max_params, replace=False)
     numeric = np.empty(indices.size)
     for k, i in enumerate(indices):
+        if free[i]:
+            numeric[k] = 0.0
+            continue
         saved = twin.params[i]
         twin.params[i] = saved + eps
         up = loss()

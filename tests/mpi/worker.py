@@ -13,6 +13,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 # scenario_different_simd: rank 1 imports the generic build (the level is chosen at import).
 if sys.argv[1:2] == ["different_simd"] and MPI.COMM_WORLD.rank == 1:
     os.environ["BACKPROP_SIMD"] = "generic"
@@ -60,9 +61,17 @@ def checksum(net_or_array):
     return int(np.frombuffer(array.tobytes(), dtype=np.uint64).sum() % 2**61)
 
 
-def compare(make, **fit_args):
+def images(n=103, shape=(1, 8, 7), classes=3, seed=7):
+    """Small images whose labels follow a fixed linear rule of their pixels."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n,) + shape)
+    y = (X.reshape(n, -1) @ rng.normal(size=(X[0].size, classes))).argmax(axis=1)
+    return X, y
+
+
+def compare(make, dataset=data, **fit_args):
     """Train make() in one process and over comm with the same arguments."""
-    X, y = data()
+    X, y = dataset()
     single, parallel = make(), make()
     h1 = single.fit(X, y, progress=False, **fit_args)
     h2 = parallel.fit(X, y, comm=comm, progress=False, **fit_args)
@@ -101,6 +110,13 @@ def scenario_decisions():
 
 def scenario_dropout():
     compare(lambda: network(dropout=True), epochs=4, batch_size=10)
+
+
+def scenario_cnn():
+    """Convolutions, pooling and Dropout (masks keyed by the global row) on images."""
+    from cnn_oracle import small_cnn
+    compare(lambda: small_cnn(dtype="float64", optimizer=bp.Adam(lr=0.01)), dataset=images,
+            epochs=3, batch_size=12)
 
 
 def scenario_batchnorm():

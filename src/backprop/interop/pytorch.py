@@ -26,7 +26,7 @@ except ImportError as e:   # pragma: no cover - exercised only without torch
 
 from backprop.interop._layers import check_network
 from backprop.layers import LAYERS, Dropout, Residual
-from backprop.layers.base import describe, unsupported
+from backprop.layers.base import UnsupportedModule, describe, unsupported
 from backprop.layers.elementwise import torch_activation
 from backprop.network import Network
 from backprop.plan import flatten
@@ -102,7 +102,8 @@ def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None, inpu
         running statistics and a momentum), ``LayerNorm`` (one normalized dimension),
         ``Dropout`` and ``TorchResidual``.  Nested ``Sequential`` modules are read as if
         flattened.  An activation right after a ``Linear`` or a convolution becomes that
-        layer's activation; elsewhere an ``Activation`` layer.
+        layer's activation; elsewhere an ``Activation`` layer.  ``AdaptiveAvgPool1d(1)``
+        or ``AdaptiveAvgPool2d(1)`` followed by ``Flatten()`` is one ``GlobalAvgPool``.
     loss, optimizer, seed
         As for ``Network`` (the seed draws dropout masks; the weights come from `module`).
     dtype : {"float32", "float64"} or None
@@ -157,6 +158,25 @@ def _torch_kinds():
     return kinds
 
 
+def _torch_runs():
+    """[(torch module classes, the backprop layer class reading that run as one layer)],
+    from the layers' declarations (torch_runs)."""
+    return [(tuple(getattr(nn, name) for name in run), cls)
+            for cls in LAYERS.values() for run in cls.torch_runs]
+
+
+def _read_run(runs, items, i):
+    """(layer, number of modules) for a declared run of modules starting at items[i], or
+    (None, 0)."""
+    for classes, cls in runs:
+        modules = [module for _, module in items[i:i + len(classes)]]
+        if tuple(type(module) for module in modules) == classes:
+            layer = cls.from_torch_run(modules, items[i][0])
+            if layer is not None:
+                return layer, len(classes)
+    return None, 0
+
+
 def _flatten(sequential, prefix):
     """(index path, module) for each child of a Sequential; plain nested Sequentials are
     read through (their children get paths like "2.0") and Identity modules, which compute
@@ -199,15 +219,20 @@ def _layers_from(items, copies, shape):
     that declares its torch class; returns (layers, output sample shape).  `shape` is the
     input sample's shape (None until a layer fixes it): a module whose input does not fit
     is named by its torch path."""
-    kinds, layers, i = _torch_kinds(), [], 0
+    kinds, runs, layers, i = _torch_kinds(), _torch_runs(), [], 0
     while i < len(items):
         path, module = items[i]
         cls = kinds.get(type(module))
-        if cls is None:
+        run, length = _read_run(runs, items, i)
+        if run is not None:
+            cls, layer = type(run), run
+            i += length - 1
+        elif cls is None:
+            names = sorted(t.__name__ for t in kinds) + sorted(
+                " + ".join(t.__name__ for t in classes) for classes, _ in runs)
             raise unsupported(path, module, "is not supported by backprop (supported: "
-                              f"{', '.join(sorted(t.__name__ for t in kinds))}, Identity and "
-                              "nested Sequential)")
-        if cls is Residual:
+                              f"{', '.join(names)}, Identity and nested Sequential)")
+        elif cls is Residual:
             inner, out = _layers_from(list(_flatten(module, f"{path}.")), copies, shape)
             if not inner:
                 raise unsupported(path, module, "has an empty body")
@@ -217,10 +242,10 @@ def _layers_from(items, copies, shape):
             layer = Residual(*inner)
         elif getattr(cls, "takes_activation", False) and i + 1 < len(items) \
                 and (activation := activation_name_of(*items[i + 1])) is not None:
-            layer = cls.from_torch(module, path, activation=activation)   # fused in the core
+            layer = _read(cls, module, path, activation=activation)    # fused in the core
             i += 1
         else:
-            layer = cls.from_torch(module, path)
+            layer = _read(cls, module, path)
         if layer.parameters() or layer.buffers():
             _check_finite(module, path)
             copies.append((layer, module))
@@ -234,6 +259,18 @@ def _layers_from(items, copies, shape):
         layers.append(layer)
         i += 1
     return layers, shape
+
+
+def _read(cls, module, path, **options):
+    """cls.from_torch(module, path): an option torch allows but backprop's constructor
+    refuses (padding='same' with an even kernel, Dropout(p=1), ...) is named like any
+    module backprop does not compute."""
+    try:
+        return cls.from_torch(module, path, **options)
+    except UnsupportedModule:
+        raise
+    except ValueError as e:
+        raise unsupported(path, module, f"is not supported: {e}") from None
 
 
 def _dtype_of(module):
@@ -275,7 +312,8 @@ class TorchModule(nn.Module):
 
     Notes
     -----
-    * Input: a CPU tensor of shape (batch, *net.input_shape) in the network's dtype;
+    * Input: a CPU tensor of shape (batch, *net.input_shape) in the network's dtype (or
+      of integer ids, which get no gradient, for a network starting with an Embedding);
       output: (batch, *net.output_shape), the network's forward (probabilities for a
       softmax output).
     * ``module.layers[i].weight`` / ``.bias`` are ``net.layers[i].weight`` / ``.bias``
@@ -339,7 +377,11 @@ class TorchModule(nn.Module):
         if x.device.type != "cpu":
             raise ValueError(f"TorchModule: x must be on the CPU (backprop is a CPU library), "
                              f"got a tensor on {x.device}")
-        if x.dtype != self.dtype:
+        if self.net._plan.geometry[0].ids:
+            if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+                raise TypeError(f"TorchModule: x must hold integer ids (the network starts "
+                                f"with an Embedding), got a tensor of dtype {x.dtype}")
+        elif x.dtype != self.dtype:
             raise TypeError(f"TorchModule: x has dtype {x.dtype}, the network computes in "
                             f"{self.dtype}: convert x with x.to({self.dtype})")
         return _RunNetwork.apply(self, x, *(param for param, _ in self._grad_links))

@@ -10,6 +10,7 @@ the PyTorch and ONNX converters read:
   weights get the L2 penalty, and their gradient norms are recorded and monitored), and
   ``initial_parameters(rng)`` their first values; ``kernel_params``: the order the
   kernels take them in; ``buffers()``: arrays it keeps but never trains;
+  ``without_gradient()``: entries whose gradient is zero by definition;
 * ``output_shape(shape)``: the shape of its output sample from its input sample's
   (PyTorch's shapes, batch left out), or a ``ValueError`` saying why the input does not
   fit; ``input_layout``/``output_layout``: the storage order it reads and writes (see
@@ -19,7 +20,8 @@ the PyTorch and ONNX converters read:
   backward, in doubles, per batch and per sample;
 * ``config()``: its constructor arguments, all a checkpoint stores about it;
 * ``to_torch(nn, dtype, shape)``, ``from_torch(module)`` (with ``torch_names``, the
-  ``torch.nn`` classes it reads) and ``to_onnx(graph, x, here, shape)``.
+  ``torch.nn`` classes it reads; ``from_torch_run`` and ``torch_runs`` for a layer that
+  PyTorch writes as several modules) and ``to_onnx(graph, x, here, shape)``.
 
 ``register`` checks that a class declares all of it before the kind can be used; a kind
 the kernel table lacks is refused then.
@@ -106,6 +108,7 @@ class Layer:
     fuses_activation = False   # its kernel applies an elementwise activation in its pass
     takes_ids = False          # its input is integer ids (only a network's first layer)
     torch_names = ()           # the torch.nn classes from_torch reads
+    torch_runs = ()            # runs of torch.nn classes from_torch_run reads as one layer
 
     def fixes_input(self):
         """The input sample shape this layer implies, or None if it takes several."""
@@ -127,6 +130,12 @@ class Layer:
     def buffers(self):
         """[(name, shape, first value)] of the arrays kept but not trained."""
         return []
+
+    def without_gradient(self):
+        """{parameter name: index} of the entries that get no gradient by definition
+        although the loss depends on them (an Embedding's padding_idx row, as in PyTorch):
+        gradcheck expects zero there, not the finite difference."""
+        return {}
 
     def record(self, x):
         """The Op fields (eps, momentum, p, window, padding_idx, include_pad, activation)
@@ -155,6 +164,13 @@ class Layer:
         """The layer computing what `module` (of a class in torch_names) computes, or a
         ValueError naming `path` for options backprop does not compute."""
         raise NotImplementedError
+
+    @classmethod
+    def from_torch_run(cls, modules, path):
+        """The layer computing what `modules` (a run of the classes of one of torch_runs)
+        compute, or None when their options make them something else (they are then read
+        one by one)."""
+        return None
 
     def to_onnx(self, graph, x, here, shape):
         """Add the ONNX nodes computing this layer on the value named `x` (an input sample
@@ -281,7 +297,11 @@ def copy_to_torch(module, layer):
     return module
 
 
+class UnsupportedModule(ValueError):
+    """from_torch's error for a torch module (or option) backprop does not compute."""
+
+
 def unsupported(path, module, reason):
     """The ValueError from_torch raises for a module backprop does not compute."""
     what = repr(module) if not list(module.children()) else type(module).__name__
-    return ValueError(f"from_torch: module {path} ({what}) {reason}")
+    return UnsupportedModule(f"from_torch: module {path} ({what}) {reason}")

@@ -58,6 +58,9 @@ class Embedding(Layer):
             weight[self.padding_idx] = 0.0
         return {"weight": weight}
 
+    def without_gradient(self):
+        return {} if self.padding_idx is None else {"weight": self.padding_idx}
+
     def record(self, x):
         return {"padding_idx": -1 if self.padding_idx is None else self.padding_idx}
 

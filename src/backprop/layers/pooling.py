@@ -221,8 +221,10 @@ class AdaptiveAvgPool2d(GlobalPooling):
 @register
 class GlobalAvgPool(GlobalPooling):
     """Keras's GlobalAveragePooling: (C, L) or (C, H, W) samples become (C,), each channel's
-    mean (``AdaptiveAvgPool2d(1)`` followed by ``Flatten()`` in PyTorch, which to_torch
-    writes)."""
+    mean (``AdaptiveAvgPool1d(1)`` or ``AdaptiveAvgPool2d(1)`` followed by ``Flatten()`` in
+    PyTorch, which to_torch writes and from_torch reads as this layer)."""
+
+    torch_runs = (("AdaptiveAvgPool1d", "Flatten"), ("AdaptiveAvgPool2d", "Flatten"))
 
     def output_shape(self, shape):
         self._check(shape)
@@ -238,6 +240,12 @@ class GlobalAvgPool(GlobalPooling):
     @classmethod
     def from_torch(cls, module, path):
         raise unsupported(path, module, "is read as AdaptiveAvgPool2d")
+
+    @classmethod
+    def from_torch_run(cls, modules, path):
+        pool, flatten = modules
+        one = pool.output_size in (1, (1,), (1, 1))
+        return cls() if one and (flatten.start_dim, flatten.end_dim) == (1, -1) else None
 
     def to_onnx(self, graph, x, here, shape):
         pooled = graph.node("GlobalAveragePool", [x], f"{here}.globalavgpool")
