@@ -263,7 +263,8 @@ class Network:
 
     def step(self):
         """Update the parameters from the accumulated gradients.  Gradients that are not
-        finite are refused (FloatingPointError) and nothing changes."""
+        finite, or an update that would overflow, are refused (FloatingPointError) and
+        nothing changes."""
         self._engine.step(self.optimizer)
 
     def zero_grad(self):
@@ -290,8 +291,9 @@ class Network:
         clip_grad_norm : float, optional
             Scale the gradients so their global norm is at most this before the update.
 
-        A step whose loss or gradients are not finite raises FloatingPointError and
-        changes nothing (weights, optimizer state, running statistics)."""
+        A step whose loss, gradients or update would not be finite raises
+        FloatingPointError and changes nothing (weights, optimizer state, running
+        statistics, dropout's count, gradients)."""
         clip = 0.0 if clip_grad_norm is None else float(clip_grad_norm)
         if clip_grad_norm is not None and not (clip > 0 and np.isfinite(clip)):
             raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm!r}")
