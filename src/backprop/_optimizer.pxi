@@ -9,9 +9,10 @@ cdef enum UpdateResult:
                        # written from outside since the last step?): not put back
 
 # A rule's bound below this fraction of the dtype's largest value proves its update
-# finite: room for the bound's own rounding, and for values written into the parameters
-# or state from outside since the optimizer last saw them (TorchModule's torch
-# optimizer, your own code), up to 2**16 times larger than any it wrote.
+# finite, with room for the bound's own rounding.  The margin is also all there is for
+# values written into the parameters or state from outside since the optimizer last
+# measured them (TorchModule's torch optimizer, your own code), which it cannot see: an
+# overflow they cause is reported (BROKEN), not undone.
 GUARD_MARGIN = 2.0 ** -16
 
 
