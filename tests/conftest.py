@@ -54,6 +54,17 @@ def make_net(sizes, activations, loss=None, dtype="float64", bias=True, seed=0, 
                       seed=seed)
 
 
+def snapshot(net):
+    """Everything a refused call must leave as it was."""
+    return ([net.params.copy(), net.grads.copy(), net.buffers.copy(), net._engine.passes,
+             net.optimizer.steps] + [v.copy() for v in net.optimizer.state.values()])
+
+
+def assert_unchanged(net, before):
+    for a, b in zip(before, snapshot(net)):
+        np.testing.assert_array_equal(a, b)
+
+
 def targets_for(loss, rows, cols, rng):
     """Random targets of the right kind: class labels, probabilities, or reals."""
     if loss == "cross_entropy":

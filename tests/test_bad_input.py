@@ -149,9 +149,10 @@ def test_bad_architecture():
 
 def test_an_optimizer_serves_one_network():
     opt = bp.SGD()
-    make_net([4, 3], "identity", optimizer=opt)
+    net = make_net([4, 3], "identity", optimizer=opt)
     with pytest.raises(ValueError, match="already updates another Network"):
         make_net([2, 2], "identity", optimizer=opt)
+    assert net.optimizer is opt
 
 
 def test_big_endian_input_is_read_correctly():

@@ -226,6 +226,14 @@ def test_divergence_on_one_rank_stops_every_rank_with_the_last_good_weights(mpie
     assert ranks[0]["passes"] == ranks[1]["passes"]
 
 
+def test_an_update_that_overflows_stops_every_rank_with_the_last_good_weights(mpiexec):
+    for r in scenario(mpiexec, "update_overflows"):
+        assert r["error"] == "FloatingPointError"
+        assert "diverged at epoch 2, step 0: the update overflowed" in r["message"]
+        assert "the weights and optimizer state are those of the last good step" in r["message"]
+        assert r["unchanged"] and r["finite"] and r["grads_zero"] and r["epoch"] == 1
+
+
 @pytest.mark.parametrize("name, differing", [
     ("different_seed", "rng"),
     ("different_length", "X: rank 0 ((103, 10)"),

@@ -15,19 +15,22 @@
 cimport cython
 cimport numpy as cnp
 from cython cimport floating
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
-from libc.math cimport sqrt, isfinite
+from libc.math cimport sqrt, isfinite, INFINITY, NAN
 
 import math
+import threading
+import time
 
 import numpy as np
 
 from backprop._gemm cimport (gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name,
                              bp_ctx, bp_ctx_caches, PARALLEL_MIN_WORK)
 from backprop._activations cimport Activation, IDENTITY, SOFTMAX
-from backprop._optim cimport OptimConfig, optimizer_update, sum_of_squares, STAT_BLOCK
+from backprop._optim cimport (OptimConfig, optimizer_update, sum_of_squares, largest_magnitude,
+                             most, STAT_BLOCK, N_HELD)
 from backprop._dropout cimport mix64
 from backprop._parallel cimport part_start, team_for
 from cython.parallel cimport prange
@@ -109,7 +112,18 @@ def _gemm_config():
 
 def _gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads, dtype):
     """The packing scratch one m x n x k product of `dtype` needs on `n_threads` threads."""
+    # gemm_scratch_bytes rounds the sides up to whole tiles in C: every caller bounds them
+    # (matmul by its arrays, which NumPy keeps below 2**63 bytes; a network by the
+    # workspace it allocated), and so does this one.
+    if not (0 <= m <= MAX_OPERAND_SIDE and 0 <= n <= MAX_OPERAND_SIDE
+            and 0 <= k <= MAX_OPERAND_SIDE):
+        raise ValueError(f"m, n, k must lie in [0, {MAX_OPERAND_SIDE}], got {(m, n, k)}")
     return gemm_scratch_bytes(m, n, k, n_threads, np.dtype(dtype).itemsize)
+
+
+# The longest side a product may have: an operand of more float32 values than this would
+# hold more bytes than NumPy allows.
+MAX_OPERAND_SIDE = 1 << 61
 
 
 def openmp_enabled():

@@ -5,10 +5,6 @@ cdef enum PassPart:
     LOSS = 2
     BACKWARD = 4
 
-# The largest float32, and so the bound on a float32 network's squared gradient norm:
-# below it every squared gradient fits in float32, so no optimizer state can overflow.
-cdef double FLOAT32_MAX = 3.4028234663852886e38
-
 # The most bytes one workspace may claim (sizes are summed in Python integers, so they
 # never wrap; an allocator may still refuse less).
 MAX_WORKSPACE_BYTES = 1 << 62
@@ -73,8 +69,8 @@ cdef class Engine:
     must stay alive and never be reallocated.  The workspace is allocated by the first
     batch (and grown by a larger one), so building a network costs only its parameters.
     Every public method runs with the one-pass guard held (a second thread gets a
-    RuntimeError) and returns copies, never views of the workspace, which the next pass
-    overwrites.
+    RuntimeError; it waits while another thread holds the network to copy it, held()) and
+    returns copies, never views of the workspace, which the next pass overwrites.
     """
     cdef Tape tape
     cdef int n_slots
@@ -103,8 +99,10 @@ cdef class Engine:
     cdef readonly bint has_forward, has_grads, has_input_grad
     cdef bint _training
     cdef bint busy
+    cdef dict holders              # thread -> how many `held()` blocks it is in
 
     def __cinit__(self):
+        self.holders = {}
         self.tape.ops = NULL
         self.tape.slots = NULL
         self.grad_owner = NULL
@@ -325,7 +323,7 @@ cdef class Engine:
         refused batch changes nothing."""
         cdef bint ids = self.tape.slots[0].ids
         cdef cnp.ndarray arr = self._samples(x, "x", self.input_shape, ids)
-        cdef cnp.ndarray index = None if rows is None else _row_index(rows, arr.shape[0])
+        cdef cnp.ndarray index = None if rows is None else _row_index(rows)
         cdef Py_ssize_t n = arr.shape[0] if index is None else index.shape[0]
         cdef Workspace ws = self.ws
         cdef int spare = 1 - self.active_input, labels = 0
@@ -339,8 +337,12 @@ cdef class Engine:
             raise ValueError("BatchNorm in train mode needs more than one value per channel "
                              "(the variance of one value is 0): give more than one row, or "
                              "use net.eval() to predict one row")
+        # The workspace first: a batch too large for memory (2**62 rows of a zero-stride
+        # array) is refused here at once, before anything reads its n rows.
         if ws is None or n > ws.capacity:
             ws = self._allocate(n)       # MemoryError here leaves everything as it was
+        if index is not None:
+            index = _check_rows(index, arr.shape[0])
         if ids:
             _copy_ids(arr, "x", <int64_t*>ws.inputs[spare], self.tape.slots[0].ld,
                       self.id_limit, index)
@@ -462,12 +464,25 @@ cdef class Engine:
 
     cdef int _enter(self) except -1:
         # One network, one pass at a time: a second Python thread entering while the first
-        # runs without the GIL would overwrite its workspace.
-        if self.busy:
-            raise RuntimeError("this Network is already running a pass in another thread; "
-                               "use one Network per thread, or a lock around it")
+        # runs without the GIL would overwrite its workspace.  A pass waits while another
+        # thread holds the network to copy it (held()), which is over in microseconds.
+        while True:
+            if self.busy:
+                raise RuntimeError("this Network is already running a pass in another "
+                                   "thread; use one Network per thread, or a lock around it")
+            if not self.holders or threading.get_ident() in self.holders:
+                break
+            time.sleep(WAIT_SECONDS)
         self.busy = True
         return 0
+
+    def held(self):
+        """A context manager: `with engine.held():` waits for a pass running in another
+        thread to end, and keeps any other thread from starting one until the block ends
+        (they wait), so what the block reads of the network (weights, buffers, optimizer
+        state, counters) is all of one step boundary.  Checkpoints, pickles and copies are
+        taken in one; another thread's training merely pauses for it."""
+        return _Held(self)
 
     cdef int _check_forward(self, str what) except -1:
         if not self.has_forward:
@@ -537,11 +552,6 @@ cdef class Engine:
             return sum_of_squares(<double*>self.tape.grads, self.params.shape[0],
                                   self.block_sums, nt)
         return sum_of_squares(<float*>self.tape.grads, self.params.shape[0], self.block_sums, nt)
-
-    @cython.nonecheck(False)
-    cdef bint _gradients_ok(self, double sum_sq) noexcept nogil:
-        # Finite, and (float32) every squared gradient fits: no optimizer state overflows.
-        return isfinite(sum_sq) and (self.is64 or sum_sq < FLOAT32_MAX)
 
     @cython.nonecheck(False)
     cdef void _zero_grads(self) noexcept nogil:
@@ -687,11 +697,13 @@ cdef class Engine:
         (see compute_gradients), whose gradient is multiplied by `scale` (the factor
         between another library's loss and the built-in one).  clip > 0 scales the
         gradients so their global norm is at most `clip` (torch's clip_grad_norm_).
-        A step whose loss or gradients are not finite is refused: FloatingPointError,
-        and the weights, optimizer, statistics and gradients are as they were."""
-        cdef int labels, nt
+        A step whose loss, gradients or update are not finite is refused:
+        FloatingPointError (MemoryError if the copy that would undo an update that may
+        overflow cannot be made), and the weights, optimizer, statistics and gradients are
+        as they were."""
+        cdef int labels, nt, update = APPLIED
         cdef double value, sum_sq = 0.0, factor = 1.0
-        cdef bint ok, finite = True, pending
+        cdef bint ok, pending, refused
         cdef char* backup = NULL
         self._enter()
         try:
@@ -718,26 +730,31 @@ cdef class Engine:
                     ok = isfinite(value)
                     if ok:
                         sum_sq = self._sum_of_squares(nt)
-                        ok = self._gradients_ok(sum_sq)
-                        if not ok and pending:      # back to what they were
-                            memcpy(self.tape.grads, backup,
-                                   self.params.shape[0] * self.dtype_size())
-                        elif not ok:
-                            self._zero_grads()
+                        ok = isfinite(sum_sq)
                     if ok:
                         if record_norms:
                             self._record_weight_norms(nt)
                         if clip > 0 and sqrt(sum_sq) + 1e-6 > clip:
                             factor = clip / (sqrt(sum_sq) + 1e-6)
-                        finite = optimizer._run_nogil(self.tape.params, self.tape.grads,
-                                                      self.params.shape[0], nt, True, factor)
-                    else:
+                        update = optimizer._run_nogil(self.tape.params, self.tape.grads,
+                                                      self.params.shape[0], nt, True, factor,
+                                                      sqrt(sum_sq))
+                    if not ok or update == UNDONE or update == NO_COPY:
+                        # Refused: the gradients back to what they were (the update may
+                        # have cleared some), the forward's statistics and count undone.
+                        if pending:
+                            memcpy(self.tape.grads, backup,
+                                   self.params.shape[0] * self.dtype_size())
+                        else:
+                            self._zero_grads()
                         self._undo_forward()
             finally:
                 optimizer._end()
+            refused = not ok or update == UNDONE or update == NO_COPY
             self.has_input_grad = False
-            self.has_grads = pending and not ok
-            # The forward stays inspectable only when the step was refused.
+            self.has_grads = pending and refused
+            # The forward stays inspectable when the loss or the gradients were refused,
+            # to find the first layer that is not finite.
             self.has_forward = not ok
             if not isfinite(value):
                 raise FloatingPointError(
@@ -747,17 +764,17 @@ cdef class Engine:
                 raise FloatingPointError(
                     f"the gradients are not finite (squared norm {sum_sq:.3g}); this step's "
                     "update was not applied, so the weights are those of the last good step")
-            _check_update(finite, optimizer)
+            _check_update(update, optimizer)
             return value
         finally:
             self.busy = False
 
     def step(self, OptimizerBase optimizer):
         """One optimizer update from the accumulated gradients, or FloatingPointError
-        (nothing changed) if they are not finite."""
-        cdef int nt
+        (nothing changed) if they or the update are not finite."""
+        cdef int nt, update = APPLIED
         cdef double sum_sq
-        cdef bint ok, finite = True
+        cdef bint ok
         self._enter()
         try:
             if not self.has_grads:
@@ -767,18 +784,20 @@ cdef class Engine:
             try:
                 with nogil:
                     sum_sq = self._sum_of_squares(nt)
-                    ok = self._gradients_ok(sum_sq)
+                    ok = isfinite(sum_sq)
                     if ok:
-                        finite = optimizer._run_nogil(self.tape.params, self.tape.grads,
-                                                      self.params.shape[0], nt, False, 1.0)
+                        update = optimizer._run_nogil(self.tape.params, self.tape.grads,
+                                                      self.params.shape[0], nt, False, 1.0,
+                                                      sqrt(sum_sq))
             finally:
                 optimizer._end()
             if not ok:
                 raise FloatingPointError(
                     f"the gradients are not finite (squared norm {sum_sq:.3g}); the update "
                     "was not applied")
-            self.has_forward = False   # the saved activations belong to the old weights
-            _check_update(finite, optimizer)
+            if update == APPLIED or update == BROKEN:
+                self.has_forward = False   # the saved activations belong to the old weights
+            _check_update(update, optimizer)
         finally:
             self.busy = False
 
@@ -818,7 +837,7 @@ cdef class Engine:
             with nogil:
                 sum_sq = self._sum_of_squares(nt)
             norm = sqrt(sum_sq)
-            if not self._gradients_ok(sum_sq):
+            if not isfinite(sum_sq):
                 raise FloatingPointError(f"the gradient norm is {norm}: not finite, nothing "
                                          "was clipped")
             factor = max_norm / (norm + 1e-6)
@@ -835,6 +854,39 @@ cdef class Engine:
             self.busy = False
 
 
+# How long a thread waiting for another's pass (or copy) sleeps between looks: a step
+# takes microseconds to seconds, and a waiting thread must not take a core from it.
+WAIT_SECONDS = 1e-4
+
+
+cdef class _Held:
+    """Engine.held()'s context manager."""
+    cdef Engine engine
+    cdef object thread
+
+    def __cinit__(self, Engine engine):
+        self.engine = engine
+
+    def __enter__(self):
+        holders = self.engine.holders
+        self.thread = threading.get_ident()
+        holders[self.thread] = holders.get(self.thread, 0) + 1      # new passes wait now
+        try:
+            while self.engine.busy:                   # a pass in another thread: let it end
+                time.sleep(WAIT_SECONDS)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        holders = self.engine.holders
+        holders[self.thread] -= 1
+        if not holders[self.thread]:
+            del holders[self.thread]
+        return False
+
+
 cdef uint64_t _row_offset(object value) except? 0:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0 \
             or value >= 2 ** 62:
@@ -848,11 +900,23 @@ cdef int _check_scale(double scale) except -1:
     return 0
 
 
-cdef int _check_update(bint finite, OptimizerBase optimizer) except -1:
-    if not finite:
+cdef int _check_update(int update, OptimizerBase optimizer) except -1:
+    """Raise for an update that was not applied, saying what happened."""
+    if update == UNDONE:
+        raise FloatingPointError(
+            f"the update overflowed: it would have made some weights or optimizer state "
+            f"infinite or NaN (learning rate {optimizer.lr:g}); it was not applied, so the "
+            "weights and optimizer state are those of the last good step: lower the "
+            "learning rate")
+    if update == NO_COPY:
+        raise MemoryError(
+            "this update might overflow, and there is no memory for the copy of the weights "
+            "and optimizer state that would undo it; it was not applied")
+    if update == BROKEN:
         raise FloatingPointError(
             f"the update made some weights or optimizer state overflow (learning rate "
-            f"{optimizer.lr:g}); the network is no longer finite: reload a checkpoint and "
-            "lower the learning rate")
+            f"{optimizer.lr:g}), which the optimizer's bound on its updates did not foresee "
+            "(were they written from outside since its last step?); the network is no longer "
+            "finite: reload a checkpoint and lower the learning rate")
     return 0
 

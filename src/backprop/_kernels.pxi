@@ -16,7 +16,8 @@ from backprop._pool cimport max_pool_run, max_pool_back, avg_pool_run, avg_pool_
 from backprop._embedding cimport embedding_run, embedding_back
 from backprop._losses cimport (LossKernel, mse_loss, binary_cross_entropy_loss,
                                cross_entropy_loss)
-from backprop._optim cimport Rule, sgd_range, adam_range, rmsprop_range, adagrad_range
+from backprop._optim cimport (Rule, sgd_range, sgd_bound, adam_range, adam_bound, rmsprop_range,
+                             rmsprop_bound, adagrad_range, adagrad_bound)
 
 cdef enum:
     N_KERNELS = 11
@@ -55,10 +56,14 @@ LOSS_TABLE[2] = LossKernel(b"cross_entropy", cross_entropy_loss[float],
                            cross_entropy_loss[double])
 
 cdef Rule RULE_TABLE[N_RULES]
-RULE_TABLE[0] = Rule(b"sgd", 1, sgd_range[float], sgd_range[double])
-RULE_TABLE[1] = Rule(b"adam", 3, adam_range[float], adam_range[double])
-RULE_TABLE[2] = Rule(b"rmsprop", 3, rmsprop_range[float], rmsprop_range[double])
-RULE_TABLE[3] = Rule(b"adagrad", 1, adagrad_range[float], adagrad_range[double])
+RULE_TABLE[0] = Rule(b"sgd", 1, sgd_range[float, uint32_t], sgd_range[double, uint64_t],
+                     sgd_bound)
+RULE_TABLE[1] = Rule(b"adam", 3, adam_range[float, uint32_t], adam_range[double, uint64_t],
+                     adam_bound)
+RULE_TABLE[2] = Rule(b"rmsprop", 3, rmsprop_range[float, uint32_t],
+                     rmsprop_range[double, uint64_t], rmsprop_bound)
+RULE_TABLE[3] = Rule(b"adagrad", 1, adagrad_range[float, uint32_t],
+                     adagrad_range[double, uint64_t], adagrad_bound)
 
 
 cdef bint _complete_kernel(const Kernel* k) noexcept:
@@ -74,7 +79,8 @@ for _i in range(N_LOSS_KERNELS):
     if LOSS_TABLE[_i].name == NULL or not LOSS_TABLE[_i].value32 or not LOSS_TABLE[_i].value64:
         raise ImportError(f"backprop: row {_i} of the loss table is incomplete")
 for _i in range(N_RULES):
-    if RULE_TABLE[_i].name == NULL or not RULE_TABLE[_i].update32 or not RULE_TABLE[_i].update64:
+    if (RULE_TABLE[_i].name == NULL or not RULE_TABLE[_i].update32
+            or not RULE_TABLE[_i].update64 or not RULE_TABLE[_i].bound):
         raise ImportError(f"backprop: row {_i} of the rule table is incomplete")
 
 # name -> row, for the planner, the Engine and the optimizers.

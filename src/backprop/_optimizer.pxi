@@ -1,5 +1,21 @@
 # --------------------------------------------------------------------------- optimizers
 
+cdef enum UpdateResult:
+    APPLIED = 0
+    UNDONE = 1         # it overflowed; the parameters and state were put back
+    NO_COPY = 2        # it might overflow, and there was no memory for the copy that would
+                       # undo it: nothing was written
+    BROKEN = 3         # it overflowed where the rule's bound said it could not (values
+                       # written from outside since the last step?): not put back
+
+# A rule's bound below this fraction of the dtype's largest value proves its update
+# finite, with room for the bound's own rounding.  The margin is also all there is for
+# values written into the parameters or state from outside since the optimizer last
+# measured them (TorchModule's torch optimizer, your own code), which it cannot see: an
+# overflow they cause is reported (BROKEN), not undone.
+GUARD_MARGIN = 2.0 ** -16
+
+
 cdef class OptimizerBase:
     """The compiled half of every optimizer: its rule and settings as a C struct (read by
     the nogil update) and its state buffers, each shaped like the flat parameter buffer.
@@ -9,7 +25,15 @@ cdef class OptimizerBase:
     rule's state buffers (STATE_NAMES, as many as its kernel takes: checked here), and
     validates its settings before `_set_rule`, so no subclass can make the kernel read a
     buffer that is not there.  While a network's step runs without the GIL, the settings
-    and buffers cannot be changed (`_busy`)."""
+    and buffers cannot be changed (`_busy`).
+
+    A step either applies a finite update or changes nothing (see _optim.pxd): the
+    optimizer keeps the largest magnitude the parameters and each state buffer have held
+    (`held`: measured at the first step after a bind or a load, then the running maximum
+    of what its updates wrote), and before each update asks its rule's bound what the
+    update can write.  Only when that comes near the dtype's largest value are the
+    parameters and state copied (into `backup`, allocated the first time), to be put
+    back if the update reports a value that is not finite."""
     cdef OptimConfig config
     cdef readonly dict state
     cdef object _dtype
@@ -19,11 +43,23 @@ cdef class OptimizerBase:
     cdef int _busy
     cdef bint _has_rule
     cdef readonly tuple state_names   # the rule's state buffers, in its kernel's order
+    cdef double held[N_HELD]       # largest |parameter| and |state value|; NaN: not measured
+    cdef double _limit             # the largest bound an update runs without a copy
+    cdef char* backup              # the parameters and state before a guarded update
+    cdef double* parts             # each thread's magnitudes in one update
 
     def __cinit__(self, *args, **kwargs):
         self.state = {}
         self._size = -1
         memset(&self.config, 0, sizeof(OptimConfig))
+        self.backup = NULL
+        self.parts = <double*>bp_aligned_alloc(MAX_THREADS * N_HELD * sizeof(double))
+        if self.parts == NULL:
+            raise MemoryError("cannot allocate an optimizer")
+
+    def __dealloc__(self):
+        free(self.backup)
+        free(self.parts)
 
     def _set_rule(self, **settings):
         """Take the class's rule and these settings (fields of OptimConfig); the step count
@@ -37,6 +73,9 @@ cdef class OptimizerBase:
         if len(state_names) != RULE_TABLE[RULES[rule]].n_state:
             raise TypeError(f"the {rule!r} rule keeps {RULE_TABLE[RULES[rule]].n_state} state "
                             f"buffers, but {len(state_names)} are named: {state_names}")
+        if set(self._nonnegative()) - set(state_names):
+            raise TypeError(f"NONNEGATIVE names buffers the rule does not keep: "
+                            f"{sorted(set(self._nonnegative()) - set(state_names))}")
         memset(&c, 0, sizeof(OptimConfig))
         known = set(dict(c)) - {"rule", "step"}
         for name, value in settings.items():
@@ -97,6 +136,10 @@ cdef class OptimizerBase:
             raise ValueError(f"unknown state buffers {sorted(set(initial) - set(names))}; "
                              f"this rule has {list(names)}")
         state = {name: np.full(size, initial.get(name, 0.0), dtype=dtype) for name in names}
+        free(self.backup)          # sized for the old buffers
+        self.backup = NULL
+        self._forget_magnitudes()
+        self._limit = float(np.finfo(dtype).max) * GUARD_MARGIN
         self._dtype = np.dtype(dtype)
         self._is64 = self._dtype == np.float64
         self._size = size
@@ -124,10 +167,26 @@ cdef class OptimizerBase:
                 raise ValueError(f"optimizer state {name!r} contains NaN or Inf")
         if step < 0:
             raise ValueError(f"optimizer step must be >= 0, got {step}")
+        for name in self._nonnegative():
+            if (np.asarray(state[name]) < 0).any():
+                raise ValueError(f"optimizer state {name!r} holds sums of squares, which are "
+                                 "never negative; it has negative values")
         for name, value in state.items():
             self.state[name][...] = value
         self.config = template.config
         self.config.step = step
+        self._forget_magnitudes()
+
+    def _nonnegative(self):
+        """The state buffers the class declares never negative (NONNEGATIVE): its rule's
+        bound counts on it."""
+        return tuple(getattr(type(self), "NONNEGATIVE", ()))
+
+    cdef void _forget_magnitudes(self) noexcept:
+        # Measured again at the next step: the parameters or state were just replaced.
+        cdef int k
+        for k in range(N_HELD):
+            self.held[k] = NAN
 
     cdef int _begin(self, Py_ssize_t size, object dtype) except -1:
         """Mark a step as running over a flat buffer of `size` values of `dtype`."""
@@ -143,16 +202,63 @@ cdef class OptimizerBase:
     # The nogil methods below only ever run on `self`: Cython's debug None check
     # of self would need the GIL, so it is off for them.
     @cython.nonecheck(False)
-    cdef bint _run_nogil(self, char* p, char* g, Py_ssize_t n, int n_threads, bint clear,
-                         double clip) noexcept nogil:
-        """One update (between _begin and _end); whether everything written is finite."""
+    cdef int _run_nogil(self, char* p, char* g, Py_ssize_t n, int n_threads, bint clear,
+                        double clip, double grad) noexcept nogil:
+        """One update (between _begin and _end) of the n parameters at p from their
+        gradients at g times `clip`, the largest of which is at most `grad` before clipping:
+        an UpdateResult."""
         cdef const Rule* rule = &RULE_TABLE[self.config.rule]
+        cdef Py_ssize_t nbytes = n * (8 if self._is64 else 4)
+        cdef double written[N_HELD]
+        cdef int k
+        cdef bint guarded, finite = True
+        if self.held[0] != self.held[0]:
+            self._measure(p, n)
+        guarded = not (rule.bound(&self.config, self.held, grad * clip) <= self._limit)
+        if guarded:
+            if self.backup == NULL:
+                self.backup = <char*>bp_aligned_alloc((1 + rule.n_state) * nbytes)
+                if self.backup == NULL:
+                    return NO_COPY
+            memcpy(self.backup, p, nbytes)
+            for k in range(rule.n_state):
+                memcpy(self.backup + (k + 1) * nbytes, self.slots[k], nbytes)
         if self._is64:
-            return optimizer_update(rule, &self.config, <double*>p, <double*>g,
-                                    <double*>self.slots[0], <double*>self.slots[1],
-                                    <double*>self.slots[2], clip, n, n_threads, clear)
-        return optimizer_update(rule, &self.config, <float*>p, <float*>g, <float*>self.slots[0],
-                                <float*>self.slots[1], <float*>self.slots[2], clip,
-                                n, n_threads, clear)
+            optimizer_update(rule, &self.config, <double*>p, <double*>g, <double*>self.slots[0],
+                             <double*>self.slots[1], <double*>self.slots[2], clip, n,
+                             n_threads, clear, written, self.parts)
+        else:
+            optimizer_update(rule, &self.config, <float*>p, <float*>g, <float*>self.slots[0],
+                             <float*>self.slots[1], <float*>self.slots[2], clip, n,
+                             n_threads, clear, written, self.parts)
+        for k in range(N_HELD):
+            finite = finite and written[k] < INFINITY
+        if finite:
+            for k in range(N_HELD):
+                self.held[k] = most(self.held[k], written[k])
+            return APPLIED
+        if guarded:
+            memcpy(p, self.backup, nbytes)
+            for k in range(rule.n_state):
+                memcpy(self.slots[k], self.backup + (k + 1) * nbytes, nbytes)
+            self.config.step -= 1
+            return UNDONE
+        for k in range(N_HELD):
+            self.held[k] = NAN
+        return BROKEN
 
-
+    @cython.nonecheck(False)
+    cdef void _measure(self, char* p, Py_ssize_t n) noexcept nogil:
+        """held: the largest magnitude in the parameters and in each state buffer (a pass
+        over them, once after each bind or load)."""
+        cdef int k, n_state = RULE_TABLE[self.config.rule].n_state
+        for k in range(N_HELD):
+            self.held[k] = 0.0
+        if self._is64:
+            self.held[0] = largest_magnitude(<double*>p, n, <uint64_t*>NULL)
+            for k in range(n_state):
+                self.held[k + 1] = largest_magnitude(<double*>self.slots[k], n, <uint64_t*>NULL)
+        else:
+            self.held[0] = largest_magnitude(<float*>p, n, <uint32_t*>NULL)
+            for k in range(n_state):
+                self.held[k + 1] = largest_magnitude(<float*>self.slots[k], n, <uint32_t*>NULL)

@@ -34,7 +34,8 @@ others waiting forever in a collective.  Every step ends with a small ``Allreduc
 carries each rank's loss sum (needed anyway for the epoch's loss) and a failure flag; if
 any rank failed, every rank raises ``DistributedError`` naming the failing ranks and their
 errors, so all ranks stop together, run their ``finally`` blocks and can catch the error.
-A loss that stops being finite raises ``FloatingPointError`` on every rank.  Either way
+A loss that stops being finite, or an update that overflows, raises ``FloatingPointError``
+on every rank.  Either way
 the refused step changes nothing on any rank (weights, optimizer state, BatchNorm's
 statistics, Dropout's pass counter).  ``MPI_Abort`` would also stop every rank, but without unwinding anything,
 with the reason known only to the failing rank, and with no way for a program to catch it:

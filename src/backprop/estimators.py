@@ -667,8 +667,12 @@ class _BaseMLP(BaseEstimator):
             # scikit-learn's velocity holds past steps already multiplied by their learning
             # rate (v = momentum * v - lr * g); backprop's (PyTorch's) momentum buffer holds
             # raw gradients and multiplies by the current rate.  Rescaling the buffer when
-            # the rate changes makes the next updates scikit-learn's exactly.
-            optimizer.state["momentum_buffer"] *= optimizer.lr / lr
+            # the rate changes makes the next updates scikit-learn's exactly.  Loaded as a
+            # state, so the optimizer measures it again (it bounds its updates from the
+            # largest values it holds).
+            state = optimizer.state_dict()
+            state["state"]["momentum_buffer"] *= optimizer.lr / lr
+            optimizer.load_state_dict(state)
         optimizer.lr = lr
 
     def _stop_or_slow_down(self):

@@ -28,6 +28,39 @@ def _dtype(dtype):
     return np.dtype(name)
 
 
+def _views(plan, params, grads, buffers):
+    """{id(layer): {name: view}} of each layer's parameters, their gradients and its
+    buffers in the flat arrays."""
+    views = {id(layer): {} for layer in plan.layers}
+    for layer, (name, shape, _), offset in plan.params:
+        end = offset + math.prod(shape)
+        views[id(layer)][name] = params[offset:end].reshape(shape)
+        views[id(layer)][name + "_grad"] = grads[offset:end].reshape(shape)
+    for layer, name, offset, shape, _ in plan.buffers:
+        views[id(layer)][name] = buffers[offset:offset + math.prod(shape)].reshape(shape)
+    return views
+
+
+def _built_from(name, doc):
+    """A read-only attribute: the engine was built from it, so a new value would leave the
+    Python side and what runs out of step (forward keeping the old arrays, save failing)."""
+    def refuse(self, value):
+        # `net.grads /= 2` works in place and then sets the same array again: that is fine.
+        if value is not getattr(self, f"_{name}"):
+            raise AttributeError(
+                f"Network.{name} cannot be reassigned: the compiled network was built from "
+                f"it; write into the arrays (net.params[...] = values), or build a new Network")
+    return property(lambda self: getattr(self, f"_{name}"), refuse, doc=doc)
+
+
+def _check_optimizer(optimizer, network):
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a backprop.optim.Optimizer, got {optimizer!r}")
+    if optimizer.attached and optimizer._owner() is not network:
+        raise ValueError("this optimizer already updates another Network; give each "
+                         "network its own optimizer")
+
+
 class Network:
     """A feed-forward network: layers applied in order.
 
@@ -79,11 +112,7 @@ class Network:
                                  or not 0 <= seed < 2 ** 63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
         optimizer = Adam() if optimizer is None else optimizer
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a backprop.optim.Optimizer, got {optimizer!r}")
-        if optimizer.attached:
-            raise ValueError("this optimizer already updates another Network; give each "
-                             "network its own optimizer")
+        _check_optimizer(optimizer, self)
         # Dropout's masks are keyed by a seed even when the caller gave none.
         if key_seed is None:
             key_seed = int(seed) if seed is not None else int(
@@ -97,50 +126,76 @@ class Network:
         for layer in plan.layers:      # refuse before changing any layer
             layer._check_free(self)
 
-        self.layers = layers
-        self.loss = loss
-        self.loss_spec = declared
-        self.dtype = dtype
-        self.seed = None if seed is None else int(seed)
-        self.output_activation = output
-        self._plan = plan
-        self._key_seed = key_seed
-        self.params = np.zeros(plan.n_params, dtype=dtype)
-        self.grads = np.zeros_like(self.params)
-        self.buffers = np.zeros(plan.n_buffers, dtype=dtype)
-        self._attach_views()
+        # Everything that can fail comes before any layer or the optimizer is touched, so
+        # a refused network leaves them as they were (free, with their own weights).
+        params = np.zeros(plan.n_params, dtype=dtype)
+        grads = np.zeros_like(params)
+        buffers = np.zeros(plan.n_buffers, dtype=dtype)
+        views = _views(plan, params, grads, buffers)
+        # A layer brings its own values (a copy's, or those of a network it belonged to
+        # that was since collected, as a torch module keeps its weights); the others
+        # start from their initialisation, drawn in order from `seed`.
+        kept = {id(layer): layer._values() for layer in plan.layers}
         rng = np.random.default_rng(seed)
         for layer in plan.layers:
-            carried = layer._carried
-            if carried is not None or initialise:
-                values = carried if carried is not None else layer.initial_parameters(rng)
-                for name, value in values.items():
-                    getattr(layer, name)[...] = value
+            values = kept[id(layer)]
+            if values is None and initialise:
+                values = layer.initial_parameters(rng)
+            for name, value in (values or {}).items():
+                views[id(layer)][name][...] = value
         for layer, name, offset, shape, value in plan.buffers:
-            if layer._carried is None:
-                self.buffers[offset:offset + math.prod(shape)] = value
+            if kept[id(layer)] is None:
+                buffers[offset:offset + math.prod(shape)] = value
+        engine = Engine(plan, declared, params, grads, buffers)
+        optimizer.bind(params.size, dtype, owner=self)
+
+        self._layers = tuple(layers)
+        self._loss = loss
+        self._loss_spec = declared
+        self._dtype = dtype
+        self._seed = None if seed is None else int(seed)
+        self._output_activation = output
+        self._plan = plan
+        self._key_seed = key_seed
+        self._params, self._grads, self._buffers = params, grads, buffers
+        self._engine = engine
+        self._optimizer = optimizer
         for layer in plan.layers:
-            object.__setattr__(layer, "_carried", None)   # its values now live here
-        self._engine = Engine(plan, declared, self.params, self.grads, self.buffers)
-        self.optimizer = optimizer
-        optimizer.bind(self.params.size, self.dtype)
+            layer._attach(self, views[id(layer)])          # its values now live here
         self.rng = np.random.default_rng(seed)   # shuffling in fit; saved in checkpoints
         self.epoch = 0                           # epochs trained by fit
         self.history = training.History()
         self.stop_training = False               # a fit callback may set it
 
-    # ---- the flat buffers and their views
+    # ---- what the compiled engine was built from: read-only, so the two cannot part ways
 
-    def _attach_views(self):
-        views = {id(layer): {} for layer in self._plan.layers}
-        for layer, (name, shape, _), offset in self._plan.params:
-            end = offset + math.prod(shape)
-            views[id(layer)][name] = self.params[offset:end].reshape(shape)
-            views[id(layer)][name + "_grad"] = self.grads[offset:end].reshape(shape)
-        for layer, name, offset, shape, _ in self._plan.buffers:
-            views[id(layer)][name] = self.buffers[offset:offset + math.prod(shape)].reshape(shape)
-        for layer in self._plan.layers:
-            layer._attach(self, views[id(layer)])
+    layers = _built_from("layers", "The layers given, as a tuple.")
+    params = _built_from("params", "Every parameter in one flat array; the layers' weights "
+                                   "are views of it (write into it: net.params[...] = w).")
+    grads = _built_from("grads", "Every parameter's gradient, laid out as params.")
+    buffers = _built_from("buffers", "Every running statistic (BatchNorm's), in one flat array.")
+    dtype = _built_from("dtype", "The numpy dtype of every array: float32 or float64.")
+    loss = _built_from("loss", "The built-in loss's name, or None.")
+    loss_spec = _built_from("loss_spec", "The built-in loss's declaration (losses.py), or None.")
+    seed = _built_from("seed", "The seed given, or None.")
+    output_activation = _built_from("output_activation", "The last layer's activation.")
+
+    @property
+    def optimizer(self):
+        """The optimizer ``step``, ``train_step`` and ``fit`` use.  Assigning another one
+        trains with it from the next step: it takes this network's parameters (bringing
+        the state a copy carries, or the one it kept from a network since collected, when
+        it fits), and the one it replaces is free for another network, its state kept."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer):
+        _check_optimizer(optimizer, self)
+        if optimizer is self._optimizer:
+            return
+        optimizer.bind(self.params.size, self.dtype, owner=self)
+        self._optimizer, old = optimizer, self._optimizer
+        old._detach()
 
     @property
     def input_shape(self):
@@ -208,7 +263,8 @@ class Network:
 
     def step(self):
         """Update the parameters from the accumulated gradients.  Gradients that are not
-        finite are refused (FloatingPointError) and nothing changes."""
+        finite, or an update that would overflow, are refused (FloatingPointError) and
+        nothing changes."""
         self._engine.step(self.optimizer)
 
     def zero_grad(self):
@@ -235,8 +291,9 @@ class Network:
         clip_grad_norm : float, optional
             Scale the gradients so their global norm is at most this before the update.
 
-        A step whose loss or gradients are not finite raises FloatingPointError and
-        changes nothing (weights, optimizer state, running statistics)."""
+        A step whose loss, gradients or update would not be finite raises
+        FloatingPointError and changes nothing (weights, optimizer state, running
+        statistics, dropout's count, gradients)."""
         clip = 0.0 if clip_grad_norm is None else float(clip_grad_norm)
         if clip_grad_norm is not None and not (clip > 0 and np.isfinite(clip)):
             raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm!r}")
@@ -340,6 +397,14 @@ class Network:
         return training.evaluate(self, X, y, batch_size)
 
     # ---- persistence: checkpoints, pickling, copies
+
+    def held(self):
+        """``with net.held():`` waits for a step running in another thread, and keeps other
+        threads from starting one until the block ends, so what the block reads of the
+        network (weights, statistics, optimizer state) is all of one step boundary.
+        Checkpoints, pickles and copies are taken this way.  Keep the block short: the
+        other threads' passes wait for it."""
+        return self._engine.held()
 
     def save(self, path):
         """Write a checkpoint atomically (see ``backprop.checkpoint``); a network whose

@@ -6,7 +6,9 @@ the same shape as that buffer.  ``state_dict()`` / ``load_state_dict()`` round-t
 everything needed to resume training bit for bit.
 """
 
+import contextlib
 import math
+import weakref
 
 from backprop._core import OptimizerBase
 
@@ -35,10 +37,15 @@ class Optimizer(OptimizerBase):
     AdamW, RMSprop or Adagrad (or a subclass of one of them).
 
     An optimizer class is one declaration: ``RULE``, the compiled rule it runs (a row of
-    the rule table, ``backprop._core.RULES``; its kernel is in ``_optim.pxd``),
-    ``STATE_NAMES``, the rule's state buffers in the order its kernel takes them, the
-    validation of its settings in ``__init__``, the rule in words in its docstring, and
-    ``hyperparameters()`` for ``state_dict``."""
+    the rule table, ``backprop._core.RULES``; its kernel and the bound on what one update
+    can write are in ``_optim.pxd``), ``STATE_NAMES``, the rule's state buffers in the
+    order its kernel takes them, ``NONNEGATIVE``, those that hold sums of squares (a
+    loaded state must agree: the bound counts on it), the validation of its settings in
+    ``__init__``, the rule in words in its docstring, and ``hyperparameters()`` for
+    ``state_dict``."""
+
+    _owner = None      # a weak reference to the network it updates
+    _carried = None    # the state a copy brings to the first network it fits
 
     def __init__(self, *args, **kwargs):
         raise TypeError("backprop.Optimizer is the base class; use SGD, Adam, AdamW, RMSprop "
@@ -48,19 +55,35 @@ class Optimizer(OptimizerBase):
         """{state buffer name: first value}; buffers not named start at 0."""
         return {}
 
-    def bind(self, size, dtype):
-        """Attach to a flat parameter buffer of `size` values; resets the state (or takes
-        the state a copy of an attached optimizer carries, if it fits)."""
+    @property
+    def attached(self):
+        """Whether a network (still alive) trains with this optimizer."""
+        return self._owner is not None and self._owner() is not None
+
+    def bind(self, size, dtype, owner=None):
+        """Attach to the flat parameter buffer of `size` values of the network `owner`.
+        The state starts afresh, unless the optimizer brings one that fits: the state a
+        copy carries, or its own from a network it updated that was since collected (as
+        a layer of that network keeps its weights, the optimizer keeps its state)."""
+        carried = self._carried
+        if carried is None and self.state and not self.attached:
+            carried = self.state_dict()
         self._bind(size, dtype, self.initial_state())
-        carried, self._carried = getattr(self, "_carried", None), None
+        if owner is not None:
+            self._owner = weakref.ref(owner)
+        self._carried = None
         if carried is not None and all(v.shape == (size,) and v.dtype == dtype
                                        for v in carried["state"].values()):
             self.load_state_dict(carried)
 
+    def _detach(self):
+        """No network uses this optimizer any more: it is free, its state kept."""
+        self._owner = None
+
     def __reduce__(self):
         # A copy (pickle, deepcopy) is a new, free optimizer with the same settings; it
         # carries its state to the first network of the same size that it is given to.
-        carried = self.state_dict() if self.attached else None
+        carried = self.state_dict() if self.state else None
         return (_rebuild, (type(self), self.hyperparameters(), carried))
 
     def hyperparameters(self):
@@ -68,10 +91,13 @@ class Optimizer(OptimizerBase):
 
     def state_dict(self):
         """Everything needed to resume: class name, hyperparameters, step count and state
-        buffers (copies)."""
-        return {"name": type(self).__name__, "hyperparameters": self.hyperparameters(),
-                "step": self.steps,
-                "state": {k: v.copy() for k, v in self.state.items()}}
+        buffers (copies), all of one step boundary even while another thread trains its
+        network (which waits for the copies)."""
+        owner = self._owner() if self._owner is not None else None
+        with owner.held() if owner is not None else contextlib.nullcontext():
+            return {"name": type(self).__name__, "hyperparameters": self.hyperparameters(),
+                    "step": self.steps,
+                    "state": {k: v.copy() for k, v in self.state.items()}}
 
     def load_state_dict(self, state_dict):
         if state_dict.get("name") != type(self).__name__:
@@ -128,6 +154,7 @@ class Adam(Optimizer):
     """
     RULE = "adam"
     STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    NONNEGATIVE = ("exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
@@ -171,13 +198,19 @@ class RMSprop(Optimizer):
     With g = grad + weight_decay * p:
 
         s = alpha * s + (1 - alpha) * g^2
-        centered:  a = alpha * a + (1 - alpha) * g;  denom = sqrt(s - a^2) + eps
+        centered:  a = alpha * a + (1 - alpha) * g;  denom = sqrt(max(s - a^2, 0)) + eps
         otherwise: denom = sqrt(s) + eps
         momentum:  b = momentum * b + g / denom;  p = p - lr * b
         otherwise: p = p - lr * g / denom
+
+    s - a^2 is a variance, never negative in exact arithmetic; rounding takes it a little
+    below 0 when the gradient hardly varies (a constant gradient), where torch takes the
+    square root of a negative number and writes NaN into the weights.  Clamping it at 0
+    is the one difference from ``torch.optim.RMSprop``, and only where torch gives NaN.
     """
     RULE = "rmsprop"
     STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
+    NONNEGATIVE = ("square_avg",)
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False):
@@ -204,6 +237,7 @@ class Adagrad(Optimizer):
     """
     RULE = "adagrad"
     STATE_NAMES = ("sum",)
+    NONNEGATIVE = ("sum",)
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10):

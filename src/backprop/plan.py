@@ -37,7 +37,10 @@ NEEDS_ARGUMENT = {ACTIVATIONS["gelu"]}
 ROW_WISE = {ACTIVATIONS["softmax"]}
 # The most values one sample may hold anywhere in a network (4 TiB in float32): larger
 # shapes, from a constructor or a checkpoint's header, are refused before any size
-# derived from them reaches C.
+# derived from them reaches C.  Every other number a record hands the kernels (a window's
+# size, stride, padding, dilation, positions; the saved statistics) is held to it too, so
+# the kernels' index arithmetic (at most a few such numbers multiplied by a batch size
+# the workspace was allocated for) stays far inside 64 bits.
 MAX_SAMPLE_VALUES = 1 << 40
 
 
@@ -220,11 +223,12 @@ def plan(layers, loss, seed, input_shape=None):
             settings = dict(layer.record(x))
             op["activation"] = ACTIVATIONS[settings.pop("activation", "identity")]
             op.update(settings)
+            saved = layer.saved(x)
+            _check_sizes(p.names[id(layer)], layer, op, saved)
             for k, name in enumerate(layer.kernel_params):
                 op["param"][k] = p.offsets.get((id(layer), name), -1)
             op["buffer"] = min((offset for (owner, _), offset in p.buffer_offsets.items()
                                 if owner == id(layer)), default=-1)
-            saved = layer.saved(x)
             p.min_train_batch = max(p.min_train_batch, layer.min_train_batch(x))
         p.records.append({"kernel": kernel, "op": op, "saved": saved, "layer": layer})
         return op
@@ -317,6 +321,28 @@ def _check_activation(p, op, path, layer):
         raise ValueError(f"{path} ({layer!r}): softmax is over the features of a (features,) "
                          f"sample, but this one is {describe(p.geometry[op['output']].shape)}; "
                          "Flatten first")
+
+
+WINDOW_NAMES = {"kh": "kernel_size", "kw": "kernel_size", "sh": "stride", "sw": "stride",
+                "ph": "padding", "pw": "padding", "dh": "dilation", "dw": "dilation",
+                "groups": "groups"}
+
+
+def _check_sizes(path, layer, op, saved):
+    """Refuse a record whose numbers the kernels could not index with (a stride of 2**70
+    from a constructor or a checkpoint's header would otherwise overflow on its way into
+    C): a ValueError naming the layer, never an OverflowError."""
+    window = op["window"]
+    numbers = {k: v for k, v in op.items() if k not in ("window", "key")}
+    numbers.update({f"{WINDOW_NAMES[k]} ({k})": v for k, v in window.items()})
+    numbers.update({"window positions": window["kh"] * window["kw"],
+                    "saved statistics per batch": saved[0],
+                    "saved statistics per sample": saved[1]})
+    for name, value in numbers.items():
+        if isinstance(value, int) and not isinstance(value, bool) \
+                and not -1 <= value <= MAX_SAMPLE_VALUES:
+            raise ValueError(f"{path} ({layer!r}): its {name} ({value:,}) is outside the "
+                             f"[-1, {MAX_SAMPLE_VALUES:,}] the compiled core takes")
 
 
 def _new_slot(p, geometry, gradient=True):

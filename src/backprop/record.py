@@ -45,18 +45,21 @@ def network_config(net):
 
 
 def to_record(net):
-    """(header, arrays) of `net`: everything needed to continue training bit for bit."""
-    opt = net.optimizer.state_dict()
-    header = {
-        "format": FORMAT, "version": VERSION, "network": network_config(net),
-        "state": {"training": net.training, "dropout_seed": net._key_seed,
-                  "passes": net._engine.passes, "epoch": net.epoch},
-        "optimizer": {"name": opt["name"], "hyperparameters": opt["hyperparameters"],
-                      "step": opt["step"]},
-        "rng": net.rng.bit_generator.state,
-        "history": net.history.to_dict(),
-    }
-    arrays = {"params": net.params.copy(), "buffers": net.buffers.copy()}
+    """(header, arrays) of `net`: everything needed to continue training bit for bit, all
+    of one step boundary even while another thread trains it (that thread waits for the
+    copies; the copies wait for its step to end)."""
+    with net.held():
+        opt = net.optimizer.state_dict()
+        header = {
+            "format": FORMAT, "version": VERSION, "network": network_config(net),
+            "state": {"training": net.training, "dropout_seed": net._key_seed,
+                      "passes": net._engine.passes, "epoch": net.epoch},
+            "optimizer": {"name": opt["name"], "hyperparameters": opt["hyperparameters"],
+                          "step": opt["step"]},
+            "rng": net.rng.bit_generator.state,
+            "history": net.history.to_dict(),
+        }
+        arrays = {"params": net.params.copy(), "buffers": net.buffers.copy()}
     arrays.update({f"optimizer.{name}": value for name, value in opt["state"].items()})
     return header, arrays
 
@@ -191,7 +194,9 @@ def check(header, read_array):
     from backprop.training import History
 
     spec = Spec(header)
-    plan = planner.plan(spec.layers, LOSSES.get(spec.loss), spec.dropout_seed, spec.input_shape)
+    with _numbers_in("network"):        # layers that do not chain, or too large to run
+        plan = planner.plan(spec.layers, LOSSES.get(spec.loss), spec.dropout_seed,
+                            spec.input_shape)
     wanted = spec.arrays((plan.n_params, plan.n_buffers))
     arrays = {name: read_array(name, shape, dtype) for name, (shape, dtype) in wanted.items()}
     for name, values in arrays.items():

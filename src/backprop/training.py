@@ -281,19 +281,21 @@ def _train_batch(net, X, y, rows, clip_grad_norm, epoch, step, keep_norms=False)
     try:
         loss = net._engine.train_step(X, y, net.optimizer, rows, clip, keep_norms)
         return loss, net._engine.weight_grad_norms() if keep_norms else []
-    except FloatingPointError:
-        raise FloatingPointError(
-            f"training diverged at epoch {epoch}, step {step}: the loss is not finite; first "
-            f"non-finite layer: {_first_nonfinite_layer(net)}.  The weights are those "
-            "of the last good step; lower the learning rate or set clip_grad_norm.") from None
+    except FloatingPointError as error:
+        # The step's message says what was refused (the loss, the gradients, or an update
+        # that overflowed) and what the weights are now.  When it was the loss or the
+        # gradients, the step's forward is kept: where it stopped being finite helps.
+        message = f"training diverged at epoch {epoch}, step {step}: {error}"
+        if net._engine.has_forward:
+            message += (f"; first non-finite layer: {_first_nonfinite_layer(net)}.  Lower the "
+                        "learning rate or set clip_grad_norm")
+        raise FloatingPointError(message) from None
 
 
 def _first_nonfinite_layer(net):
     """The first layer whose output in the refused step is not finite (read from the
     step's own activations: running it again would move BatchNorm and Dropout on)."""
     engine = net._engine
-    if not engine.has_forward:
-        return "unknown"
     for i, layer in enumerate(net.layers):
         if not np.isfinite(engine.slot_value(net._plan.layer_slot[id(layer)])).all():
             return f"layers[{i}] ({layer!r})"

@@ -248,6 +248,29 @@ def scenario_diverges():
            grads_zero=not net.grads.any(), passes=net._engine.passes)
 
 
+def scenario_update_overflows():
+    # Finite gradients, but after epoch 1 a learning rate of 1e308 makes the update itself
+    # overflow, on every rank alike (they hold the same weights and summed gradients).
+    X, _ = data()
+    y = X[:, :2] * 1e3
+    net = bp.Network([bp.Dense(10, 8, activation="tanh"), bp.Dense(8, 2)], loss="mse",
+                     optimizer=bp.SGD(lr=1e-6, momentum=0.5), dtype="float64", seed=0)
+    after_epoch_1 = []
+
+    def overflow_next(net, epoch, logs):
+        after_epoch_1.append([net.params.copy(), net.optimizer.steps,
+                              net.optimizer.state["momentum_buffer"].copy()])
+        net.optimizer.lr = 1e308
+
+    expect_failure(lambda: net.fit(X, y, epochs=3, batch_size=8, comm=comm, progress=False,
+                                   callbacks=[overflow_next]))
+    params, steps, momentum = after_epoch_1[-1]
+    report(epoch=net.epoch, unchanged=bool(np.array_equal(params, net.params)
+                                           and steps == net.optimizer.steps and np.array_equal(
+                                               momentum, net.optimizer.state["momentum_buffer"])),
+           finite=bool(np.isfinite(net.params).all()), grads_zero=not net.grads.any())
+
+
 def scenario_different_seed():
     X, y = data()
     expect_failure(lambda: network(seed=comm.rank).fit(X, y, epochs=1, comm=comm, progress=False))

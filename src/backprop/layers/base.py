@@ -30,8 +30,11 @@ Once a layer is part of a Network, each parameter, its gradient and each buffer 
 attribute that views the network's flat arrays (``dense.weight``, ``dense.weight_grad``,
 ``bn.running_mean``): writing into them changes the network.  A layer's configuration
 is fixed at construction, so what is saved is what runs; a layer belongs to one network
-(``copy.deepcopy(layer)`` makes a free copy with the same weights).
+(``copy.deepcopy(layer)`` makes a free copy with the same weights).  Like a torch module, a
+layer keeps its weights: once its network is collected it is free again, and the next
+network it joins starts from them.
 """
+import contextlib
 import weakref
 from collections import namedtuple
 
@@ -201,6 +204,7 @@ class Layer:
         """Make this layer part of `network`, its arrays being `views` of the network's."""
         self._check_free(network)
         object.__setattr__(self, "_owner", weakref.ref(network))
+        object.__setattr__(self, "_carried", None)        # its values now live there
         for name, view in views.items():
             object.__setattr__(self, name, view)
 
@@ -208,10 +212,15 @@ class Layer:
         return [p.name for p in self.parameters()] + [name for name, _, _ in self.buffers()]
 
     def _values(self):
-        """{name: array} of the current parameters and buffers (copies), or None."""
-        if self._owner is not None and self._owner() is not None:
+        """{name: copy} of its parameters and buffers: those of its network (all of one
+        step boundary, even while another thread trains it), or of a network it belonged
+        to that was since collected (its views still hold them), or those a copy carries;
+        None for a layer that never had any."""
+        if self._owner is None:
+            return None if self._carried is None else {k: v.copy() for k, v in self._carried.items()}
+        network = self._owner()
+        with network.held() if network is not None else contextlib.nullcontext():
             return {name: np.array(getattr(self, name)) for name in self._array_names()}
-        return None if self._carried is None else {k: v.copy() for k, v in self._carried.items()}
 
     def __reduce__(self):
         # A copy or unpickled layer is free (no network) and carries the values it had.
@@ -283,8 +292,8 @@ def copy_to_torch(module, layer):
     as backprop does: weight, bias, running_mean, ...); returns `module`."""
     import torch
     with torch.no_grad():
-        for name in layer._array_names():
-            getattr(module, name).copy_(torch.from_numpy(np.array(getattr(layer, name))))
+        for name, value in (layer._values() or {}).items():
+            getattr(module, name).copy_(torch.from_numpy(value))
     return module
 
 
