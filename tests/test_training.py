@@ -156,3 +156,28 @@ def test_fit_validates_its_arguments(rng):
         net.fit(X, y, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="validation_split"):
         net.fit(X, y, validation_split=1.5, progress=False)
+
+
+@pytest.mark.parametrize("spoil", ["label", "nan", "id"])
+def test_bad_training_data_is_refused_before_the_first_step(spoil):
+    # A bad row anywhere in X or y is refused before any update, whatever batch it falls
+    # in (it used to be found by the step reaching it, after earlier steps had trained).
+    rng = np.random.default_rng(0)
+    if spoil == "id":
+        net = bp.Network([bp.Embedding(10, 3), bp.Flatten(), bp.Dense(12, 3, "softmax")],
+                         loss="cross_entropy", seed=0, input_shape=(4,))
+        X, y = rng.integers(0, 10, (20, 4)), rng.integers(0, 3, 20)
+        X[13, 2] = 10
+    else:
+        net = bp.Network([bp.Dense(5, 3, "softmax")], loss="cross_entropy", seed=0)
+        X, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+        if spoil == "label":
+            y[13] = 3
+        else:
+            X[13, 2] = np.nan
+    params, rng_state = net.params.copy(), net.rng.bit_generator.state
+    with pytest.raises(ValueError, match="training data"):
+        net.fit(X, y, epochs=2, batch_size=4, progress=False)
+    np.testing.assert_array_equal(net.params, params)
+    assert net.optimizer.steps == 0 and net.epoch == 0
+    assert net.rng.bit_generator.state == rng_state

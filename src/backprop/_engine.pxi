@@ -361,6 +361,42 @@ cdef class Engine:
         self.has_forward = self.has_input_grad = False
         return labels
 
+    def validate(self, x, y=None, sample_weight=None, Py_ssize_t chunk=1024):
+        """Check a whole dataset (x, with targets y and row weights unless None) as every
+        batch of it would be checked when loaded (shapes, dtypes, NaN and Inf, values too
+        large for the network's dtype, labels and ids in range, probabilities), without
+        changing anything: the same copies, `chunk` rows at a time into buffers of their
+        own.  fit calls it before the first step, so bad data is refused before any
+        update; an error names the dataset's row."""
+        cdef bint ids = self.tape.slots[0].ids
+        cdef cnp.ndarray arr = self._samples(x, "x", self.input_shape, ids)
+        cdef Py_ssize_t n = arr.shape[0], rows = max(1, min(n, chunk)), start, stop
+        cdef Py_ssize_t ld = self.tape.slots[0].ld
+        cdef Workspace ws = Workspace()        # only the buffers a batch is copied into
+        if n == 0:
+            raise ValueError("x is empty (0 rows)")
+        if y is not None and len(y) != n:
+            raise ValueError(f"x and y must have the same number of rows, got {n} and {len(y)}")
+        inputs = np.empty(rows * ld, dtype=np.int64 if ids else self.dtype)
+        target = np.empty(rows * self.tape.ldt, dtype=self.dtype)
+        labels = np.empty(rows, dtype=np.int64)
+        weights = np.empty(rows, dtype=np.float64)
+        ws.inputs[0] = <char*>cnp.PyArray_DATA(inputs)
+        ws.target = <char*>cnp.PyArray_DATA(target)
+        ws.labels = <int64_t*>cnp.PyArray_DATA(labels)
+        ws.weights = <double*>cnp.PyArray_DATA(weights)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            index = np.arange(start, stop, dtype=np.int64)   # errors name the dataset's rows
+            if ids:
+                _copy_ids(arr, "x", <int64_t*>ws.inputs[0], ld, self.id_limit, index)
+            else:
+                _copy_rows(arr, "x", ws.inputs[0], ld, self.is64, index)
+            if y is not None:
+                self._load_target(y, ws, stop - start, index)
+            if sample_weight is not None:
+                _copy_weights(sample_weight, n, ws.weights, stop - start, index)
+
     cdef int _load_target(self, object y, Workspace ws, Py_ssize_t rows,
                           cnp.ndarray index=None) except -1:
         """Copy y (or its rows `index`) into ws's target buffers; 1 for integer labels."""

@@ -165,6 +165,7 @@ def check_fit_arguments(net, X, y, epochs, batch_size, validation_data, validati
             raise ValueError(f"validation_split={validation_split} leaves no training rows "
                              f"out of {len(X)}")
         X, y, validation_data = X[:cut], y[:cut], (X[cut:], y[cut:])
+    check_values(net, (X, y), "training data")
     if validation_data is not None:
         _check_dataset(net, validation_data[0], validation_data[1], "validation_data[0]")
         check_values(net, validation_data, "validation_data")
@@ -177,12 +178,13 @@ def check_fit_arguments(net, X, y, epochs, batch_size, validation_data, validati
 
 def check_values(net, data, name):
     """Refuse (X, y) now if the core would refuse any of its batches (NaN, values too
-    large for the network's dtype, labels out of range, ...), with the core's own
-    message: an evaluation in eval mode, which moves no weights or statistics."""
+    large for the network's dtype, labels or ids out of range, ...), with the core's own
+    message: its checks run over the whole dataset, copying it a chunk at a time into
+    buffers of their own (one read of the data, no pass of the network)."""
     try:
-        evaluate(net, *data)
-    except ValueError as error:
-        raise ValueError(f"{name}: {error}") from None
+        net._engine.validate(*data)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{name}: {error}") from None
 
 
 def fit(net, X, y, *, epochs=10, batch_size=32, shuffle=True, validation_data=None,

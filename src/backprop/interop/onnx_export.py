@@ -64,11 +64,12 @@ def to_onnx(net, path, opset=MIN_OPSET):
             or not MIN_OPSET <= opset <= newest:
         raise ValueError(f"to_onnx: opset must be an integer from {MIN_OPSET} to {newest} (the "
                          f"newest the installed onnx {onnx.__version__} knows), got {opset!r}")
-    if not (np.isfinite(net.params).all() and np.isfinite(net.buffers).all()):
-        raise ValueError("to_onnx: the network's weights or running statistics contain NaN or "
-                         "Inf; nothing to export")
-    graph = GraphBuilder()
-    output = graph.add_layers(net.layers, "input", "layers", net.input_shape)
+    with net.held():        # the weights of one step boundary, not a mix
+        if not (np.isfinite(net.params).all() and np.isfinite(net.buffers).all()):
+            raise ValueError("to_onnx: the network's weights or running statistics contain "
+                             "NaN or Inf; nothing to export")
+        graph = GraphBuilder()        # (its initializers are copies of the arrays)
+        output = graph.add_layers(net.layers, "input", "layers", net.input_shape)
     if output == "input":        # layers that compute nothing at inference (dropout)
         output = graph.node("Identity", [output], "layers.identity")
     _rename(graph.nodes, output, "output")

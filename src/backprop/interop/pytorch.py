@@ -68,9 +68,10 @@ def to_torch(net):
     >>> out = model(torch.from_numpy(x))          # equals net.forward(x)
     """
     check_network(net, "to_torch")
-    model = nn.Sequential(*modules_for(net.layers, _TORCH_DTYPES[net.dtype.name],
-                                       net.input_shape))
-    return model.train(net.training)
+    with net.held():        # every layer's arrays of one step boundary, not a mix
+        model = nn.Sequential(*modules_for(net.layers, _TORCH_DTYPES[net.dtype.name],
+                                           net.input_shape))
+        return model.train(net.training)
 
 
 def modules_for(layers, dtype, shape):

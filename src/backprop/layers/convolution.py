@@ -4,6 +4,11 @@ import math
 import numpy as np
 
 from backprop.layers import window
+
+# The most values one sample's im2col matrix may hold: the kernels size chunks of it in C
+# (bytes per sample times samples), which must not overflow (a sample holds at most
+# plan.MAX_SAMPLE_VALUES values anywhere; this is the same bound for the column matrix).
+MAX_COLUMNS = 1 << 40
 from backprop.layers.base import (INITS, RELU_LIKE, Layer, Param, activation_name, copy_to_torch,
                                   describe, flag, positive_int, register, unsupported)
 
@@ -88,6 +93,12 @@ class Convolution(Layer):
         return values
 
     def record(self, x):
+        out = self.output_shape(x.shape)
+        columns = math.prod(out[1:]) * self.fan_in     # one sample's im2col matrix
+        if columns > MAX_COLUMNS:
+            raise ValueError(f"{type(self).__name__}: one sample's column matrix (output pixels x "
+                             f"in_channels/groups x kernel positions) would hold {columns:,} "
+                             f"values, more than {MAX_COLUMNS:,}")
         return {"activation": self.activation,
                 **window.record(self.kernel_size, self.stride, self.padding, self.dilation,
                                 self.groups)}
