@@ -35,7 +35,7 @@ from backprop._activations cimport IDENTITY
 from backprop._dense cimport column_sums
 from backprop._parallel cimport part_start, team_for
 from backprop._ops cimport (Op, Tape, Slot, Window, pixel_stride, input_of, output_of,
-                            result_of, param_of, dx_of)
+                            result_of, param_of, dx_of, copy_values, add_values)
 
 cdef enum:
     # Bytes of column matrix per chunk: several L2s' worth, so each chunk's GEMM repacks
@@ -112,8 +112,7 @@ cdef inline void _run_at(const floating* row, const ConvShape* s, const Window* 
     for kw in range(win.kw):
         iw = ow * win.sw - win.pw + kw * win.dw
         if 0 <= iw < s.w:
-            for i in range(s.cig):
-                dst[kw * s.cig + i] = row[iw * s.ldx + c0 + i]
+            copy_values(dst + kw * s.cig, row + iw * s.ldx + c0, s.cig)
         else:
             for i in range(s.cig):
                 dst[kw * s.cig + i] = 0
@@ -150,8 +149,7 @@ cdef inline void _im2col_lines(const floating* x, const ConvShape* s, const Wind
                 _run_at(row, s, win, ow, c0, dst + ow * s.k)
             src = row + (inner_lo * win.sw - win.pw) * s.ldx
             for ow in range(inner_lo, inner_hi):
-                for i in range(run):
-                    dst[ow * s.k + i] = src[i]
+                copy_values(dst + ow * s.k, src, run)
                 src += step
             for ow in range(inner_hi, s.wo):
                 _run_at(row, s, win, ow, c0, dst + ow * s.k)
@@ -180,8 +178,7 @@ cdef inline void _unrun_at(const floating* src, const ConvShape* s, const Window
     for kw in range(win.kw):
         iw = ow * win.sw - win.pw + kw * win.dw
         if 0 <= iw < s.w:
-            for i in range(s.cig):
-                row[iw * s.ldx + c0 + i] += src[kw * s.cig + i]
+            add_values(row + iw * s.ldx + c0, src + kw * s.cig, s.cig)
 
 
 cdef inline void _col2im_samples(const floating* col, const ConvShape* s, const Window* win,
@@ -210,8 +207,7 @@ cdef inline void _col2im_samples(const floating* col, const ConvShape* s, const 
                     _unrun_at(src + ow * s.k, s, win, ow, c0, row)
                 dst = row + (inner_lo * win.sw - win.pw) * s.ldx
                 for ow in range(inner_lo, inner_hi):
-                    for i in range(run):
-                        dst[i] += src[ow * s.k + i]
+                    add_values(dst, src + ow * s.k, run)
                     dst += step
                 for ow in range(inner_hi, s.wo):
                     _unrun_at(src + ow * s.k, s, win, ow, c0, row)
