@@ -105,22 +105,26 @@ def test_a_batch_of_several_chunks_matches_torch(groups, rng):
     compare_pass(net, to_twin(net), x, y)
 
 
+@pytest.mark.parametrize("c_in, spatial, kernel", [(32, 16, 3), (1, 64, 5)],
+                         ids=["channels", "one-channel"])      # the transposed column matrix
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_every_batch_size_across_chunk_boundaries_gives_torchs_weight_gradient(dtype, rng):
+def test_every_batch_size_across_chunk_boundaries_gives_torchs_weight_gradient(
+        dtype, c_in, spatial, kernel, rng):
     # The last chunk of a batch is shorter, and dW's product sums over a chunk's rows: a
     # shorter sum can be cut into longer k blocks needing more packing scratch than a
     # full chunk's (batch 32 of this layer in float32: chunks of 14, 14 and 4 samples,
     # k = 3584 in blocks of 896 but 1024 in one).  Scratch sized for the full chunk only
     # let the packing overwrite the reordered weight gradient.  Every batch size up to
     # two full chunks and a ragged third, in both dtypes, against torch in float64.
-    layer = bp.Conv2d(32, 16, 3, padding=1, bias=False)
+    shape = (c_in, spatial, spatial)
+    layer = bp.Conv2d(c_in, 16, kernel, padding=kernel // 2, bias=False)
     net = bp.Network([layer, bp.GlobalAvgPool(), bp.Dense(16, 3, activation="softmax")],
-                     loss="cross_entropy", dtype=dtype, seed=0, input_shape=(32, 16, 16))
-    chunk = chunk_samples(layer, (16, 16), np.dtype(dtype).itemsize)
+                     loss="cross_entropy", dtype=dtype, seed=0, input_shape=shape)
+    chunk = chunk_samples(layer, shape[1:], np.dtype(dtype).itemsize)
     assert 4 <= chunk <= 16                       # several chunks within small batches
     twin = to_twin(net).double()
     for batch in range(1, 2 * chunk + 4):
-        x, y = images(rng, batch, (32, 16, 16), 3)
+        x, y = images(rng, batch, shape, 3)
         net.zero_grad()
         net.forward(x)
         net.backward(y)

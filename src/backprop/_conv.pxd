@@ -22,7 +22,10 @@
 # column matrix, a number of samples fixed by the shapes alone), so the column matrix
 # stays in cache and the scratch small; the chunks' dW products accumulate in chunk
 # order.  A 1x1 convolution with stride 1, no padding and one group needs no column
-# matrix: the input is one already.
+# matrix: the input is one already.  A single-channel input (a grey image: the first
+# layer of LeNet) builds the column matrix transposed, a row per kernel position: each
+# such row of an output line is then a copy of an input row (a run of a few values per
+# pixel would be far slower), and the products read it through their transpose flags.
 #
 # Threads: the GEMM splits each product's output (never its sum); im2col splits the
 # column matrix's rows, col2im whole samples (overlapping windows add into the same input
@@ -51,6 +54,8 @@ cdef struct ConvShape:
     Py_ssize_t kk, k                      # kernel positions kh * kw; K = kk * cig
     Py_ssize_t chunk                      # samples per chunk
     bint permute                          # the kernel's weight order differs from PyTorch's
+    bint transposed                       # single-channel input: the column matrix is built
+                                          # K x rows (see the header)
 
 
 cdef inline ConvShape conv_shape(const Op* op, const Tape* t, Py_ssize_t itemsize) noexcept nogil:
@@ -65,6 +70,7 @@ cdef inline ConvShape conv_shape(const Op* op, const Tape* t, Py_ssize_t itemsiz
     s.k = s.cig * s.kk
     s.chunk = max(1, CHUNK_BYTES // max(1, s.ho * s.wo * s.k * itemsize))
     s.permute = s.kk > 1 and s.cig > 1
+    s.transposed = s.c_in == 1
     return s
 
 
@@ -227,6 +233,103 @@ cdef inline void col2im(const floating* col, const ConvShape* s, const Window* w
         _col2im_samples(col, s, win, first_sample, c0, lo, hi, dx)
 
 
+cdef inline void _valid(Py_ssize_t offset, Py_ssize_t step, Py_ssize_t size, Py_ssize_t count,
+                        Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    """The i in [lo, hi) of range(count) whose position i * step + offset lies in
+    [0, size).  (C division truncates: only non-negative numbers are divided.)"""
+    lo[0] = 0 if offset >= 0 else min(count, (-offset + step - 1) // step)
+    hi[0] = 0 if size - 1 - offset < 0 else min(count, (size - 1 - offset) // step + 1)
+    hi[0] = max(lo[0], hi[0])
+
+
+cdef inline void _im2col_t_lines(const floating* x, const ConvShape* s, const Window* win,
+                                 Py_ssize_t first_sample, Py_ssize_t lo, Py_ssize_t hi,
+                                 floating* col, Py_ssize_t ldc) noexcept nogil:
+    # Output lines lo..hi of the chunk, one input channel: kernel position q's row of the
+    # transposed column matrix holds, for each pixel of the line, the input value at q.
+    cdef Py_ssize_t line, n, oh, kh, kw, ih, ow, first, last
+    cdef const floating* row
+    cdef floating* dst
+    for line in range(lo, hi):
+        n, oh = first_sample + line // s.ho, line % s.ho
+        for kh in range(win.kh):
+            ih = oh * win.sh - win.ph + kh * win.dh
+            for kw in range(win.kw):
+                dst = col + (kh * win.kw + kw) * ldc + line * s.wo
+                if ih < 0 or ih >= s.h:
+                    _valid(0, 1, 0, s.wo, &first, &last)        # no pixel
+                else:
+                    _valid(kw * win.dw - win.pw, win.sw, s.w, s.wo, &first, &last)
+                for ow in range(first):
+                    dst[ow] = 0
+                if last > first:
+                    row = x + n * s.ld_in + (ih * s.w + first * win.sw + kw * win.dw - win.pw) * s.ldx
+                    if win.sw * s.ldx == 1:
+                        copy_values(dst + first, row, last - first)
+                    else:
+                        for ow in range(last - first):
+                            dst[first + ow] = row[ow * win.sw * s.ldx]
+                for ow in range(last, s.wo):
+                    dst[ow] = 0
+
+
+cdef inline void im2col_t(const floating* x, const ConvShape* s, const Window* win,
+                          Py_ssize_t first_sample, Py_ssize_t samples, floating* col,
+                          int n_threads) noexcept nogil:
+    """The transposed column matrix (K rows of samples * ho * wo) of a one-channel input."""
+    cdef Py_ssize_t t, lo, hi, lines = samples * s.ho, ldc = samples * s.ho * s.wo
+    cdef int team = team_for(lines * s.wo * s.k, n_threads)
+    if team == 1:
+        _im2col_t_lines(x, s, win, first_sample, 0, lines, col, ldc)
+        return
+    for t in prange(team, num_threads=team, schedule="static"):
+        lo = part_start(lines, t, team, 1)
+        hi = part_start(lines, t + 1, team, 1)
+        _im2col_t_lines(x, s, win, first_sample, lo, hi, col, ldc)
+
+
+cdef inline void _col2im_t_samples(const floating* col, Py_ssize_t ldc, const ConvShape* s,
+                                   const Window* win, Py_ssize_t first_sample, Py_ssize_t lo,
+                                   Py_ssize_t hi, floating* dx) noexcept nogil:
+    # _im2col_t_lines backwards, samples lo..hi: each value added to the input value it
+    # was copied from, in a fixed order within the sample.
+    cdef Py_ssize_t n, oh, kh, kw, ih, ow, first, last
+    cdef const floating* src
+    cdef floating* row
+    for n in range(lo, hi):
+        for oh in range(s.ho):
+            for kh in range(win.kh):
+                ih = oh * win.sh - win.ph + kh * win.dh
+                if ih < 0 or ih >= s.h:
+                    continue
+                for kw in range(win.kw):
+                    _valid(kw * win.dw - win.pw, win.sw, s.w, s.wo, &first, &last)
+                    if last <= first:
+                        continue
+                    src = col + (kh * win.kw + kw) * ldc + (n * s.ho + oh) * s.wo + first
+                    row = (dx + (first_sample + n) * s.ld_in
+                           + (ih * s.w + first * win.sw + kw * win.dw - win.pw) * s.ldx)
+                    if win.sw * s.ldx == 1:
+                        add_values(row, src, last - first)
+                    else:
+                        for ow in range(last - first):
+                            row[ow * win.sw * s.ldx] += src[ow]
+
+
+cdef inline void col2im_t(const floating* col, const ConvShape* s, const Window* win,
+                          Py_ssize_t first_sample, Py_ssize_t samples, floating* dx,
+                          int n_threads) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi, ldc = samples * s.ho * s.wo
+    cdef int team = team_for(samples * s.ho * s.wo * s.k, n_threads)
+    if team == 1:
+        _col2im_t_samples(col, ldc, s, win, first_sample, 0, samples, dx)
+        return
+    for t in prange(team, num_threads=team, schedule="static"):
+        lo = part_start(samples, t, team, 1)
+        hi = part_start(samples, t + 1, team, 1)
+        _col2im_t_samples(col, ldc, s, win, first_sample, lo, hi, dx)
+
+
 cdef inline void _zero_samples(floating* dx, Py_ssize_t ld, Py_ssize_t size, Py_ssize_t lo,
                                Py_ssize_t hi) noexcept nogil:
     cdef Py_ssize_t n
@@ -252,7 +355,8 @@ cdef inline Py_ssize_t _chunk_need(const ConvShape* s, Py_ssize_t samples, int n
         return 0
     return max(gemm_scratch_bytes(rows, s.cog, s.k, nt, itemsize),
                gemm_scratch_bytes(s.cog, s.k, rows, nt, itemsize),
-               gemm_scratch_bytes(rows, s.k, s.cog, nt, itemsize))
+               gemm_scratch_bytes(rows, s.k, s.cog, nt, itemsize),
+               gemm_scratch_bytes(s.k, rows, s.cog, nt, itemsize))   # dcol transposed
 
 
 cdef inline Py_ssize_t _gemm_need(const ConvShape* s, Py_ssize_t batch, int nt,
@@ -310,6 +414,12 @@ cdef inline void conv_run(floating* kind, const Op* op, Tape* t, int nt) noexcep
     while n0 < t.batch:
         samples = min(s.chunk, t.batch - n0)
         rows = samples * s.ho * s.wo
+        if s.transposed:        # (one channel: one group)
+            im2col_t(x, &s, &op.window, n0, samples, col, nt)
+            gemm(rows, s.cog, s.k, col, rows, True, weight, s.k, True, out + n0 * s.ld_out,
+                 s.ldm, False, bias, op.fused, nt, part.gemm)
+            n0 += samples
+            continue
         for g in range(s.groups):
             im2col(x, &s, &op.window, n0, samples, g * s.cig, col, nt)
             gemm(rows, s.cog, s.k, col, s.k, False, weight + g * s.cog * s.k, s.k, True,
@@ -369,6 +479,16 @@ cdef inline void conv_back(floating* kind, const Op* op, Tape* t, bint want_dx,
                     lo = part_start(samples, tt, team, 1)
                     hi = part_start(samples, tt + 1, team, 1)
                     _zero_samples(dx, s.ld_in, xs.size, n0 + lo, n0 + hi)
+        if s.transposed:
+            im2col_t(x, &s, &op.window, n0, samples, col, nt)
+            gemm(s.cog, s.k, rows, dy, s.ldm, True, col, rows, True, dw, s.k, True, NULL,
+                 IDENTITY, nt, part.gemm)
+            if dx != NULL:      # dcol (transposed) = W^T dy^T overwrites col
+                gemm(s.k, rows, s.cog, weight, s.k, True, dy, s.ldm, True, col, rows, False,
+                     NULL, IDENTITY, nt, part.gemm)
+                col2im_t(col, &s, &op.window, n0, samples, dx, nt)
+            n0 += samples
+            continue
         for g in range(s.groups):
             im2col(x, &s, &op.window, n0, samples, g * s.cig, col, nt)
             gemm(s.cog, s.k, rows, dy + g * s.cog, s.ldm, True, col, s.k, False,
