@@ -24,6 +24,10 @@ from conftest import make_net
 # child gets 3 GB of address space (importing backprop takes well under 1 GB) and 30 s.
 ADDRESS_SPACE = 3 << 30
 TIMEOUT = 30
+# Under AddressSanitizer (tools/asan.sh preloads libasan) an address-space limit stops the
+# child before it starts: ASan reserves terabytes of shadow memory.  Its own allocator
+# limit takes over there (a malloc past it returns NULL, so the reader sees MemoryError).
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 
 def _limit_memory():
@@ -37,9 +41,14 @@ def run(args, cwd):
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bp.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [package_parent] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    limit = _limit_memory
+    if UNDER_ASAN:
+        limit = None
+        env["ASAN_OPTIONS"] = ":".join(filter(None, [
+            env.get("ASAN_OPTIONS", ""), f"soft_rss_limit_mb={ADDRESS_SPACE >> 20}"]))
     try:
         return subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=TIMEOUT,
-                              env=env, preexec_fn=_limit_memory)
+                              env=env, preexec_fn=limit)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{args} still running after {TIMEOUT} s")
 
