@@ -19,6 +19,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
 from libc.math cimport sqrt, isfinite, INFINITY, NAN
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import math
 import threading

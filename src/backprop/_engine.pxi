@@ -38,6 +38,119 @@ cdef Py_ssize_t _padded(Py_ssize_t n, Py_ssize_t itemsize):
     return n
 
 
+# ---- the team size on a busy machine
+#
+# Every parallel region ends with its threads waiting for each other.  When another
+# process holds a core, the partner that was descheduled makes each region wait for the
+# scheduler, and a pass of dozens of regions runs many times slower than on one thread
+# (measured: a small MLP's training 6-8x slower beside one busy process, with any spin
+# policy that keeps the idle machine fast; benchmarks/contention.py).  Results are the
+# same for any team, so the Engine chooses the team by what it measures: each kind of
+# pass keeps the recent cost per batch row of the whole team and of one thread, runs the
+# cheaper, and now and then tries the other again (more and more rarely while it keeps
+# losing, at once when the one in use becomes dearer than the other's last measurement).
+# On an idle machine the whole team wins and one pass in up to 1024 is a trial; beside
+# busy processes one thread wins within a few passes.
+
+cdef enum TeamKind:
+    FORWARD_PASSES = 0       # forward (predict, evaluate, the first half of a manual step)
+    BACKWARD_PASSES = 1      # backward alone
+    TRAINING_PASSES = 2      # forward + loss + backward (+ update): train_step, compute_gradients
+    TEAM_KINDS = 3
+
+cdef enum:
+    TRIAL_FIRST = 4          # passes before the first trial of one thread: early, so that
+                             # on a busy machine few passes run on a slow team
+    TRIAL_AFTER_SINGLE = 32  # passes on one thread before the team is tried again
+    TRIAL_MOST = 1024        # the longest interval between trials
+    WARM_UP = 2              # passes not measured (first touches of the workspace)
+
+
+cdef inline double _seconds() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + 1e-9 * now.tv_nsec
+
+
+cdef struct TeamChoice:
+    double cost[2]           # recent seconds per row: [0] the whole team, [1] one thread
+    bint single              # one thread is the choice
+    bint trying              # the running pass tries the other choice
+    int countdown            # passes until the next trial
+    int interval             # the interval after it (doubles while the trials lose)
+    int warm_up              # passes left unmeasured
+    double started           # when the running pass began
+
+
+cdef inline void _choice_init(TeamChoice* c) noexcept nogil:
+    c.cost[0] = c.cost[1] = 0
+    c.single = c.trying = False
+    c.countdown = c.interval = TRIAL_FIRST
+    c.warm_up = WARM_UP
+    c.started = 0
+
+
+cdef inline bint _choose_single(TeamChoice* c) noexcept nogil:
+    """The choice for the next pass (one thread or not), counting down to a trial."""
+    c.countdown -= 1
+    c.trying = c.countdown <= 0
+    c.started = _seconds()
+    return c.single != c.trying
+
+
+cdef inline void _measured(TeamChoice* c, bint single, Py_ssize_t rows) noexcept nogil:
+    """Take the cost of the pass that ran (on one thread or not) and choose again."""
+    if c.started == 0:                            # no choice was made for this pass
+        return
+    _take_cost(c, single, (_seconds() - c.started) / max(1, rows))
+    c.started = 0
+
+
+cdef inline bint _beats(TeamChoice* c, bint single) noexcept nogil:
+    """Whether `single`'s cost wins against the other's by the margin a switch needs:
+    one thread must win clearly (on a busy machine it wins by far, and a noisy
+    measurement must not move an idle machine off its team); the team by 10%."""
+    return c.cost[1 if single else 0] < (0.7 if single else 0.9) * c.cost[0 if single else 1]
+
+
+cdef inline void _take_cost(TeamChoice* c, bint single, double cost) noexcept nogil:
+    cdef int used = 1 if single else 0, other = 0 if single else 1
+    if c.warm_up > 0:
+        c.warm_up -= 1
+        c.countdown = max(c.countdown, 1)
+        return
+    if c.trying or c.cost[used] == 0:
+        c.cost[used] = cost                       # a trial: the freshest word on it
+    else:
+        c.cost[used] += 0.25 * (cost - c.cost[used])
+    if c.trying:
+        if _beats(c, single):                     # the trial won: switch
+            c.single = single
+            # Try the team back soon, one thread back later: a team's pass on a busy
+            # machine costs dozens of one thread's.
+            c.interval = TRIAL_AFTER_SINGLE if single else TRIAL_FIRST
+        else:
+            c.interval = min(TRIAL_MOST, 2 * c.interval)
+        c.countdown = c.interval
+    elif c.cost[other] > 0 and _beats(c, not single):
+        c.countdown = 0                           # the other's last cost would win: try it now
+
+
+def _simulate_team_choice(double team_cost, double single_cost, int passes):
+    """The team choice's decisions over `passes` passes whose costs per row are fixed
+    (on the team, on one thread): for each pass, whether it ran on one thread.  A test
+    of the rule without a clock."""
+    cdef TeamChoice c
+    cdef bint single
+    cdef list ran = []
+    _choice_init(&c)
+    for _ in range(passes):
+        single = _choose_single(&c)
+        _take_cost(&c, single, single_cost if single else team_cost)
+        ran.append(single)
+    return ran
+
+
 cdef class Workspace:
     """Everything an Engine needs per batch row, in one 64-byte-aligned allocation sized
     for `capacity` rows: two input buffers (a batch is staged into the spare one and only
@@ -96,6 +209,7 @@ cdef class Engine:
     cdef Py_ssize_t n_buffers
     cdef cnp.ndarray params, grads, buffers
     cdef cnp.ndarray grads_backup      # made the first time train_step meets pending gradients
+    cdef TeamChoice team[TEAM_KINDS]   # the team size by kind of pass (see above)
     cdef readonly bint has_forward, has_grads, has_input_grad
     cdef bint _training
     cdef bint busy
@@ -180,6 +294,8 @@ cdef class Engine:
         self.tape.batch = 0
         self.tape.training = self._training = True
         self.ws = None
+        for i in range(TEAM_KINDS):
+            _choice_init(&self.team[i])
 
     def __dealloc__(self):
         free(self.tape.ops)
@@ -278,24 +394,57 @@ cdef class Engine:
             need = max(need, KERNEL_TABLE[op.kernel].scratch(op, &self.tape, rows, nt, item))
         return need
 
-    cdef int _ready_threads(self) except -1:
-        """The thread count for a pass over the current batch, with scratch for it.  The
-        result does not depend on the count, so if memory for more threads' scratch is
-        short, the pass runs on one thread instead."""
-        cdef int nt = _num_threads(), attempt
-        cdef Py_ssize_t need
+    cdef int _ready_scratch(self) except -1:
+        """Scratch for a pass over the current batch on the whole team and on one thread
+        (so switching between them never allocates); the team's size, or 1 if memory for
+        its scratch is short (the result does not depend on the count)."""
+        cdef int nt = _num_threads()
+        cdef Py_ssize_t need = self._scratch_need(self.tape.batch, 1)
         cdef void* grown
-        for attempt in (nt, 1):
-            need = self._scratch_need(self.tape.batch, attempt)
-            if need <= self.scratch_bytes:
-                return attempt
+        if nt > 1:
+            need = max(need, self._scratch_need(self.tape.batch, nt))
+        if need > self.scratch_bytes:
             grown = bp_aligned_alloc(need)
+            if grown == NULL and nt > 1:
+                nt, need = 1, self._scratch_need(self.tape.batch, 1)
+                grown = bp_aligned_alloc(need) if need > self.scratch_bytes else NULL
+                if grown == NULL and need > self.scratch_bytes:
+                    raise MemoryError("cannot allocate the kernels' scratch")
+            elif grown == NULL:
+                raise MemoryError("cannot allocate the kernels' scratch")
             if grown != NULL:
                 free(self.scratch)
                 self.scratch, self.scratch_bytes = grown, need
                 self.tape.scratch = grown
-                return attempt
-        raise MemoryError("cannot allocate the kernels' scratch")
+        return nt
+
+    cdef int _ready_threads(self, int kind=TRAINING_PASSES) except -1:
+        """The thread count for a pass of `kind` over the current batch, with its
+        scratch: the whole team, or one thread when that has been measured cheaper (see
+        TeamChoice); _pass_done(kind, ...) takes the pass's cost."""
+        cdef int nt = self._ready_scratch()
+        if nt > 1 and _choose_single(&self.team[kind]):
+            return 1
+        return nt
+
+    cdef int _current_threads(self, int kind) except -1:
+        """The count `kind`'s passes use now, for work between them that is not measured
+        (the optimizer's update alone, gradient norms)."""
+        cdef int nt = self._ready_scratch()
+        return 1 if self.team[kind].single else nt
+
+    def _team_choice(self):
+        """{kind of pass: (one thread chosen, seconds per row on the team, on one
+        thread)}: what the team choice has measured (for tests and benchmarks)."""
+        cdef int k
+        names = ("forward", "backward", "training")       # in TeamKind's order
+        return {names[k]: (bool(self.team[k].single), self.team[k].cost[0],
+                           self.team[k].cost[1]) for k in range(TEAM_KINDS)}
+
+    cdef void _pass_done(self, int kind, int nt) noexcept:
+        """After a pass that _ready_threads(kind) sized: its cost, for the team choice."""
+        if _num_threads() > 1:
+            _measured(&self.team[kind], nt == 1, self.tape.batch)
 
     # ---- loading a batch (all validation happens here, before anything changes)
 
@@ -602,10 +751,11 @@ cdef class Engine:
         self._enter()
         try:
             self._load(x, None, rows, row_offset)
-            nt = self._ready_threads()
+            nt = self._ready_threads(FORWARD_PASSES)
             with nogil:
                 self._begin_forward()
                 self._pass(FORWARD, nt, False, 1.0, False, False)
+            self._pass_done(FORWARD_PASSES, nt)
             self.has_forward = True
             return self._output_copy()
         finally:
@@ -655,10 +805,11 @@ cdef class Engine:
                 labels = self._load_target(y, self.ws, self.tape.batch)
                 self.tape.weights = NULL
                 parts = LOSS | BACKWARD
-            nt = self._ready_threads()
+            nt = self._ready_threads(BACKWARD_PASSES)
             with nogil:
                 value = self._pass(parts, nt, labels, scale, input_grad,
                                    self.from_logits and grad_output is None)
+            self._pass_done(BACKWARD_PASSES, nt)
             if not isfinite(value):
                 raise FloatingPointError(f"the loss is {value}: no gradients were accumulated")
             self.has_grads = True
@@ -689,13 +840,14 @@ cdef class Engine:
             _check_scale(scale)
             _check_l2(l2)
             labels = self._load(x, y, rows, row_offset, sample_weight)
-            nt = self._ready_threads()
+            nt = self._ready_threads(TRAINING_PASSES)
             with nogil:
                 self._begin_forward()
                 value = self._pass(FORWARD | LOSS | BACKWARD, nt, labels, scale, False,
                                    self.from_logits, l2)
                 if not isfinite(value):
                     self._undo_forward()
+            self._pass_done(TRAINING_PASSES, nt)
             self.has_forward = True
             if not isfinite(value):
                 raise FloatingPointError(f"the loss is {value} (diverged); no gradients were "
@@ -748,7 +900,7 @@ cdef class Engine:
             _check_l2(l2)
             _check_scale(scale)
             labels = self._load(x, y, rows, 0, sample_weight)
-            nt = self._ready_threads()
+            nt = self._ready_threads(TRAINING_PASSES)
             pending = self.has_grads
             if pending and self.grads_backup is None:
                 self.grads_backup = np.empty_like(self.grads)
@@ -786,6 +938,7 @@ cdef class Engine:
                         self._undo_forward()
             finally:
                 optimizer._end()
+            self._pass_done(TRAINING_PASSES, nt)
             refused = not ok or update == UNDONE or update == NO_COPY
             self.has_input_grad = False
             self.has_grads = pending and refused
@@ -815,7 +968,7 @@ cdef class Engine:
         try:
             if not self.has_grads:
                 raise RuntimeError("step() needs gradients: call backward() first")
-            nt = self._ready_threads()
+            nt = self._current_threads(BACKWARD_PASSES)    # (a manual loop: its backward)
             optimizer._begin(self.params.shape[0], self.dtype)
             try:
                 with nogil:
