@@ -196,6 +196,8 @@ cdef class Engine:
     cdef int active_input          # which of ws.inputs holds the current batch
     cdef void* scratch             # the kinds' scratch (GEMM packing, ...)
     cdef Py_ssize_t scratch_bytes
+    cdef Py_ssize_t scratch_rows   # the batch size and team the scratch was last sized
+    cdef int scratch_team          #   for (every pass asks; the sizing walks every op)
     cdef double* block_sums        # for the gradient statistics (sum_of_squares)
     cdef double* weight_norms      # each weight's gradient norm (train_step)
     cdef readonly object dtype
@@ -223,6 +225,7 @@ cdef class Engine:
         self.saved_fixed = self.saved_per_row = NULL
         self.weight_offsets = self.weight_sizes = NULL
         self.scratch = NULL
+        self.scratch_rows = -1
         self.block_sums = NULL
         self.weight_norms = NULL
 
@@ -399,8 +402,11 @@ cdef class Engine:
         (so switching between them never allocates); the team's size, or 1 if memory for
         its scratch is short (the result does not depend on the count)."""
         cdef int nt = _num_threads()
-        cdef Py_ssize_t need = self._scratch_need(self.tape.batch, 1)
+        cdef Py_ssize_t need
         cdef void* grown
+        if self.tape.batch == self.scratch_rows and nt == self.scratch_team:
+            return nt
+        need = self._scratch_need(self.tape.batch, 1)
         if nt > 1:
             need = max(need, self._scratch_need(self.tape.batch, nt))
         if need > self.scratch_bytes:
@@ -416,6 +422,7 @@ cdef class Engine:
                 free(self.scratch)
                 self.scratch, self.scratch_bytes = grown, need
                 self.tape.scratch = grown
+        self.scratch_rows, self.scratch_team = self.tape.batch, nt
         return nt
 
     cdef int _ready_threads(self, int kind=TRAINING_PASSES) except -1:
