@@ -5,6 +5,7 @@ The comparisons with scikit-learn itself (its estimator checks, identical traini
 float64, clone/Pipeline/GridSearchCV) are in test_estimators_sklearn.py.
 """
 import copy as copy_module
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -21,6 +22,10 @@ from backprop.estimators import (ConvergenceWarning, MLPClassifier, MLPRegressor
 
 # Runs that stop at max_iter on purpose warn as scikit-learn does; the warning is tested once.
 pytestmark = pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
+
+HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
+needs_scipy = pytest.mark.skipif(not HAVE_SCIPY, reason="solver='lbfgs' needs SciPy, "
+                                 "not installed (test_lbfgs_without_scipy_is_refused runs)")
 
 
 
@@ -196,6 +201,7 @@ def test_loss_and_gradient_are_scikit_learns(case, weighted):
         np.testing.assert_allclose((before - after) / lr, numeric, rtol=1e-6, atol=1e-8)
 
 
+@needs_scipy
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_lbfgs_stops_where_scikit_learns_objective_is_flat(case, weighted):
@@ -231,6 +237,7 @@ def test_lbfgs_stops_where_scikit_learns_objective_is_flat(case, weighted):
     assert flat < 1e-4, flat
 
 
+@needs_scipy
 def test_lbfgs_limits_warnings_and_warm_start(monkeypatch):
     X, y = _blobs()
     kw = dict(solver="lbfgs", hidden_layer_sizes=(8,), random_state=0)
@@ -643,6 +650,7 @@ def test_works_without_scikit_learn():
         from backprop import datasets, estimators
         from backprop.estimators import MLPClassifier, MLPRegressor, NotFittedError
         assert not estimators.HAVE_SKLEARN
+        HAVE_SCIPY = estimators.minimize is not None
         X, y = datasets.load_digits()
         clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01,
                             random_state=0, early_stopping=True)
@@ -661,8 +669,9 @@ def test_works_without_scikit_learn():
         lbfgs = MLPClassifier(solver="lbfgs", hidden_layer_sizes=(16,), max_iter=100,
                               random_state=0)
         assert not hasattr(lbfgs, "partial_fit")
-        lbfgs.fit(X[:1500], y[:1500])       # scikit-learn's L-BFGS scores 0.896 here
-        assert lbfgs.score(X[1500:], y[1500:]) > 0.85, lbfgs.score(X[1500:], y[1500:])
+        if HAVE_SCIPY:
+            lbfgs.fit(X[:1500], y[:1500])       # scikit-learn's L-BFGS scores 0.896 here
+            assert lbfgs.score(X[1500:], y[1500:]) > 0.85, lbfgs.score(X[1500:], y[1500:])
         for call, error in ((lambda: MLPRegressor().predict(X), NotFittedError),
                             (lambda: reg.predict(X[:, :5]), ValueError),
                             (lambda: reg.fit(X, np.full(1797, np.inf)), ValueError),
@@ -674,6 +683,36 @@ def test_works_without_scikit_learn():
                 pass
             else:
                 raise AssertionError("no error")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_lbfgs_without_scipy_is_refused():
+    """Without SciPy (and so without scikit-learn, which needs it) solver='lbfgs' is
+    refused before anything changes, naming what to install; the other solvers work."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["scipy"] = None             # any 'import scipy...' raises ImportError
+        import numpy as np
+        from backprop.estimators import MLPClassifier
+        X, y = np.random.default_rng(0).normal(size=(40, 3)), np.arange(40) % 2
+        clf = MLPClassifier(solver="lbfgs", hidden_layer_sizes=(4,))
+        try:
+            clf.fit(X, y)
+        except ImportError as error:
+            assert "pip install scipy" in str(error), error
+        else:
+            raise AssertionError("no error")
+        assert not any(k.endswith("_") for k in vars(clf))
+        clf.set_params(solver="adam", max_iter=5)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf.fit(X, y)
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
