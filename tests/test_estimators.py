@@ -581,6 +581,18 @@ def test_divergence_is_reported_and_keeps_the_last_good_weights():
     assert np.isfinite(reg.network_.params).all()
 
 
+@needs_scipy
+def test_lbfgs_where_the_loss_overflows_raises_and_keeps_finite_weights():
+    X = np.random.default_rng(0).normal(size=(50, 3)) * 1e150   # squared error: 1e300+
+    reg = MLPRegressor(solver="lbfgs", hidden_layer_sizes=(4,), random_state=0)
+    start = MLPRegressor(solver="sgd", learning_rate_init=1e-300, max_iter=1,
+                         hidden_layer_sizes=(4,), random_state=0)
+    start.fit(X / 1e150, X.sum(axis=1) / 1e150)      # the same first draw, not moved
+    with pytest.raises(ValueError, match="non-finite .* preprocessed.*L-BFGS"):
+        reg.fit(X, X.sum(axis=1) / 1e150)
+    np.testing.assert_array_equal(reg.network_.params, start.network_.params)
+
+
 def test_a_diverging_fit_with_early_stopping_keeps_the_best_weights():
     # As scikit-learn: with early stopping, the epoch that diverges scores NaN, the
     # weights of the best validation score are kept and fit returns (with a warning).

@@ -37,7 +37,8 @@ Known differences: Adam adds ``epsilon`` to ``sqrt(v_hat)`` (PyTorch's placement
 scikit-learn adds it to ``sqrt(v)``, a difference of order ``epsilon``; the log-losses
 are computed from the logits without clipping the probabilities; a minibatch whose sample
 weights are all zero is skipped; a minibatch step that would make the weights non-finite
-is refused (the weights stay the last finite ones).  scikit-learn's private state
+is refused (the weights stay the last finite ones), and an L-BFGS fit that reaches weights
+where the loss overflows raises with its starting weights.  scikit-learn's private state
 (``_optimizer``, its scratch lists) does not exist: ``network_`` holds the network and its
 optimizer.  Extras: ``dtype``, ``n_threads``, ``batch_norm`` (batch normalisation after
 each hidden Dense layer) and ``dropout``.
@@ -754,14 +755,22 @@ class _BaseMLP(BaseEstimator):
         if hasattr(X, "toarray"):       # every evaluation reads every row: densify once
             X = X.toarray()
         net, T = self.network_, self._targets(Y)
+        start = net.params.astype(np.float64)
         net.train()
         try:
-            result = minimize(self._loss_grad, net.params.astype(np.float64),
-                              args=(X, T, sample_weight), method="L-BFGS-B", jac=True,
+            result = minimize(self._loss_grad, start, args=(X, T, sample_weight),
+                              method="L-BFGS-B", jac=True,
                               options={"maxiter": self.max_iter, "maxfun": self.max_fun,
                                        "gtol": self.tol})
         finally:
             net.eval()
+        if not (np.isfinite(result.x).all() and np.isfinite(result.fun)):
+            # Where the loss overflows SciPy has nowhere to go (from the start, it may
+            # even step to NaN weights): as with a refused minibatch step, the weights
+            # stay finite, the start's.
+            net.params[...] = start
+            raise ValueError(f"{_DIVERGED} (L-BFGS reached weights where the loss is not "
+                             "finite.)")
         net.params[...] = result.x      # the last evaluation may have been a trial point
         # scikit-learn's _check_optimize_result: scipy's count can pass maxiter
         self.n_iter_ = min(result.nit, self.max_iter)
@@ -790,8 +799,10 @@ class _BaseMLP(BaseEstimator):
                 factor, scale, l2, penalty = self._built_in_terms(norm)
                 loss = penalty + factor * net.compute_gradients(
                     X, T, sample_weight=sample_weight, l2=l2, scale=scale)
-        except FloatingPointError:      # an overflowing trial point: SciPy steps back
-            return np.inf, np.zeros_like(theta)
+        except FloatingPointError:
+            # Not finite here (SciPy's line search steps back from such a trial point; at
+            # the start it stops, ABNORMAL).  A zero gradient would read as converged.
+            return np.inf, np.full_like(theta, np.nan)
         return loss, net.grads.astype(np.float64)
 
     def _loss_grad_lbfgs(self, packed_coef_inter, X, y, sample_weight=None, *_scratch):
