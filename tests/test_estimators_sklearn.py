@@ -30,9 +30,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceW
 # --------------------------------------------------------------------------- estimator checks
 
 FLOAT32_SAMPLE_WEIGHTS = (
-    "In float32 (backprop's default dtype) a row of weight k and k copies of that row are "
-    "summed in a different order, so the two fits agree to float32 rounding (about 2e-7 "
-    "relative), not to the check's rtol of 1e-7; with dtype='float64' the check passes.")
+    "With dtype='float32' forced on the check's float64 data, a row of weight k and k copies "
+    "of that row are summed in a different order, so the two fits agree to float32 rounding "
+    "(about 2e-7 relative), not to the check's rtol of 1e-7; by default (training in X's "
+    "precision, scikit-learn's rule) the check passes.")
 
 
 def expected_failed_checks(estimator):
@@ -43,10 +44,11 @@ def expected_failed_checks(estimator):
     return failures
 
 
-# max_iter=100 as scikit-learn's own test suite sets for its MLPs; float32 (the default)
-# and float64 both.
+# max_iter=100 as scikit-learn's own test suite sets for its MLPs: the defaults (X's
+# precision, Adam), L-BFGS, and float32 forced.
 CHECKED = [MLPClassifier(max_iter=100), MLPRegressor(max_iter=100),
-           MLPClassifier(max_iter=100, dtype="float64"), MLPRegressor(max_iter=100, dtype="float64")]
+           MLPClassifier(solver="lbfgs", max_iter=100), MLPRegressor(solver="lbfgs", max_iter=100),
+           MLPClassifier(max_iter=100, dtype="float32"), MLPRegressor(max_iter=100, dtype="float32")]
 
 
 def _array_api_check_in_subprocess(estimator, check):
@@ -205,30 +207,59 @@ def test_float64_adam_training_is_scikit_learns_but_for_epsilon(case, monkeypatc
     _assert_same_fit(X, a, b, rtol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel", "regression",
+                                  "poisson"])
+def test_float64_lbfgs_is_scikit_learns(kind):
+    """L-BFGS from the same weights, with the same objective and gradient (to rounding)
+    and the same SciPy: the same iterations and, to rounding, the same fit."""
+    params = dict(solver="lbfgs", alpha=0.01, max_iter=30, activation="tanh")
+    X, a, b = _fit_both(kind, params)
+    assert b.n_iter_ == a.n_iter_
+    assert b.loss_ == pytest.approx(a.loss_, rel=1e-9)
+    for mine, theirs in zip(b.coefs_ + b.intercepts_, a.coefs_ + a.intercepts_):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_early_stopping_split_is_stratified_as_scikit_learns():
+    # A binary y is stratified on scikit-learn's boolean targets: the same error, with
+    # the class named 'True'.
+    X, y = [[1, 2], [2, 3], [3, 4], [4, 5]], [0, 0, 0, 1]
+    messages = []
+    for cls in (neural_network.MLPClassifier, MLPClassifier):
+        with pytest.raises(ValueError, match="least populated") as error:
+            cls(early_stopping=True).fit(X, y)
+        messages.append(str(error.value))
+    assert messages[1] == messages[0] and "['True']" in messages[0]
+
+
 def _scores(estimator_class, X_train, X_test, y_train, y_test, seeds, **params):
     return np.array([estimator_class(random_state=seed, **params).fit(X_train, y_train)
                      .score(X_test, y_test) for seed in seeds])
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("task", ["digits", "friedman1"])
-def test_scores_within_noise_of_scikit_learn(task):
-    """Default settings (float32, Adam) against scikit-learn with the same parameters.
+def test_scores_within_noise_of_scikit_learn(task, dtype):
+    """Default settings (Adam, X's precision) against scikit-learn with the same
+    parameters, on float64 and on float32 data (both libraries then train in float32).
 
     "Noise" is scikit-learn's own spread over random_state: with 5 seeds, the mean
     scores must differ by less than two standard errors of scikit-learn's mean
     (2 * std / sqrt(5)), and by at most 0.005 when that spread is smaller (digits: the
     test set has 450 images, 0.005 is two of them).  Each seed starts both libraries
-    from the same weights and shuffles, so the difference left is float32 rounding and
-    Adam's epsilon placement."""
+    from the same weights and shuffles, so the difference left is Adam's epsilon
+    placement (and rounding)."""
     seeds = range(5)
     if task == "digits":
         X, y = load_digits(return_X_y=True)
-        data = train_test_split(X / 16, y, test_size=0.25, random_state=0, stratify=y)
+        data = train_test_split((X / 16).astype(dtype), y, test_size=0.25, random_state=0,
+                                stratify=y)
         params = dict(hidden_layer_sizes=(64,), max_iter=60)
         theirs, ours, floor = neural_network.MLPClassifier, MLPClassifier, 0.95
     else:
         X, y = make_friedman1(n_samples=800, noise=0.5, random_state=0)
-        data = train_test_split(X, (y - y.mean()) / y.std(), test_size=0.25, random_state=0)
+        data = train_test_split(X.astype(dtype), (y - y.mean()) / y.std(), test_size=0.25,
+                                random_state=0)
         params = dict(hidden_layer_sizes=(32,), max_iter=150, learning_rate_init=0.01)
         theirs, ours, floor = neural_network.MLPRegressor, MLPRegressor, 0.85
     reference = _scores(theirs, *data, seeds, **params)

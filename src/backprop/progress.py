@@ -3,7 +3,7 @@ import sys
 
 try:
     from tqdm.auto import tqdm
-except ImportError:     # tqdm is the optional extra backprop[progress]
+except ImportError:     # tqdm is optional (pip install tqdm)
     tqdm = None
 
 

@@ -8,7 +8,7 @@
 * ``to_onnx(net, path, opset=17)``: a standard ONNX file for onnxruntime and other servers.
 
 PyTorch and onnx are optional: each is imported only when a function that needs it is first
-used (``pip install torch``; ``pip install "backprop[onnx]"``).
+used (``pip install torch``; ``pip install onnx``).
 """
 
 _TORCH_NAMES = ("to_torch", "from_torch", "TorchModule", "TorchResidual")

@@ -16,7 +16,7 @@ try:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 except ImportError as e:   # pragma: no cover - exercised only without onnx
-    raise ImportError('backprop.interop.to_onnx needs onnx: pip install "backprop[onnx]"') from e
+    raise ImportError("backprop.interop.to_onnx needs onnx: pip install onnx") from e
 
 import backprop
 from backprop._atomic import write_atomically
