@@ -175,7 +175,8 @@ def input_shape_of(layers, input_shape):
             break
     raise ValueError(f"the network's input shape is not fixed by its first layer "
                      f"({layers[0]!r}): give Network(..., input_shape=...), e.g. (1, 28, 28) "
-                     "for 28x28 grey images or (length,) for sequences of ids")
+                     "for 28x28 grey images, (time, features) for sequences of vectors or "
+                     "(length,) for sequences of ids")
 
 
 def plan(layers, loss, seed, input_shape=None):
@@ -216,7 +217,9 @@ def plan(layers, loss, seed, input_shape=None):
               "p": 0.0, "key": keys.get(id(layer), 0), "padding_idx": -1,
               "include_pad": False,
               "window": {"kh": 1, "kw": 1, "sh": 1, "sw": 1, "ph": 0, "pw": 0, "dh": 1, "dw": 1,
-                         "groups": 1}}
+                         "groups": 1},
+              "recurrence": {"cell": 0, "hidden": 0, "layers": 0, "directions": 0,
+                             "nonlinearity": 0}}
         saved = (0, 0)
         if layer is not None:
             x = p.geometry[source]
@@ -333,8 +336,9 @@ def _check_sizes(path, layer, op, saved):
     from a constructor or a checkpoint's header would otherwise overflow on its way into
     C): a ValueError naming the layer, never an OverflowError."""
     window = op["window"]
-    numbers = {k: v for k, v in op.items() if k not in ("window", "key")}
+    numbers = {k: v for k, v in op.items() if k not in ("window", "recurrence", "key")}
     numbers.update({f"{WINDOW_NAMES[k]} ({k})": v for k, v in window.items()})
+    numbers.update({f"recurrence's {k}": v for k, v in op["recurrence"].items()})
     numbers.update({"window positions": window["kh"] * window["kw"],
                     "saved statistics per batch": saved[0],
                     "saved statistics per sample": saved[1]})

@@ -115,6 +115,12 @@ class GraphBuilder:
             np.ascontiguousarray(array, dtype=np.float32), name))
         return name
 
+    def integers(self, name, array):
+        """An int64 initializer (indices, shapes)."""
+        self.initializers.append(numpy_helper.from_array(
+            np.ascontiguousarray(array, dtype=np.int64), name))
+        return name
+
     def scalar(self, value):
         if value not in self._constants:
             self._constants[value] = self.tensor(f"const_{len(self._constants)}",
