@@ -27,6 +27,8 @@ class Recurrent(Layer):
     # them in the order parameters() lists them (the planner lays a layer's parameters out
     # one after another, in that order).
     kernel_params = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    onnx_operator = None            # ONNX's operator for the cell
+    onnx_gates = ()                 # PyTorch's gate blocks, in the order ONNX's takes them
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True,
                  bidirectional=False):
         name = type(self).__name__
@@ -140,7 +142,40 @@ class Recurrent(Layer):
         return {}
 
     def to_onnx(self, graph, x, here, shape):
-        raise ValueError(f"to_onnx: {here} ({self!r}) has no ONNX export yet")
+        # ONNX's operator is one layer of both directions, its gates in its own order
+        # (onnx_gates), on sequences time first (onnxruntime refuses layout=1, batch first):
+        # the sequence is transposed on the way in and out, and each layer's (time,
+        # directions, batch, hidden) output joined into (time, batch, directions * hidden)
+        # for the next.
+        sequence = graph.node("Transpose", [x], f"{here}.time_first", perm=[1, 0, 2])
+        join = graph.integers(f"{here}.join_shape", np.array([0, 0, -1]))
+        for k in range(self.num_layers):
+            suffixes = ("", "_reverse")[:self.directions]
+            at = f"{here}.l{k}"
+            inputs = [sequence,
+                      graph.tensor(f"{at}.W", np.stack([self._onnx_rows(f"weight_ih_l{k}{s}")
+                                                       for s in suffixes])),
+                      graph.tensor(f"{at}.R", np.stack([self._onnx_rows(f"weight_hh_l{k}{s}")
+                                                       for s in suffixes]))]
+            if self.use_bias:
+                inputs.append(graph.tensor(f"{at}.B", np.stack([np.concatenate([
+                    self._onnx_rows(f"bias_ih_l{k}{s}"), self._onnx_rows(f"bias_hh_l{k}{s}")])
+                    for s in suffixes])))
+            out = graph.node(self.onnx_operator, inputs, f"{at}.{self.cell}",
+                             hidden_size=self.hidden_size,
+                             direction="bidirectional" if self.bidirectional else "forward",
+                             **self._onnx_attributes())
+            out = graph.node("Transpose", [out], f"{at}.directions_inside", perm=[0, 2, 1, 3])
+            sequence = graph.node("Reshape", [out, join], f"{at}.join")
+        return graph.node("Transpose", [sequence], f"{here}.batch_first", perm=[1, 0, 2])
+
+    def _onnx_attributes(self):
+        return {}
+
+    def _onnx_rows(self, name):
+        """Array `name` with its gate blocks in ONNX's order."""
+        blocks = np.split(np.asarray(getattr(self, name)), self.gates)
+        return np.concatenate([blocks[i] for i in self.onnx_gates])
 
     def __repr__(self):
         options = ", ".join(f"{key}={value!r}" for key, value in self.config().items()
@@ -178,6 +213,7 @@ class RNN(Recurrent):
 
     cell = "rnn"
     torch_names = ("TorchRNN",)
+    onnx_operator, onnx_gates = "RNN", (0,)
 
     def __init__(self, input_size, hidden_size, *, nonlinearity="tanh", num_layers=1,
                  bias=True, bidirectional=False):
@@ -201,6 +237,9 @@ class RNN(Recurrent):
     def _options_from_torch(cls, module):
         return {"nonlinearity": module.nonlinearity}
 
+    def _onnx_attributes(self):
+        return {"activations": [self.nonlinearity.capitalize()] * self.directions}
+
 
 @register
 class LSTM(Recurrent):
@@ -216,6 +255,7 @@ class LSTM(Recurrent):
 
     cell = "lstm"
     torch_names = ("TorchLSTM",)
+    onnx_operator, onnx_gates = "LSTM", (0, 3, 1, 2)      # ONNX's i, o, f, c
 
 
 @register
@@ -232,6 +272,11 @@ class GRU(Recurrent):
 
     cell = "gru"
     torch_names = ("TorchGRU",)
+    onnx_operator, onnx_gates = "GRU", (1, 0, 2)          # ONNX's z, r, h
+
+    def _onnx_attributes(self):
+        # r on W_hn h' + b_hn, as here (ONNX's default puts it on h' before the product).
+        return {"linear_before_reset": 1}
 
 
 @register
