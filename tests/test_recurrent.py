@@ -93,6 +93,19 @@ def test_finite_differences_as_the_output_layer_without_bias(kind):
     assert result["max_error"] < 1e-6, result
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "gelu"])
+def test_an_activation_after_the_layer_keeps_its_states(kind, activation):
+    """The Activation joins the recurrent record (one pass less) but is applied into a slot
+    of its own: the backward reads the states it would otherwise overwrite."""
+    net = bp.Network([KINDS[kind](2, 3, num_layers=2), bp.Activation(activation)],
+                     loss="mse", dtype="float64", seed=0, input_shape=(4, 2))
+    assert len(net._plan.records) == 1 and net._plan.records[0]["op"]["z"] >= 0
+    rng = np.random.default_rng(5)
+    result = bp.gradcheck(net, rng.normal(size=(3, 4, 2)), rng.normal(size=(3, 4, 3)))
+    assert result["max_error"] < 1e-6, result
+
+
 # ---- threads
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import backprop as bp
-from cnn_oracle import Case, case_tests, compare_module_gradients
+from cnn_oracle import Case, case_tests, compare_module_gradients, torch_activation
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -36,18 +36,22 @@ class Last(nn.Module):
         return x[:, -1]
 
 
-def recurrent(kind, time, input_size=3, hidden_size=5, last_step=False, **options):
-    """A Case of one recurrent layer (and LastStep after it) on (time, input_size)
-    samples; its twin is torch.nn.<kind>(..., batch_first=True) with the same options."""
+def recurrent(kind, time, input_size=3, hidden_size=5, last_step=False, activation=None,
+              **options):
+    """A Case of one recurrent layer (and LastStep, or an Activation, after it) on (time,
+    input_size) samples; its twin is torch.nn.<kind>(..., batch_first=True) with the same
+    options."""
 
     def layers():
         made = [LAYERS[kind](input_size, hidden_size, **options)]
-        return made + [bp.LastStep()] if last_step else made
+        made += [bp.LastStep()] if last_step else []
+        return made + ([bp.Activation(activation)] if activation else [])
 
     def torch_modules(net, made):
         module = getattr(nn, kind)(input_size, hidden_size, batch_first=True,
                                    dtype=torch.float64, **options)
-        return [Output(module)] + ([Last()] if last_step else [])
+        return ([Output(module)] + ([Last()] if last_step else [])
+                + ([torch_activation(activation)] if activation else []))
 
     return Case(layers, torch_modules, (time, input_size))
 
@@ -59,9 +63,9 @@ for _cell, (_kind, _extra) in CELLS.items():
     for _layers in (1, 2):
         for _bidirectional in (False, True):
             for _time in (1, 4):
-                CASES[f"{_cell}-{_layers}-layers-{'bi' if _bidirectional else 'uni'}-{_time}-steps"] = \
-                    recurrent(_kind, _time, num_layers=_layers, bidirectional=_bidirectional,
-                              **_extra)
+                _name = f"{_layers}-layers-{'bi' if _bidirectional else 'uni'}-{_time}-steps"
+                CASES[f"{_cell}-{_name}"] = recurrent(_kind, _time, num_layers=_layers,
+                                                      bidirectional=_bidirectional, **_extra)
     # Three layers (the layers below the top one take turns with two gradient buffers),
     # no bias, input wider than the state, LastStep after a bidirectional stack.
     CASES[f"{_cell}-3-layers-bi-3-steps"] = recurrent(_kind, 3, num_layers=3,
@@ -70,11 +74,16 @@ for _cell, (_kind, _extra) in CELLS.items():
                                                   bias=False, **_extra)
     CASES[f"{_cell}-last-step-2-layers-bi-6-steps"] = recurrent(
         _kind, 6, num_layers=2, bidirectional=True, last_step=True, **_extra)
+    # An activation after the layer joins its record, and must not overwrite the states
+    # its backward reads.
+    CASES[f"{_cell}-then-relu-2-layers-5-steps"] = recurrent(_kind, 5, num_layers=2,
+                                                             activation="relu", **_extra)
 
 # Central differences for every case as the output layer, and for these in both places
 # and both modes.
 FD_EVERYWHERE = [f"{cell}-2-layers-bi-4-steps" for cell in CELLS] + [
-    "lstm-last-step-2-layers-bi-6-steps", "gru-no-bias-7-steps"]
+    "lstm-last-step-2-layers-bi-6-steps", "gru-no-bias-7-steps",
+    "rnn-tanh-then-relu-2-layers-5-steps"]
 
 (test_matches_torch, test_adam_steps_match_torch, test_finite_differences_as_the_output_layer,
  test_finite_differences) = case_tests(CASES, FD_EVERYWHERE)

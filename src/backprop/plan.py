@@ -14,7 +14,9 @@ It runs once, when a Network is built, reads nothing but the layers' declaration
 * the **records**: one per layer (the fields of ``Op`` in ``_ops.pxd``), except that an
   ``Activation`` right after a record without an activation of its own becomes that
   record's activation (applied in the same pass where the kind's kernel can):
-  one pass over the data instead of two, and the same numbers;
+  one pass over the data instead of two, and the same numbers; a kind whose backward
+  reads its own result (a recurrent layer's states) then keeps that result in a slot of
+  its own, the activation writing the output;
 * which gradient buffers are shared: a residual block ``out = x + f(x)`` sends dL/dout
   unchanged into f, so f's output slot uses the very gradient buffer of ``out``;
 * which record adds to an input's gradient instead of writing it: ``x`` feeds both f and
@@ -290,7 +292,8 @@ def plan(layers, loss, seed, input_shape=None):
     for r in p.records:
         op, layer = r["op"], r["layer"]
         keep_argument = op["activation"] in NEEDS_ARGUMENT or (
-            op is ops[-1] and loss is not None and loss.from_logits)
+            op is ops[-1] and loss is not None and loss.from_logits) or (
+            layer is not None and layer.backward_reads_result and op["activation"] != IDENTITY)
         if keep_argument and op["z"] < 0:
             op["z"] = _new_slot(p, p.geometry[op["output"]], gradient=False)
         if (layer is not None and layer.fuses_activation and op["z"] < 0

@@ -23,6 +23,7 @@ class Recurrent(Layer):
     cell = None                     # the recurrence: a key of backprop._core.RECURRENT_CELLS
     input_layout = "first"          # a step's features adjacent, the steps one after another
     output_layout = "first"
+    backward_reads_result = True    # the states h: previous states, the RNN's derivative
     # The kernels take the first (layer, direction)'s arrays; they find the others after
     # them in the order parameters() lists them (the planner lays a layer's parameters out
     # one after another, in that order).
