@@ -310,3 +310,27 @@ def test_bad_input_changes_nothing(kind, x, message, rng):
     with pytest.raises(ValueError, match=message):
         net.forward(x)
     assert_unchanged(net, before)
+
+
+def test_inside_a_residual_block_and_between_other_layers(rng):
+    net = bp.Network([bp.Dense(3, 4, activation="tanh"),
+                      bp.Residual(bp.LSTM(4, 4), bp.LayerNorm(4)), bp.Dropout(0.3),
+                      bp.GRU(4, 3, bidirectional=True), bp.LastStep(),
+                      bp.Dense(6, 2, activation="softmax")],
+                     loss="cross_entropy", dtype="float64", seed=0, input_shape=(5, 3))
+    result = bp.gradcheck(net, *sequences(rng, 3, 5, 3, classes=2))
+    assert result["max_error"] < 1e-6, result
+
+
+def test_a_smaller_batch_after_a_larger_one_gives_a_fresh_networks_results(rng):
+    """The saved states sit in arrays of the workspace's capacity (the largest batch so
+    far); a smaller batch uses their first rows."""
+    x, y = sequences(rng, 3, 5, 3)
+    used, fresh = classifier("lstm"), classifier("lstm")
+    used.forward(rng.normal(size=(11, 5, 3)))
+    for net in (used, fresh):
+        net.zero_grad()
+        net.forward(x)
+        net.backward(y)
+    np.testing.assert_array_equal(used.grads, fresh.grads)
+    np.testing.assert_array_equal(used.input_grad, fresh.input_grad)
