@@ -30,6 +30,7 @@ class Recurrent(Layer):
     kernel_params = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
     onnx_operator = None            # ONNX's operator for the cell
     onnx_gates = ()                 # PyTorch's gate blocks, in the order ONNX's takes them
+
     def __init__(self, input_size, hidden_size, *, num_layers=1, bias=True,
                  bidirectional=False):
         name = type(self).__name__
