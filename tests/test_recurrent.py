@@ -112,8 +112,9 @@ def test_an_activation_after_the_layer_keeps_its_states(kind, activation):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_bit_identical_for_any_thread_count(kind, dtype, rng):
     """Large enough that every product (the RNN's recurrent one included: 192 x 128 x 128,
-    over the 2M multiply-adds that take a team) and every per-step pass (192 rows of 3 *
-    128 gates or more, over 64K values) splits between threads."""
+    over the 2M multiply-adds that take a team) and the LSTM's and GRU's per-step passes
+    (192 rows of 4 or 3 x 128 gates, over the 64K values that take a team) split between
+    threads."""
     x, y = sequences(rng, 192, 6, 16)
 
     def run(n_threads):

@@ -15,6 +15,10 @@ from cnn_oracle import Case, case_tests, compare_module_gradients, torch_activat
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from backprop.interop import (TorchGRU, TorchLSTM, TorchLastStep, TorchModule,  # noqa: E402
+                              TorchRNN, from_torch, to_torch)
+from layer_oracle import non_trivial  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("torch_on_one_thread")
 
 LAYERS = {"RNN": bp.RNN, "LSTM": bp.LSTM, "GRU": bp.GRU}
@@ -109,10 +113,6 @@ def test_a_sequence_classifier_trains_like_torch(rng):
 
 
 # ---- the converters
-
-from backprop.interop import (TorchGRU, TorchLSTM, TorchLastStep, TorchModule,  # noqa: E402
-                              TorchRNN, from_torch, to_torch)
-from layer_oracle import non_trivial  # noqa: E402
 
 
 def sequence_net(dtype="float64", seed=0):
