@@ -78,6 +78,9 @@ for _cell, (_kind, _extra) in CELLS.items():
                                                   bias=False, **_extra)
     CASES[f"{_cell}-last-step-2-layers-bi-6-steps"] = recurrent(
         _kind, 6, num_layers=2, bidirectional=True, last_step=True, **_extra)
+    # One hidden unit (the products' thinnest forms).
+    CASES[f"{_cell}-1-unit-2-layers-bi-3-steps"] = recurrent(
+        _kind, 3, input_size=1, hidden_size=1, num_layers=2, bidirectional=True, **_extra)
     # An activation after the layer joins its record, and must not overwrite the states
     # its backward reads.
     CASES[f"{_cell}-then-relu-2-layers-5-steps"] = recurrent(_kind, 5, num_layers=2,
@@ -97,6 +100,22 @@ def test_the_cases_cover_every_recurrent_kind():
     assert {kind for kind, _ in CELLS.values()} == set(LAYERS)
     assert {name for name, cls in bp.layers.LAYERS.items()
             if issubclass(cls, bp.layers.recurrent.Recurrent)} == set(LAYERS)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 9])
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_batch_size_matches_torch(cell, batch, rng):
+    """From one sequence (each product a single row) up; one step, whose samples the
+    workspace pads, and several."""
+    from cnn_oracle import compare_pass, twin
+    kind, extra = CELLS[cell]
+    for time in (1, 3):
+        net = bp.Network([LAYERS[kind](4, 6, num_layers=2, bidirectional=True, **extra)],
+                         loss="mse", dtype="float64", seed=1, input_shape=(time, 4))
+        module = getattr(nn, kind)(4, 6, num_layers=2, bidirectional=True, batch_first=True,
+                                   dtype=torch.float64, **extra)
+        compare_pass(net, twin(net, [Output(module)]), rng.normal(size=(batch, time, 4)),
+                     rng.normal(size=(batch, time, 12)))
 
 
 def test_a_sequence_classifier_trains_like_torch(rng):
