@@ -216,6 +216,20 @@ def compare_training(net, model, batches):
     assert_close(net.forward(x), logits.numpy(), "eval output after training")
 
 
+def compare_module_gradients(module, reference, x, g, rtol):
+    """A TorchModule and its network's torch copy (to_torch), each run on x and
+    backpropagated from sum(out * g): the input's and every parameter's gradients agree."""
+    import torch
+    xs = [torch.tensor(x.copy(), requires_grad=True) for _ in range(2)]
+    for model, xi in ((module, xs[0]), (reference, xs[1])):
+        (model(xi) * torch.from_numpy(g)).sum().backward()
+    np.testing.assert_allclose(xs[0].grad.numpy(), xs[1].grad.numpy(), rtol=rtol, atol=1e-12)
+    ours, theirs = list(module.parameters()), list(reference.parameters())
+    assert len(ours) == len(theirs) == len(module.net._plan.params)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=rtol, atol=1e-12)
+
+
 # -------------------------------------------------- one layer kind, in two places
 
 class Case:

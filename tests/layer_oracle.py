@@ -170,7 +170,7 @@ def non_trivial(net, seed):
     rng = np.random.default_rng(seed)
     for layer in flatten(net.layers):
         for name, shape, weight in layer.parameters():
-            if name == "bias":
+            if name.startswith("bias"):          # bias, bias_ih_l0, ...
                 getattr(layer, name)[...] = rng.normal(0, 0.3, shape)
             elif not weight:                 # a normalisation's scale
                 getattr(layer, name)[...] = rng.uniform(0.5, 1.5, shape)

@@ -279,3 +279,43 @@ def test_the_convolution_attributes_are_torchs(tmp_path):
                                               "pads": [1, 1, 1, 1], "dilations": [2, 2]}
     assert attributes["layers.3.avgpool"] == {"count_include_pad": 0, "kernel_shape": [2, 2],
                                               "strides": [2, 2], "pads": [1, 1, 1, 1]}
+
+
+# ---- recurrent layers: ONNX's RNN, LSTM and GRU operators, their gates in ONNX's orders
+
+RECURRENT = {"RNN": lambda **k: bp.RNN(3, 5, nonlinearity="relu", **k),
+             "RNN-tanh": lambda **k: bp.RNN(3, 5, **k),
+             "LSTM": lambda **k: bp.LSTM(3, 5, **k), "GRU": lambda **k: bp.GRU(3, 5, **k)}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_layers=2, bidirectional=True),
+                                     dict(bias=False, bidirectional=True),
+                                     dict(num_layers=3, bias=False)],
+                         ids=["one-layer", "two-layers-bidirectional", "no-bias-bidirectional",
+                              "three-layers-no-bias"])
+@pytest.mark.parametrize("kind", RECURRENT)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_recurrent_layers_export(kind, options, dtype, tmp_path):
+    layer = RECURRENT[kind](**options)
+    width = layer.hidden_size * layer.directions
+    net = non_trivial(bp.Network([layer], dtype=dtype, seed=0, input_shape=(6, 3)), 1)
+    model = to_onnx(net, tmp_path / "m.onnx")
+    operator = kind.split("-")[0]
+    assert [node.op_type for node in model.graph.node] == (
+        ["Transpose"] + [operator, "Transpose", "Reshape"] * layer.num_layers + ["Transpose"])
+    assert shape_of(model.graph.output[0]) == ["batch", 6, width]
+    for rows in (1, 7):
+        x = sample(net, n=rows, seed=rows) * 2
+        out = run(tmp_path / "m.onnx", x)
+        assert out.shape == (rows, 6, width)
+        np.testing.assert_allclose(out, net.forward(x), **TOLERANCE)
+
+
+def test_a_sequence_classifier_exports(tmp_path):
+    net = non_trivial(bp.Network([bp.GRU(4, 6, bidirectional=True), bp.LSTM(12, 5),
+                                  bp.LastStep(), bp.Dense(5, 3, activation="softmax")],
+                                 loss="cross_entropy", seed=0, input_shape=(9, 4)), 1)
+    model = to_onnx(net, tmp_path / "m.onnx")
+    assert [node.op_type for node in model.graph.node][-3:] == ["Gather", "Gemm", "Softmax"]
+    x = sample(net, n=5)
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x), net.predict_proba(x), **TOLERANCE)

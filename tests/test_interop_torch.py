@@ -10,7 +10,7 @@ from torch import nn  # noqa: E402
 
 import backprop as bp  # noqa: E402
 from backprop.interop import TorchModule, TorchResidual, from_torch, to_torch  # noqa: E402
-from cnn_oracle import CNNS, ids_net, sample  # noqa: E402
+from cnn_oracle import CNNS, compare_module_gradients, ids_net, sample  # noqa: E402
 from layer_oracle import non_trivial  # noqa: E402
 
 ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus",
@@ -901,16 +901,8 @@ def test_module_runs_a_cnn_with_the_torch_copys_gradients():
         "layers.0.weight", "layers.1.weight", "layers.1.bias"]
     assert [name for name, _ in module.named_buffers()][:2] == [
         "layers.1.running_mean", "layers.1.running_var"]
-    x = randn(6, 3, 9, 7)
-    xs = [tensor(x.copy(), requires_grad=True) for _ in range(2)]
-    g = torch.from_numpy(randn(6, 5, seed=4))
-    for model, xi in ((module, xs[0]), (reference, xs[1])):
-        (model(xi) * g).sum().backward()
-    np.testing.assert_allclose(xs[0].grad.numpy(), xs[1].grad.numpy(), rtol=1e-10, atol=1e-12)
-    ours, theirs = list(module.parameters()), list(reference.parameters())
-    assert len(ours) == len(theirs) == len(net._plan.params)
-    for a, b in zip(ours, theirs):
-        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-10, atol=1e-12)
+    compare_module_gradients(module, reference, randn(6, 3, 9, 7), randn(6, 5, seed=4),
+                             rtol=1e-10)
     for a, b in zip(module.buffers(), (t for n, t in reference.named_buffers()
                                        if not n.endswith("num_batches_tracked"))):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-14)

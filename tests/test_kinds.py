@@ -32,6 +32,10 @@ EXAMPLES = {
     "AdaptiveAvgPool2d": (lambda: bp.AdaptiveAvgPool2d(1), (2, 5, 4)),
     "GlobalAvgPool": (lambda: bp.GlobalAvgPool(), (2, 5, 4)),
     "Embedding": (lambda: bp.Embedding(6, 3), (4,)),
+    "RNN": (lambda: bp.RNN(3, 4, nonlinearity="relu"), (5, 3)),
+    "LSTM": (lambda: bp.LSTM(3, 4), (5, 3)),
+    "GRU": (lambda: bp.GRU(3, 4, bias=False), (1, 3)),
+    "LastStep": (lambda: bp.LastStep(), (5, 3)),
 }
 
 
@@ -66,12 +70,16 @@ def test_the_tables_hold_every_declared_loss_and_rule():
         assert cls().state_names == cls.STATE_NAMES
 
 
-def test_the_planner_fills_every_field_of_a_record():
-    net = bp.Network([bp.Dense(4, 3), bp.BatchNorm(3), bp.Activation("gelu")], seed=0)
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_the_planner_fills_every_field_of_a_record(name):
+    make, shape = EXAMPLES[name]
+    net = bp.Network([make(), bp.Activation("gelu")], seed=0, input_shape=shape)
     fields = _core._op_fields()
     for record in net._plan.records:
         assert set(record["op"]) == set(fields)
-        assert set(record["op"]["window"]) == set(fields["window"])
+        for name, nested in fields.items():
+            if isinstance(nested, dict):
+                assert set(record["op"][name]) == set(nested), name
 
 
 def test_a_kind_declared_halfway_is_refused():

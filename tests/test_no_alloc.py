@@ -66,3 +66,17 @@ def test_convolutional_and_embedding_networks_train_without_allocating():
                  lambda: embedding.train_step(ids[:32], labels[:32]),
                  lambda: embedding.train_step(ids, labels, rows=rows, l2=1e-4)):
         assert traced_growth(step, 100) < 1024     # 100 steps: 11 bytes a step would show
+
+
+def test_recurrent_networks_train_without_allocating():
+    """Every cell, stacked and bidirectional, LastStep, an activation kept apart."""
+    rng = np.random.default_rng(0)
+    x, labels = rng.normal(size=(200, 7, 5)).astype(np.float32), rng.integers(0, 3, 200)
+    net = bp.Network([bp.GRU(5, 6, num_layers=2, bidirectional=True), bp.Activation("tanh"),
+                      bp.LSTM(12, 6), bp.RNN(6, 4, nonlinearity="relu", bidirectional=True),
+                      bp.LastStep(), bp.Dense(8, 3, "softmax")],
+                     loss="cross_entropy", optimizer=bp.Adam(), seed=0, input_shape=(7, 5))
+    rows = np.arange(32)
+    for step in (lambda: net.train_step(x[:32], labels[:32]),
+                 lambda: net.train_step(x, labels, rows=rows, clip_grad_norm=1.0, l2=1e-4)):
+        assert traced_growth(step, 100) < 1024

@@ -18,7 +18,8 @@ from backprop.callbacks import GradientMonitor
 from backprop.gradcheck import gradcheck
 from backprop.layers import (Activation, AdaptiveAvgPool2d, AvgPool1d, AvgPool2d, BatchNorm,
                              BatchNorm1d, BatchNorm2d, Conv1d, Conv2d, Dense, Dropout, Embedding,
-                             Flatten, GlobalAvgPool, LayerNorm, MaxPool1d, MaxPool2d, Residual)
+                             Flatten, GlobalAvgPool, GRU, LastStep, LayerNorm, LSTM, MaxPool1d,
+                             MaxPool2d, Residual, RNN)
 from backprop.losses import LOSSES
 from backprop.network import Network
 from backprop.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
@@ -35,8 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = ["ACTIVATIONS", "LOSSES", "MAX_THREADS", "Activation", "Adagrad", "Adam", "AdamW",
            "AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d", "BatchNorm", "BatchNorm1d", "BatchNorm2d",
-           "Conv1d", "Conv2d", "Dense", "Dropout", "Embedding", "Flatten", "GlobalAvgPool",
-           "GradientMonitor", "LayerNorm", "MaxPool1d", "MaxPool2d", "Network", "Optimizer",
-           "RMSprop", "Residual", "SGD",
+           "Conv1d", "Conv2d", "Dense", "Dropout", "Embedding", "Flatten", "GRU",
+           "GlobalAvgPool", "GradientMonitor", "LSTM", "LastStep", "LayerNorm", "MaxPool1d",
+           "MaxPool2d", "Network", "Optimizer", "RMSprop", "RNN", "Residual", "SGD",
            "datasets", "distributed", "get_num_threads", "gradcheck", "openmp_enabled", "ops",
            "set_num_threads", "simd_kernel"]

@@ -35,7 +35,7 @@ from cython.parallel cimport prange
 from libc.string cimport memset
 from backprop._gemm cimport gemm, gemm_scratch_bytes
 from backprop._activations cimport IDENTITY
-from backprop._dense cimport column_sums
+from backprop._dense cimport add_column_sums
 from backprop._parallel cimport part_start, team_for
 from backprop._ops cimport (Op, Tape, Slot, Window, pixel_stride, input_of, output_of,
                             result_of, param_of, dx_of, copy_values, add_values)
@@ -445,14 +445,7 @@ cdef inline void conv_back(floating* kind, const Op* op, Tape* t, bint want_dx,
     cdef const floating* dy
     cdef int team
     if bias_grad != NULL:
-        team = team_for(all_rows * s.c_out, nt)
-        if team == 1:
-            column_sums(dy_all, s.ldm, all_rows, 0, s.c_out, bias_grad)
-        else:
-            for tt in prange(team, num_threads=team, schedule="static"):
-                lo = part_start(s.c_out, tt, team, 16)
-                hi = part_start(s.c_out, tt + 1, team, 16)
-                column_sums(dy_all, s.ldm, all_rows, lo, hi, bias_grad)
+        add_column_sums(dy_all, s.ldm, all_rows, s.c_out, bias_grad, nt)
     if direct(op):
         gemm(s.c_out, s.c_in, all_rows, dy_all, s.ldm, True, x, s.ldx, False, weight_grad,
              s.c_in, True, NULL, IDENTITY, nt, part.gemm)

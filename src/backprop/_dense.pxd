@@ -37,6 +37,21 @@ cdef inline void column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t rows,
             out[j] += d[i * ldd + j]
 
 
+cdef inline void add_column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t rows,
+                                 Py_ssize_t cols, floating* out, int n_threads) noexcept nogil:
+    """out[j] += sum over the rows of d[:, j]: a bias gradient.  Threads split the
+    columns, so every sum runs over the rows in the same order whatever the team."""
+    cdef Py_ssize_t t, lo, hi
+    cdef int team = team_for(rows * cols, n_threads)
+    if team == 1:
+        column_sums(d, ldd, rows, 0, cols, out)
+        return
+    for t in prange(team, num_threads=team, schedule="static"):
+        lo = part_start(cols, t, team, 16)
+        hi = part_start(cols, t + 1, team, 16)
+        column_sums(d, ldd, rows, lo, hi, out)
+
+
 cdef inline void dense_backward(const floating* dz, Py_ssize_t ldd,
                                 const floating* x, Py_ssize_t ldx, const floating* weight,
                                 floating* weight_grad, floating* bias_grad,
@@ -45,19 +60,10 @@ cdef inline void dense_backward(const floating* dz, Py_ssize_t ldd,
                                 int n_threads, void* scratch) noexcept nogil:
     """Given dz = dL/dz: weight_grad += dz^T x, bias_grad += column sums of dz (if not
     NULL), and dx = dz weight (added to dx when `accumulate_dx`; skipped if dx is NULL)."""
-    cdef Py_ssize_t t, lo, hi
-    cdef int team
     gemm(n_out, n_in, rows, dz, ldd, True, x, ldx, False, weight_grad, n_in, True,
          NULL, IDENTITY, n_threads, scratch)
     if bias_grad != NULL:
-        team = team_for(rows * n_out, n_threads)
-        if team == 1:
-            column_sums(dz, ldd, rows, 0, n_out, bias_grad)
-        else:
-            for t in prange(team, num_threads=team, schedule="static"):
-                lo = part_start(n_out, t, team, 16)
-                hi = part_start(n_out, t + 1, team, 16)
-                column_sums(dz, ldd, rows, lo, hi, bias_grad)
+        add_column_sums(dz, ldd, rows, n_out, bias_grad, n_threads)
     if dx != NULL:
         gemm(rows, n_in, n_out, dz, ldd, False, weight, n_in, False, dx, lddx, accumulate_dx,
              NULL, IDENTITY, n_threads, scratch)

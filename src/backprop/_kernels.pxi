@@ -14,13 +14,17 @@ from backprop._relayout cimport relayout_run, relayout_back
 from backprop._conv cimport conv_run, conv_back, conv_scratch
 from backprop._pool cimport max_pool_run, max_pool_back, avg_pool_run, avg_pool_back
 from backprop._embedding cimport embedding_run, embedding_back
+from backprop._recurrent cimport (recurrent_run, recurrent_back, recurrent_scratch,
+                                  last_step_run, last_step_back, CELL_RNN, CELL_LSTM, CELL_GRU,
+                                  RNN_GATES, RNN_KEPT, LSTM_GATES, LSTM_KEPT, GRU_GATES,
+                                  GRU_KEPT)
 from backprop._losses cimport (LossKernel, mse_loss, binary_cross_entropy_loss,
                                cross_entropy_loss)
 from backprop._optim cimport (Rule, sgd_range, sgd_bound, adam_range, adam_bound, rmsprop_range,
                              rmsprop_bound, adagrad_range, adagrad_bound)
 
 cdef enum:
-    N_KERNELS = 11
+    N_KERNELS = 13
     N_LOSS_KERNELS = 3
     N_RULES = 4
 
@@ -47,6 +51,10 @@ KERNEL_TABLE[9] = Kernel(b"avg_pool", avg_pool_run[float], avg_pool_run[double],
                          avg_pool_back[float], avg_pool_back[double], no_scratch)
 KERNEL_TABLE[10] = Kernel(b"embedding", embedding_run[float], embedding_run[double],
                           embedding_back[float], embedding_back[double], no_scratch)
+KERNEL_TABLE[11] = Kernel(b"recurrent", recurrent_run[float], recurrent_run[double],
+                          recurrent_back[float], recurrent_back[double], recurrent_scratch)
+KERNEL_TABLE[12] = Kernel(b"last_step", last_step_run[float], last_step_run[double],
+                          last_step_back[float], last_step_back[double], no_scratch)
 
 cdef LossKernel LOSS_TABLE[N_LOSS_KERNELS]
 LOSS_TABLE[0] = LossKernel(b"mse", mse_loss[float], mse_loss[double])
@@ -87,6 +95,13 @@ for _i in range(N_RULES):
 KERNELS = {KERNEL_TABLE[i].name.decode(): i for i in range(N_KERNELS)}
 LOSS_KERNELS = {LOSS_TABLE[i].name.decode(): i for i in range(N_LOSS_KERNELS)}
 RULES = {RULE_TABLE[i].name.decode(): i for i in range(N_RULES)}
+
+# The cells of the recurrent row (_recurrent.pxd): name -> (its code in a record, rows of
+# W_ih and W_hh and values the backward keeps per step, each per hidden unit).  The layers
+# take their shapes and saved area from here, so the two sides cannot disagree.
+RECURRENT_CELLS = {"rnn": (CELL_RNN, RNN_GATES, RNN_KEPT),
+                   "lstm": (CELL_LSTM, LSTM_GATES, LSTM_KEPT),
+                   "gru": (CELL_GRU, GRU_GATES, GRU_KEPT)}
 
 
 def _op_fields():

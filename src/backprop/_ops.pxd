@@ -56,6 +56,16 @@ cdef struct Window:
     Py_ssize_t groups
 
 
+cdef struct Recurrence:
+    # A recurrent layer's stack (RNN, LSTM, GRU; see _recurrent.pxd): its time steps and
+    # input width are those of its input slot.
+    int cell                 # which recurrence (_recurrent.pxd's Cell)
+    Py_ssize_t hidden        # hidden_size
+    Py_ssize_t layers        # num_layers
+    Py_ssize_t directions    # 2 when bidirectional, else 1
+    int nonlinearity         # the RNN's activation (tanh or relu); LSTM and GRU fix theirs
+
+
 cdef struct Op:
     int kernel               # the row of the kernel table
     int activation           # applied to the kind's result (see _tape.pxd)
@@ -74,6 +84,7 @@ cdef struct Op:
     Py_ssize_t padding_idx   # Embedding: the id whose row gets no gradient, or -1
     bint include_pad         # average pooling: padding counts in the divisor
     Window window
+    Recurrence recurrence
 
 
 cdef struct Tape

@@ -14,7 +14,9 @@ It runs once, when a Network is built, reads nothing but the layers' declaration
 * the **records**: one per layer (the fields of ``Op`` in ``_ops.pxd``), except that an
   ``Activation`` right after a record without an activation of its own becomes that
   record's activation (applied in the same pass where the kind's kernel can):
-  one pass over the data instead of two, and the same numbers;
+  one pass over the data instead of two, and the same numbers; a kind whose backward
+  reads its own result (a recurrent layer's states) then keeps that result in a slot of
+  its own, the activation writing the output;
 * which gradient buffers are shared: a residual block ``out = x + f(x)`` sends dL/dout
   unchanged into f, so f's output slot uses the very gradient buffer of ``out``;
 * which record adds to an input's gradient instead of writing it: ``x`` feeds both f and
@@ -175,7 +177,8 @@ def input_shape_of(layers, input_shape):
             break
     raise ValueError(f"the network's input shape is not fixed by its first layer "
                      f"({layers[0]!r}): give Network(..., input_shape=...), e.g. (1, 28, 28) "
-                     "for 28x28 grey images or (length,) for sequences of ids")
+                     "for 28x28 grey images, (time, features) for sequences of vectors or "
+                     "(length,) for sequences of ids")
 
 
 def plan(layers, loss, seed, input_shape=None):
@@ -216,7 +219,9 @@ def plan(layers, loss, seed, input_shape=None):
               "p": 0.0, "key": keys.get(id(layer), 0), "padding_idx": -1,
               "include_pad": False,
               "window": {"kh": 1, "kw": 1, "sh": 1, "sw": 1, "ph": 0, "pw": 0, "dh": 1, "dw": 1,
-                         "groups": 1}}
+                         "groups": 1},
+              "recurrence": {"cell": 0, "hidden": 0, "layers": 0, "directions": 0,
+                             "nonlinearity": 0}}
         saved = (0, 0)
         if layer is not None:
             x = p.geometry[source]
@@ -287,7 +292,8 @@ def plan(layers, loss, seed, input_shape=None):
     for r in p.records:
         op, layer = r["op"], r["layer"]
         keep_argument = op["activation"] in NEEDS_ARGUMENT or (
-            op is ops[-1] and loss is not None and loss.from_logits)
+            op is ops[-1] and loss is not None and loss.from_logits) or (
+            layer is not None and layer.backward_reads_result and op["activation"] != IDENTITY)
         if keep_argument and op["z"] < 0:
             op["z"] = _new_slot(p, p.geometry[op["output"]], gradient=False)
         if (layer is not None and layer.fuses_activation and op["z"] < 0
@@ -333,8 +339,9 @@ def _check_sizes(path, layer, op, saved):
     from a constructor or a checkpoint's header would otherwise overflow on its way into
     C): a ValueError naming the layer, never an OverflowError."""
     window = op["window"]
-    numbers = {k: v for k, v in op.items() if k not in ("window", "key")}
+    numbers = {k: v for k, v in op.items() if k not in ("window", "recurrence", "key")}
     numbers.update({f"{WINDOW_NAMES[k]} ({k})": v for k, v in window.items()})
+    numbers.update({f"recurrence's {k}": v for k, v in op["recurrence"].items()})
     numbers.update({"window positions": window["kh"] * window["kw"],
                     "saved statistics per batch": saved[0],
                     "saved statistics per sample": saved[1]})

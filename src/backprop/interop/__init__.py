@@ -3,6 +3,9 @@
 * ``to_torch(net)``: a ``torch.nn.Sequential`` with copies of the network's weights.
 * ``from_torch(module, loss=None, optimizer=None, dtype=None)``: a ``Network`` from a
   ``torch.nn.Sequential``.
+* ``TorchRNN``, ``TorchLSTM``, ``TorchGRU``, ``TorchLastStep``: the torch modules a
+  Sequential holds for the recurrent layers (batch first, the output sequence only) and
+  LastStep (``x[:, -1]``).
 * ``TorchModule(net)``: a ``torch.nn.Module`` that runs the network (forward and backward
   in backprop's core) inside a torch model, its weights shared with ``net.params``.
 * ``to_onnx(net, path, opset=17)``: a standard ONNX file for onnxruntime and other servers.
@@ -11,7 +14,8 @@ PyTorch and onnx are optional: each is imported only when a function that needs 
 used (``pip install torch``; ``pip install onnx``).
 """
 
-_TORCH_NAMES = ("to_torch", "from_torch", "TorchModule", "TorchResidual")
+_TORCH_NAMES = ("to_torch", "from_torch", "TorchModule", "TorchResidual", "TorchRNN",
+                "TorchLSTM", "TorchGRU", "TorchLastStep")
 _ONNX_NAMES = ("to_onnx",)
 
 __all__ = list(_TORCH_NAMES + _ONNX_NAMES)

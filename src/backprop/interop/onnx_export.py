@@ -48,8 +48,11 @@ def to_onnx(net, path, opset=MIN_OPSET):
     Gemm (Dense; MatMul and Add on longer samples), Conv, MaxPool, AveragePool,
     GlobalAveragePool, Flatten, Gather (Embedding), Relu, Sigmoid, Tanh, LeakyRelu, Elu,
     Softplus, Softmax(axis=1), GELU built from Erf (the Gelu operator needs opset 20),
-    BatchNormalization in inference form, LayerNormalization, Add (residual blocks);
-    dropout is the identity at inference.
+    BatchNormalization in inference form, LayerNormalization, Add (residual blocks), RNN,
+    LSTM and GRU (one node per layer of a stack, their gates in ONNX's orders: LSTM i, o,
+    f, c; GRU z, r, h with linear_before_reset=1; between Transposes, time first, and
+    Reshape joining the directions), Gather (LastStep); dropout is the identity at
+    inference.
 
     Examples
     --------
@@ -113,6 +116,13 @@ class GraphBuilder:
     def tensor(self, name, array):
         self.initializers.append(numpy_helper.from_array(
             np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def integers(self, name, array):
+        """An int64 initializer (indices, shapes; a scalar stays a scalar, which
+        ascontiguousarray would make a vector)."""
+        self.initializers.append(numpy_helper.from_array(np.array(array, dtype=np.int64),
+                                                         name))
         return name
 
     def scalar(self, value):

@@ -42,6 +42,48 @@ class TorchResidual(nn.Sequential):
         return x + super().forward(x)
 
 
+class _OutputSequence:
+    """A torch recurrent module as a Sequential's step: batch first, zero initial state,
+    and only its output sequence (torch's modules also return the final states, a tuple
+    the next module could not take)."""
+
+    def __init__(self, *args, **kwargs):
+        if not kwargs.setdefault("batch_first", True):
+            raise ValueError(f"{type(self).__name__} is batch first (batch_first=True)")
+        super().__init__(*args, **kwargs)
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+class TorchRNN(_OutputSequence, nn.RNN):
+    """``torch.nn.RNN(batch_first=True)`` returning its output only: the torch twin of
+    ``backprop.RNN``."""
+
+
+class TorchLSTM(_OutputSequence, nn.LSTM):
+    """``torch.nn.LSTM(batch_first=True)`` returning its output only: the torch twin of
+    ``backprop.LSTM``."""
+
+
+class TorchGRU(_OutputSequence, nn.GRU):
+    """``torch.nn.GRU(batch_first=True)`` returning its output only: the torch twin of
+    ``backprop.GRU``."""
+
+
+class TorchLastStep(nn.Module):
+    """``x[:, -1]``: a batch-first sequence's last step, the torch twin of
+    ``backprop.LastStep``."""
+
+    def forward(self, x):
+        return x[:, -1]
+
+
+# The torch modules of this file that layers name in their torch_names.
+OWN_MODULES = {cls.__name__: cls for cls in (TorchResidual, TorchRNN, TorchLSTM, TorchGRU,
+                                             TorchLastStep)}
+
+
 # ---------------------------------------------------------------------------- to_torch
 
 def to_torch(net):
@@ -96,7 +138,9 @@ def from_torch(module, loss=None, optimizer=None, dtype=None, *, seed=None, inpu
     ----------
     module : torch.nn.Sequential
         Of the modules backprop's layers declare (each layer's ``torch_names``):
-        ``Linear``, ``Conv1d``, ``Conv2d``, pooling, ``Embedding``, ``Flatten``;
+        ``Linear``, ``Conv1d``, ``Conv2d``, pooling, ``Embedding``, ``Flatten``,
+        ``TorchRNN``, ``TorchLSTM``, ``TorchGRU`` (batch first, no dropout or projection)
+        and ``TorchLastStep``;
         ``ReLU``, ``Sigmoid``, ``Tanh``, ``LeakyReLU`` (negative_slope 0.01), ``ELU``
         (alpha 1), ``GELU`` (approximate 'none'), ``Softplus`` (beta 1, threshold 20),
         ``Softmax`` (dim 1 or -1), ``Identity``; ``BatchNorm1d``/``BatchNorm2d`` (with
@@ -154,7 +198,7 @@ def _torch_kinds():
     kinds = {}
     for cls in LAYERS.values():
         for name in cls.torch_names:
-            torch_class = TorchResidual if name == "TorchResidual" else getattr(nn, name)
+            torch_class = OWN_MODULES[name] if name in OWN_MODULES else getattr(nn, name)
             kinds[torch_class] = cls
     return kinds
 

@@ -6,6 +6,7 @@ from backprop.layers.dense import Dense
 from backprop.layers.elementwise import Activation, Dropout
 from backprop.layers.embedding import Embedding
 from backprop.layers.normalization import BatchNorm, LayerNorm
+from backprop.layers.recurrent import GRU, LSTM, RNN, LastStep
 from backprop.layers.pooling import (AdaptiveAvgPool2d, AvgPool1d, AvgPool2d, GlobalAvgPool,
                                      MaxPool1d, MaxPool2d)
 from backprop.layers.reshape import Flatten
@@ -16,5 +17,6 @@ BatchNorm1d = BatchNorm2d = BatchNorm
 
 __all__ = ["LAYERS", "Activation", "AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d", "BatchNorm",
            "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Dense", "Dropout", "Embedding",
-           "Flatten", "GlobalAvgPool", "Layer", "LayerNorm", "MaxPool1d", "MaxPool2d", "Param",
-           "Residual", "from_config", "register", "to_config"]
+           "Flatten", "GRU", "GlobalAvgPool", "LSTM", "LastStep", "Layer", "LayerNorm",
+           "MaxPool1d", "MaxPool2d", "Param", "RNN", "Residual", "from_config", "register",
+           "to_config"]

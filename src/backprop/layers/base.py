@@ -11,6 +11,8 @@ the PyTorch and ONNX converters read:
   ``initial_parameters(rng)`` their first values; ``kernel_params``: the order the
   kernels take them in; ``buffers()``: arrays it keeps but never trains;
   ``without_gradient()``: entries whose gradient is zero by definition;
+* ``backward_reads_result``: its backward reads its forward's result, so an activation
+  merged into its record is applied into a slot of its own;
 * ``output_shape(shape)``: the shape of its output sample from its input sample's
   (PyTorch's shapes, batch left out), or a ``ValueError`` saying why the input does not
   fit; ``input_layout``/``output_layout``: the storage order it reads and writes (see
@@ -106,6 +108,8 @@ class Layer:
     input_layout = "any"       # "first", "last" or "any" (see _relayout.pxd)
     output_layout = "any"      # "first", "last", or "any": as its input is stored
     fuses_activation = False   # its kernel applies an elementwise activation in its pass
+    backward_reads_result = False  # its backward reads what its forward wrote (a recurrent
+                                   # layer's states), which an activation after it must keep
     takes_ids = False          # its input is integer ids (only a network's first layer)
     torch_names = ()           # the torch.nn classes from_torch reads
     torch_runs = ()            # runs of torch.nn classes from_torch_run reads as one layer
