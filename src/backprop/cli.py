@@ -165,6 +165,11 @@ def cnn(image, n_classes, dropout=0.0):
     return layers + [bp.Dense(128, n_classes, activation="softmax")]
 
 
+# name -> (the function in backprop.demos, its default epochs)
+DEMOS = {"vanishing-gradients": ("vanishing_gradients", 5),
+         "vanishing-gradients-in-time": ("vanishing_gradients_in_time", 10)}
+
+
 def build_parser():
     parser = Parser(prog="backprop", description="Train and use backprop networks.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -199,9 +204,9 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--dataset", required=True)
-    demo = commands.add_parser("demo", help="demonstrations: vanishing-gradients")
-    demo.add_argument("name", choices=["vanishing-gradients"])
-    demo.add_argument("--epochs", type=int, default=5)
+    demo = commands.add_parser("demo", help="demonstrations: " + ", ".join(DEMOS))
+    demo.add_argument("name", choices=list(DEMOS))
+    demo.add_argument("--epochs", type=int, help="epochs of training (default: the demo's)")
     demo.add_argument("--plot", metavar="FILE.png")
     predict = commands.add_parser("predict", help="predictions of a saved model")
     predict.add_argument("--model", required=True)
@@ -319,10 +324,11 @@ def report(net, history, seconds, X_test, y_test, args):
 
 
 def demo(args):
-    from backprop.demos import vanishing_gradients
-    if args.epochs < 1:
+    from backprop import demos
+    function, epochs = DEMOS[args.name]
+    if args.epochs is not None and args.epochs < 1:
         raise UsageError("--epochs must be >= 1")
-    vanishing_gradients(epochs=args.epochs, plot=args.plot)
+    getattr(demos, function)(epochs=args.epochs or epochs, plot=args.plot)
 
 
 def targets(net, y, name):
