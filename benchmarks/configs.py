@@ -1,8 +1,9 @@
 """The networks every benchmark trains, described once, framework-neutrally.
 
 A config is a tuple of layer specs (the dataclasses below) plus the batch size, the loss,
-the SGD learning rate and the shape of one input sample: (features,), or (C, H, W) for a
-convolutional network, whose batches are NCHW float32 as PyTorch's.  `networks.py` turns a
+the SGD learning rate and the shape of one input sample: (features,), (C, H, W) for a
+convolutional network, whose batches are NCHW float32 as PyTorch's, or (time, features)
+for a recurrent one, whose batches are batch-first (batch, time, features).  `networks.py` turns a
 config into a backprop network, a PyTorch module, a JAX train step and a NumPy reference,
 so every framework trains exactly the same network.  The last layer is a `Dense` whose
 activation pairs with the loss: "softmax" with "cross_entropy" (the peers that fuse
@@ -31,9 +32,15 @@ class Dense:
     def weight_shape(self):
         return (self.out_features, self.in_features)
 
+    parameter_names = ("weight", "bias")       # PyTorch's, backprop's too
+
     def products(self, shape):
         """Multiplications of one sample's forward product."""
         return self.in_features * self.out_features
+
+    def input_grad_products(self, shape):
+        """Multiplications of one sample's dX product (dZ.W): as many as forward."""
+        return self.products(shape)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,8 @@ class Conv2d:
         return (self.out_channels,) + tuple(
             _windows(n, self.kernel_size, self.stride, self.padding, self) for n in shape[1:])
 
+    parameter_names = ("weight", "bias")
+
     @property
     def weight_shape(self):
         return (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
@@ -63,6 +72,53 @@ class Conv2d:
         product of a kernel_size^2 window of every input channel with its kernel."""
         _, h, w = self.output_shape(shape)
         return h * w * self.out_channels * self.in_channels * self.kernel_size ** 2
+
+    def input_grad_products(self, shape):
+        return self.products(shape)
+
+
+@dataclass(frozen=True)
+class LSTM:
+    """torch.nn.LSTM(input_size, hidden_size, batch_first=True), one layer, one direction,
+    both biases; its output is every step's h: (time, input_size) samples become
+    (time, hidden_size).  Gates i, f, g, o in PyTorch's order down the rows of
+    weight_ih (4*hidden, input) and weight_hh (4*hidden, hidden); zero initial state."""
+    input_size: int
+    hidden_size: int
+
+    parameter_names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+
+    def output_shape(self, shape):
+        if len(shape) != 2 or shape[1] != self.input_size:
+            raise ValueError(f"{self} takes (time, {self.input_size}) samples, not {shape}")
+        return (shape[0], self.hidden_size)
+
+    @property
+    def parameter_shapes(self):
+        rows = 4 * self.hidden_size
+        return ((rows, self.input_size), (rows, self.hidden_size), (rows,), (rows,))
+
+    def products(self, shape):
+        """Multiplications of one sample's forward products: at each of its steps, the
+        4*hidden gate pre-activations of x_t (input_size) and of h_{t-1} (hidden_size);
+        the step at t = 0 is counted though h_{-1} = 0, as frameworks run it."""
+        return shape[0] * 4 * self.hidden_size * (self.input_size + self.hidden_size)
+
+    def input_grad_products(self, shape):
+        """dX's share of the backward products (dZ.W_ih): the dh_{t-1} products (dZ.W_hh)
+        carry the gradient through time and are needed even in the first layer."""
+        return shape[0] * 4 * self.hidden_size * self.input_size
+
+
+@dataclass(frozen=True)
+class LastStep:
+    """The output at the last time step (``output[:, -1]`` of a batch-first PyTorch
+    output): (time, features) samples become (features,)."""
+
+    def output_shape(self, shape):
+        if len(shape) != 2:
+            raise ValueError(f"{self} takes (time, features) samples, not {shape}")
+        return shape[1:]
 
 
 @dataclass(frozen=True)
@@ -116,7 +172,8 @@ class Residual:
     layers: tuple
 
 
-WEIGHTED = (Dense, Conv2d)      # the specs with a weight and a bias, and a matrix product
+# The specs with parameters (their `parameter_names`, PyTorch's) and matrix products.
+WEIGHTED = (Dense, Conv2d, LSTM)
 
 
 def _expect(spec, shape, wanted):
@@ -167,8 +224,8 @@ class Config:
         return seen
 
     def weighted_layers(self):
-        """Every Dense and Conv2d spec in forward order, those inside residual blocks
-        included: the layers whose (weight, bias) networks.initial_weights draws."""
+        """Every Dense, Conv2d and LSTM spec in forward order, those inside residual blocks
+        included: the layers whose parameters networks.initial_weights draws."""
         return [spec for spec, _ in self.traced() if isinstance(spec, WEIGHTED)]
 
     def mlp_sizes(self):
@@ -183,9 +240,10 @@ class Config:
         return sizes, (hidden.pop() if hidden else "identity")
 
     def describe(self):
-        """The architecture in one line, e.g. 784-512-BN-relu-512-BN-relu-10, or
+        """The architecture in one line, e.g. 784-512-BN-relu-512-BN-relu-10,
         1x28x28-conv6k5p2-relu-maxpool2-...-10 (conv<out channels>k<kernel>[s<stride>]
-        [p<padding>], maxpool<kernel>[s<stride>])."""
+        [p<padding>], maxpool<kernel>[s<stride>]) or 28x28-lstm128-last-10 (time x
+        features, lstm<hidden units>, last: the last step's output)."""
         return ("x".join(map(str, self.input_shape)) + "-"
                 + "-".join(_describe(layer) for layer in self.layers))
 
@@ -195,14 +253,17 @@ class Config:
         Per weighted layer and batch B, the forward product costs 2*B*m, m being one
         sample's multiplications: in*out for a Dense (X.W^T), Ho*Wo*Cout*Cin*k*k for a
         Conv2d (each output value a dot product of Cin*k*k inputs with its kernel,
-        whichever way a framework computes it).  Backward costs as much again for dW and
-        for dX, except that no framework here computes dX of the first layer (its input
-        needs no gradient).  Element-wise work (bias, activations, pooling, batch norm,
-        loss, update) is not counted.
+        whichever way a framework computes it), T*4H*(F+H) for an LSTM of F inputs and H
+        units over T steps (x_t.W_ih^T and h_{t-1}.W_hh^T).  Backward costs as much again
+        for dW and for dX, except that no framework here computes dX of the first layer
+        (its input needs no gradient): the whole of it for a Dense or Conv2d, dZ.W_ih for
+        an LSTM, whose dZ.W_hh carries the gradient back through time.  Element-wise work
+        (bias, activations, gates, pooling, batch norm, loss, update) is not counted.
         """
-        per_layer = [2 * self.batch * spec.products(shape) for spec, shape in self.traced()
-                     if isinstance(spec, WEIGHTED)]
-        return 3 * sum(per_layer) - per_layer[0]
+        weighted = [(spec, shape) for spec, shape in self.traced() if isinstance(spec, WEIGHTED)]
+        forward = sum(2 * self.batch * spec.products(shape) for spec, shape in weighted)
+        first, shape = weighted[0]
+        return 3 * forward - 2 * self.batch * first.input_grad_products(shape)
 
 
 def _trace(layers, shape, seen):
@@ -233,6 +294,10 @@ def _describe(layer):
         return f"maxpool{layer.kernel_size}{stride}"
     if isinstance(layer, Flatten):
         return "flatten"
+    if isinstance(layer, LSTM):
+        return f"lstm{layer.hidden_size}"
+    if isinstance(layer, LastStep):
+        return "last"
     if isinstance(layer, BatchNorm):
         return "BN"
     if isinstance(layer, Activation):
@@ -281,6 +346,12 @@ CONFIGS = {c.name: c for c in [
                         Conv2d(64, 128, 3, padding=1, activation="relu"), MaxPool2d(2),
                         Flatten(), Dense(2048, 10, "softmax")), 64, lr=1e-3,
            input_shape=(3, 32, 32)),
+    # Issue 18: an LSTM reading 28x28 images row by row (28 steps of 28 features), its
+    # last output classified; and a longer, wider one.
+    Config("lstm-mnist", (LSTM(28, 128), LastStep(), Dense(128, 10, "softmax")), 64,
+           input_shape=(28, 28)),
+    Config("lstm-big", (LSTM(64, 256), LastStep(), Dense(256, 10, "softmax")), 128,
+           input_shape=(100, 64)),
 ]}
 
 # Per-step targets from the speed issue, in microseconds (none yet for the issue-8 configs).
