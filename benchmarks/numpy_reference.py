@@ -11,12 +11,16 @@ Images (NCHW batches, as the other frameworks take them) are handled channels-la
 layout directly, with no transpose per layer.  The input is read through a transposed
 view, and Flatten writes PyTorch's channel-by-channel order, so the weights and the
 parameters' layouts are PyTorch's everywhere.
+
+Sequences (batch-first (B, T, F) batches) are handled time-major inside, (T, B, F): each
+step's rows are then one contiguous block, and all steps together one matrix for the
+products that need no recurrence (the input projection, dW_ih, dW_hh).
 """
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from configs import (EPS, MOMENTUM, Activation, BatchNorm, Conv2d, Dense, Flatten, MaxPool2d,
-                     Residual)
+from configs import (EPS, LSTM, MOMENTUM, Activation, BatchNorm, Conv2d, Dense, Flatten,
+                     LastStep, MaxPool2d, Residual)
 
 
 def _activate(name, z, out):
@@ -216,6 +220,133 @@ class FlattenLayer:
         return []
 
 
+def _sigmoid(z, out):
+    np.negative(z, out=out)
+    np.exp(out, out=out)
+    out += 1
+    np.reciprocal(out, out=out)
+
+
+class LSTMLayer:
+    """torch.nn.LSTM on time-major sequences (T, B, F) -> (T, B, H), zero initial state.
+
+    Forward, per step t, with the gates' rows in PyTorch's order i, f, g, o:
+        z_t = x_t W_ih^T + b_ih + b_hh + h_{t-1} W_hh^T                (B, 4H)
+        i, f, o = sigmoid(z_t[i], z_t[f], z_t[o]),  g = tanh(z_t[g])
+        c_t = f c_{t-1} + i g,   h_t = o tanh(c_t)
+    The input's share of every z_t is one product before the loop; the gates' values, c_t
+    and tanh(c_t) are kept for backward.  h_t is stored at states[t + 1], so states[0] = 0
+    is h_{-1} and states[:T] every step's previous state, as one matrix.
+
+    Backward through time, from the last step down, with dh_t = dy_t + (gradient from step
+    t + 1) and dc_t = dc from step t + 1 (both 0 after the last step):
+        do = dh_t tanh(c_t),   dc_t += dh_t o (1 - tanh(c_t)^2)
+        di = dc_t g,   dg = dc_t i,   df = dc_t c_{t-1},   dc_{t-1} = dc_t f
+        dz_t = [di i(1 - i), df f(1 - f), dg (1 - g^2), do o(1 - o)]
+        dh_{t-1} = dz_t W_hh
+    and after the loop, over all steps at once: dW_ih = dZ^T X, dW_hh = dZ^T H_prev,
+    db_ih = db_hh = the column sums of dZ, dX = dZ W_ih.
+    """
+
+    def __init__(self, spec, w_ih, w_hh, b_ih, b_hh, batch, shape, needs_input_grad):
+        (steps, features), dtype, H = shape, w_ih.dtype, spec.hidden_size
+        self.H, self.shape = H, (steps, H)
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh = w_ih, w_hh, b_ih, b_hh
+        self.grads = [np.empty_like(p) for p in (w_ih, w_hh, b_ih, b_hh)]
+        self.x = np.empty((steps, batch, features), dtype)          # contiguous copy
+        self.gates = np.empty((steps, batch, 4 * H), dtype)         # z_t, then i, f, g, o
+        self.states = np.zeros((steps + 1, batch, H), dtype)        # h_{-1} = 0, h_0 ...
+        self.cells = np.zeros((steps + 1, batch, H), dtype)         # c_{-1} = 0, c_0 ...
+        self.tanh_cells = np.empty((steps, batch, H), dtype)
+        self.recurrent = np.empty((batch, 4 * H), dtype)             # h_{t-1} W_hh^T
+        self.dz = np.empty_like(self.gates)
+        self.dh, self.dc = np.empty((batch, H), dtype), np.empty((batch, H), dtype)
+        self.scratch = np.empty((batch, H), dtype)
+        self.dx = np.empty_like(self.x) if needs_input_grad else None
+
+    def forward(self, x):
+        H, steps = self.H, len(self.x)
+        np.copyto(self.x, x)
+        z = self.gates.reshape(-1, 4 * H)
+        np.matmul(self.x.reshape(len(z), -1), self.w_ih.T, out=z)
+        z += self.b_ih
+        z += self.b_hh
+        for t in range(steps):
+            gates = self.gates[t]
+            np.matmul(self.states[t], self.w_hh.T, out=self.recurrent)
+            gates += self.recurrent
+            _sigmoid(gates[:, :2 * H], gates[:, :2 * H])                # i, f
+            np.tanh(gates[:, 2 * H:3 * H], out=gates[:, 2 * H:3 * H])   # g
+            _sigmoid(gates[:, 3 * H:], gates[:, 3 * H:])                # o
+            i, f, g, o = (gates[:, k * H:(k + 1) * H] for k in range(4))
+            c = self.cells[t + 1]
+            np.multiply(f, self.cells[t], out=c)
+            np.multiply(i, g, out=self.scratch)
+            c += self.scratch
+            np.tanh(c, out=self.tanh_cells[t])
+            np.multiply(o, self.tanh_cells[t], out=self.states[t + 1])
+        return self.states[1:]
+
+    def backward(self, dy):
+        H, steps, dh, dc, tmp = self.H, len(self.x), self.dh, self.dc, self.scratch
+        dh.fill(0)
+        dc.fill(0)
+        for t in reversed(range(steps)):
+            dh += dy[t]
+            i, f, g, o = (self.gates[t, :, k * H:(k + 1) * H] for k in range(4))
+            di, df, dg, do = (self.dz[t, :, k * H:(k + 1) * H] for k in range(4))
+            tanh_c = self.tanh_cells[t]
+            np.multiply(dh, tanh_c, out=do)
+            np.multiply(tanh_c, tanh_c, out=tmp)                 # dc += dh o (1 - tanh^2)
+            np.subtract(1, tmp, out=tmp)
+            tmp *= o
+            tmp *= dh
+            dc += tmp
+            np.multiply(dc, g, out=di)
+            np.multiply(dc, i, out=dg)
+            np.multiply(dc, self.cells[t], out=df)
+            dc *= f                                              # dc_{t-1}
+            for d, s in ((di, i), (df, f), (do, o)):             # d *= s (1 - s)
+                np.subtract(1, s, out=tmp)
+                tmp *= s
+                d *= tmp
+            np.multiply(g, g, out=tmp)                           # dg *= 1 - g^2
+            np.subtract(1, tmp, out=tmp)
+            dg *= tmp
+            np.matmul(self.dz[t], self.w_hh, out=dh)             # dh_{t-1}
+        dz = self.dz.reshape(-1, 4 * H)
+        dw_ih, dw_hh, db_ih, db_hh = self.grads
+        np.matmul(dz.T, self.x.reshape(len(dz), -1), out=dw_ih)
+        np.matmul(dz.T, self.states[:steps].reshape(len(dz), H), out=dw_hh)
+        np.sum(dz, axis=0, out=db_ih)
+        np.copyto(db_hh, db_ih)
+        if self.dx is None:
+            return None
+        np.matmul(dz, self.w_ih, out=self.dx.reshape(len(dz), -1))
+        return self.dx
+
+    def parameters(self):
+        return list(zip((self.w_ih, self.w_hh, self.b_ih, self.b_hh), self.grads))
+
+
+class LastStepLayer:
+    """The last step of a time-major sequence: (T, B, F) -> (B, F); its gradient reaches
+    that step only."""
+
+    def __init__(self, batch, shape, dtype):
+        self.dx = np.zeros((shape[0], batch, shape[1]), dtype)     # earlier steps stay 0
+
+    def forward(self, x):
+        return x[-1]
+
+    def backward(self, dy):
+        np.copyto(self.dx[-1], dy)
+        return self.dx
+
+    def parameters(self):
+        return []
+
+
 class BatchNormLayer:
     """torch.nn.BatchNorm1d in train mode: y = gamma * xhat + beta, per feature.
 
@@ -326,9 +457,10 @@ class NumpyNetwork:
     Parameters
     ----------
     config : configs.Config
-    weights : list of (W, b)
-        Initial weights of every Dense and Conv2d layer in forward order, W of shape
-        (out, in) or (out_channels, in_channels, k, k).
+    weights : list of tuples
+        Initial weights of every Dense, Conv2d and LSTM layer in forward order, as
+        networks.initial_weights: (W, b), W of shape (out, in) or (out_channels,
+        in_channels, k, k); (W_ih, W_hh, b_ih, b_hh) for an LSTM.
     dtype : float32 or float64
 
     Raises NotImplementedError for a config it cannot build (batch norm of images).
@@ -336,9 +468,10 @@ class NumpyNetwork:
 
     def __init__(self, config, weights, dtype=np.float32):
         self.config, self.dtype = config, np.dtype(dtype)
-        weights = iter((w.astype(dtype), b.astype(dtype)) for w, b in weights)
+        weights = iter(tuple(a.astype(dtype) for a in arrays) for arrays in weights)
         shape = tuple(config.input_shape)
         self.images = len(shape) == 3       # NCHW batches, handled channels-last inside
+        self.sequences = len(shape) == 2    # (B, T, F) batches, handled time-major inside
         if self.images:
             shape = shape[1:] + shape[:1]
         self.layers = self._build(config.layers, config.batch, weights, shape, first=True)
@@ -359,6 +492,13 @@ class NumpyNetwork:
                 layers.append(Conv2dLayer(spec, *next(weights), batch, shape,
                                           needs_input_grad=not first))
                 shape = layers[-1].shape
+            elif isinstance(spec, LSTM):
+                layers.append(LSTMLayer(spec, *next(weights), batch, shape,
+                                        needs_input_grad=not first))
+                shape = layers[-1].shape
+            elif isinstance(spec, LastStep):
+                layers.append(LastStepLayer(batch, shape, self.dtype))
+                shape = shape[1:]
             elif isinstance(spec, MaxPool2d):
                 layers.append(MaxPool2dLayer(spec, batch, shape, self.dtype))
                 shape = layers[-1].shape
@@ -381,7 +521,12 @@ class NumpyNetwork:
 
     def compute_gradients(self, x, y):
         """Forward, loss and backward on one batch: fills every gradient, returns the loss."""
-        h = x.transpose(0, 2, 3, 1) if self.images else x      # NCHW -> channels-last view
+        if self.images:
+            h = x.transpose(0, 2, 3, 1)         # NCHW -> channels-last view
+        elif self.sequences:
+            h = x.transpose(1, 0, 2)            # batch-first -> time-major view
+        else:
+            h = x
         for layer in self.layers:
             h = layer.forward(h)
         loss = self._loss_and_delta(h, y)
