@@ -13,8 +13,8 @@ from functools import partial
 
 import numpy as np
 
-from configs import (EPS, MOMENTUM, WEIGHTED, Activation, BatchNorm, Conv2d, Dense, Flatten,
-                     MaxPool2d, Residual)
+from configs import (EPS, LSTM, MOMENTUM, WEIGHTED, Activation, BatchNorm, Conv2d, Dense,
+                     Flatten, LastStep, MaxPool2d, Residual)
 from numpy_reference import NumpyNetwork
 
 
@@ -23,17 +23,25 @@ class Unsupported(Exception):
 
 
 def initial_weights(config, seed=0):
-    """(W, b) for every Dense and Conv2d layer in forward order, float32: W of shape
-    (out, in) for a Dense, (out_channels, in_channels, k, k) for a Conv2d (PyTorch's).
+    """The parameters of every Dense, Conv2d and LSTM layer in forward order, float32, one
+    tuple per layer in the order of its spec's `parameter_names` (PyTorch's): (W, b), W of
+    shape (out, in) for a Dense, (out_channels, in_channels, k, k) for a Conv2d; (W_ih,
+    W_hh, b_ih, b_hh) for an LSTM.
 
     W ~ N(0, gain/fan_in), fan_in = in (Dense) or in_channels*k*k (Conv2d): gain 2 before a
     fused relu (He et al., 2015), else 1 (LeCun), which keeps the residual configs' logits
     moderate; b ~ U(-0.1, 0.1), so that the bias gradients take part in the peers'
-    agreement check.
+    agreement check.  An LSTM's four arrays are PyTorch's default, U(-1/sqrt(hidden),
+    1/sqrt(hidden)), nonzero biases included.
     """
     rng = np.random.default_rng(seed)
     weights = []
     for spec in config.weighted_layers():
+        if isinstance(spec, LSTM):
+            limit = 1 / np.sqrt(spec.hidden_size)
+            weights.append(tuple(rng.uniform(-limit, limit, shape).astype(np.float32)
+                                 for shape in spec.parameter_shapes))
+            continue
         shape = spec.weight_shape
         gain = 2.0 if spec.activation == "relu" else 1.0
         w = rng.normal(size=shape) * np.sqrt(gain / np.prod(shape[1:]))
@@ -66,15 +74,18 @@ def backprop_network(config, weights=None, optimizer=None, seed=0):
     net = bp.Network(layers, loss=config.loss, optimizer=optimizer or bp.SGD(lr=config.lr),
                      dtype="float32", seed=seed, input_shape=config.input_shape)
     if weights is not None:
-        for layer, (w, b) in zip(_bp_weighted_layers(bp, net.layers), weights, strict=True):
-            layer.weight[...] = w
-            layer.bias[...] = b
+        specs = config.weighted_layers()
+        layers = list(_bp_weighted_layers(bp, net.layers))
+        for spec, layer, arrays in zip(specs, layers, weights, strict=True):
+            for name, value in zip(spec.parameter_names, arrays, strict=True):
+                getattr(layer, name)[...] = value
     return net
 
 
 # The bp class of each spec, and the issue that brought it (for the message when missing).
 _BP_NEEDS = {BatchNorm: ("BatchNorm", 8), Activation: ("Activation", 8), Residual: ("Residual", 8),
-             Conv2d: ("Conv2d", 16), MaxPool2d: ("MaxPool2d", 16), Flatten: ("Flatten", 16)}
+             Conv2d: ("Conv2d", 16), MaxPool2d: ("MaxPool2d", 16), Flatten: ("Flatten", 16),
+             LSTM: ("LSTM", 18), LastStep: ("LastStep", 18)}
 
 
 def _bp_layer(bp, spec):
@@ -89,6 +100,10 @@ def _bp_layer(bp, spec):
         return bp.MaxPool2d(spec.kernel_size, stride=spec.step)
     if isinstance(spec, Flatten):
         return bp.Flatten()
+    if isinstance(spec, LSTM):
+        return bp.LSTM(spec.input_size, spec.hidden_size)
+    if isinstance(spec, LastStep):
+        return bp.LastStep()
     if isinstance(spec, BatchNorm):
         return bp.BatchNorm(spec.num_features, eps=EPS, momentum=MOMENTUM)
     if isinstance(spec, Activation):
@@ -99,9 +114,11 @@ def _bp_layer(bp, spec):
 
 
 def _bp_weighted_layers(bp, layers):
-    """The Dense and Conv2d layers in forward order, as configs.Config.weighted_layers (a
-    backprop from before issue 16 has no Conv2d)."""
-    weighted = tuple(getattr(bp, name) for name in ("Dense", "Conv2d") if hasattr(bp, name))
+    """The Dense, Conv2d and LSTM layers in forward order, as
+    configs.Config.weighted_layers (a backprop from before issue 16 has no Conv2d, from
+    before issue 18 no LSTM)."""
+    weighted = tuple(getattr(bp, name) for name in ("Dense", "Conv2d", "LSTM")
+                     if hasattr(bp, name))
     for layer in layers:
         if isinstance(layer, weighted):
             yield layer
@@ -142,17 +159,23 @@ def _torch_modules(torch, config, specs, weights, top):
         if isinstance(spec, WEIGHTED):
             if isinstance(spec, Dense):
                 module = nn.Linear(spec.in_features, spec.out_features)
+            elif isinstance(spec, LSTM):
+                module = nn.LSTM(spec.input_size, spec.hidden_size, batch_first=True)
             else:
                 module = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size,
                                    stride=spec.stride, padding=spec.padding)
             if weights is not None:
-                w, b = next(weights)
                 with torch.no_grad():
-                    module.weight.copy_(torch.from_numpy(w))
-                    module.bias.copy_(torch.from_numpy(b))
-            modules.append(module)
-            if not _output_fused(config, spec, top and i == len(specs) - 1):
-                modules += _torch_activation(nn, spec.activation)
+                    for name, value in zip(spec.parameter_names, next(weights), strict=True):
+                        getattr(module, name).copy_(torch.from_numpy(value))
+            if isinstance(spec, LSTM):
+                modules.append(_torch_sequence_output(torch)(module))
+            else:
+                modules.append(module)
+                if not _output_fused(config, spec, top and i == len(specs) - 1):
+                    modules += _torch_activation(nn, spec.activation)
+        elif isinstance(spec, LastStep):
+            modules.append(_torch_last_step(torch)())
         elif isinstance(spec, MaxPool2d):
             modules.append(nn.MaxPool2d(spec.kernel_size, stride=spec.step))
         elif isinstance(spec, Flatten):
@@ -189,6 +212,29 @@ def _torch_residual(torch):
         def forward(self, x):
             return x + self.body(x)
     return Residual
+
+
+def _torch_sequence_output(torch):
+    class SequenceOutput(torch.nn.Module):
+        """The recurrent module's output sequence alone, for nn.Sequential (nn.LSTM returns
+        (output, (h_n, c_n)))."""
+
+        def __init__(self, recurrent):
+            super().__init__()
+            self.recurrent = recurrent
+
+        def forward(self, x):
+            return self.recurrent(x)[0]
+    return SequenceOutput
+
+
+def _torch_last_step(torch):
+    class LastStep(torch.nn.Module):
+        """output[:, -1] of a batch-first sequence."""
+
+        def forward(self, x):
+            return x[:, -1]
+    return LastStep
 
 
 def torch_loss(config):
@@ -267,7 +313,12 @@ def _jax_apply(jnp, config, specs, weights, params, stats, top):
     of their parameters to `params` and of their running statistics to `stats`."""
     fns = []
     for i, spec in enumerate(specs):
-        if isinstance(spec, WEIGHTED):
+        if isinstance(spec, LSTM):
+            fns.append(_jax_lstm(jnp, len(params)))
+            params.extend(next(weights))
+        elif isinstance(spec, LastStep):
+            fns.append(lambda p, s, ns, x: x[:, -1])
+        elif isinstance(spec, WEIGHTED):
             fused = _output_fused(config, spec, top and i == len(specs) - 1)
             make = _jax_dense if isinstance(spec, Dense) else partial(_jax_conv2d, spec=spec)
             fns.append(make(jnp, len(params), "identity" if fused else spec.activation))
@@ -333,6 +384,30 @@ def _jax_max_pool2d(spec):
                                                    strides, "VALID")
 
 
+def _jax_lstm(jnp, k):
+    """An LSTM over batch-first sequences, as a JAX user writes it: the input's product
+    with W_ih for all steps at once (one GEMM, as the other frameworks do), then
+    lax.scan over time carrying (h, c), one h.W_hh^T product per step; gates i, f, g, o."""
+    import jax
+    from jax import lax
+
+    def lstm(p, s, ns, x):
+        w_ih, w_hh, b_ih, b_hh = p[k:k + 4]
+        projected = jnp.swapaxes(x @ w_ih.T + (b_ih + b_hh), 0, 1)     # (time, batch, 4H)
+
+        def step(carry, z_input):
+            h, c = carry
+            i, f, g, o = jnp.split(z_input + h @ w_hh.T, 4, axis=1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h
+
+        zeros = jnp.zeros((x.shape[0], w_hh.shape[1]), x.dtype)
+        _, hs = lax.scan(step, (zeros, zeros), projected)
+        return jnp.swapaxes(hs, 0, 1)                                   # (batch, time, H)
+    return lstm
+
+
 def _jax_batchnorm(jnp, k, j):
     def batchnorm(p, s, ns, x):
         rows = x.shape[0]
@@ -352,8 +427,8 @@ def sklearn_step(config, weights=None):
     others before its first step).  MLPRegressor's output is linear, not sigmoid."""
     shape = config.mlp_sizes()
     if shape is None:
-        raise Unsupported("scikit-learn's MLP has no convolution, pooling, batch norm, residual "
-                          "or per-layer activations")
+        raise Unsupported("scikit-learn's MLP has no convolution, pooling, recurrent layer, "
+                          "batch norm, residual or per-layer activations")
     sizes, hidden = shape
     kinds = {"relu": "relu", "sigmoid": "logistic", "tanh": "tanh", "identity": "identity"}
     if hidden not in kinds:
