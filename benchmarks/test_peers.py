@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import CONFIGS, Config, Conv2d, Dense, Flatten, MaxPool2d, mlp
+from configs import CONFIGS, LSTM, Config, Conv2d, Dense, Flatten, LastStep, MaxPool2d, mlp
 from networks import STEPS, Unsupported, batch_for, initial_weights, torch_model, torch_loss
 from numpy_reference import NumpyNetwork
 
@@ -23,7 +23,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ODD_CNN = Config("odd-cnn", (Conv2d(2, 4, 3, stride=2, padding=1, activation="relu"),
                              MaxPool2d(3, stride=2), Conv2d(4, 5, 2), Flatten(),
                              Dense(5, 3, "softmax")), 6, input_shape=(2, 11, 10))
-CHECKED = {**{n: CONFIGS[n] for n in NAMES}, ODD_CNN.name: ODD_CNN}
+# What the benchmark LSTMs do not: a stack of two, so the second one's input gradient (and
+# the first one's gradient through it) is computed; sizes no kernel rounds to.
+ODD_LSTM = Config("odd-lstm", (LSTM(5, 7), LSTM(7, 6), LastStep(), Dense(6, 3, "softmax")),
+                  4, input_shape=(9, 5))
+CHECKED = {**{n: CONFIGS[n] for n in NAMES}, ODD_CNN.name: ODD_CNN, ODD_LSTM.name: ODD_LSTM}
 
 
 @pytest.mark.parametrize("name", CHECKED)
@@ -41,8 +45,8 @@ def test_numpy_reference_gradients_match_torch_autograd(name):
     model = torch_model(config, weights).double()
     expected = torch_loss(config)(model(torch.from_numpy(x).double()), torch.from_numpy(y))
     expected.backward()
-    # Both list parameters in forward order: (W, b) per Dense and Conv2d, (gamma, beta) per
-    # BatchNorm.
+    # Both list parameters in forward order: (W, b) per Dense and Conv2d, (W_ih, W_hh, b_ih,
+    # b_hh) per LSTM, (gamma, beta) per BatchNorm.
     params = list(model.parameters())
     assert len(params) == len(net.pairs)
     assert loss == pytest.approx(expected.item(), rel=1e-12)
@@ -108,6 +112,24 @@ def test_lenet_flops_by_hand():
     assert CONFIGS["lenet"].gemm_flops() == 2 * 128 * (3 * per_sample - 117600)
 
 
+def test_lstm_flops_by_hand():
+    # lstm-mnist, batch 64: per sample, 28 steps of 4*128 gate values, each a dot product
+    # of 28 inputs and 128 states: 28*512*156 = 2236416; Dense 128*10 = 1280.  Forward 2*64
+    # of each; backward twice that, but no dX (dZ.W_ih: 28*512*28 = 401408) for the input.
+    per_sample = 28 * 512 * (28 + 128) + 1280
+    assert CONFIGS["lstm-mnist"].gemm_flops() == 2 * 64 * (3 * per_sample - 28 * 512 * 28)
+
+
+def test_lstm_output_sizes_follow_torch():
+    torch = pytest.importorskip("torch")
+    x = torch.zeros(1, *ODD_LSTM.input_shape)
+    shapes = [tuple(x.shape[1:])]
+    for module in torch_model(ODD_LSTM):
+        x = module(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [shape for _, shape in ODD_LSTM.traced()] + [(3,)]
+
+
 def test_conv_output_sizes_follow_torch():
     torch = pytest.importorskip("torch")
     x = torch.zeros(1, *ODD_CNN.input_shape)
@@ -126,20 +148,22 @@ def test_a_spec_that_does_not_fit_its_input_is_refused():
                 16, input_shape=(1, 28, 28))       # 6x12x12 = 864 features, not 400
 
 
-@pytest.mark.parametrize("name", ["lenet", "cnn-wide", "odd-cnn"])
+@pytest.mark.parametrize("name", ["lenet", "cnn-wide", "odd-cnn", "lstm-mnist", "odd-lstm"])
 def test_backprop_builds_the_declared_network(name):
-    """Its layers' weights are the declared shapes and hold the initial weights, and a
-    batch gives one row of class probabilities per sample."""
+    """Its layers' parameters have the declared names and shapes and hold the initial
+    weights, and a batch gives one row of class probabilities per sample."""
     from networks import backprop_network
     config = CHECKED[name]
     weights = initial_weights(config)
     net = backprop_network(config, weights)
     assert net.input_shape == config.input_shape
-    ours = [layer for layer in net.layers if hasattr(layer, "weight")]
-    assert len(ours) == len(weights)
-    for layer, (w, b) in zip(ours, weights):
-        np.testing.assert_array_equal(layer.weight, w)
-        np.testing.assert_array_equal(layer.bias, b)
+    ours = [layer for layer in net.layers if layer.parameters()]
+    specs = config.weighted_layers()
+    assert len(ours) == len(specs) == len(weights)
+    for layer, spec, arrays in zip(ours, specs, weights):
+        assert [p.name for p in layer.parameters()] == list(spec.parameter_names)
+        for name, value in zip(spec.parameter_names, arrays, strict=True):
+            np.testing.assert_array_equal(getattr(layer, name), value)
     x, _ = batch_for(config)
     out = net.forward(x)
     assert out.shape == (config.batch, config.n_outputs)
