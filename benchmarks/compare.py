@@ -6,6 +6,7 @@ numpy.matmul.
     python benchmarks/compare.py --quick           # a short run (about a minute)
     python benchmarks/compare.py --configs huge --rounds 3 --no-matmul
     python benchmarks/compare.py --configs lenet,cnn-wide --no-matmul   # the convolutions
+    python benchmarks/compare.py --configs lstm-mnist,lstm-big --no-matmul   # the LSTMs
     python benchmarks/compare.py --avx2-only       # every library capped at AVX2+FMA
 
 Method.  Every framework trains the same network (configs.py, built for each framework in
@@ -20,19 +21,20 @@ cores of whoever runs next.
 
 Peers, each only if installed: a hand-written NumPy step (numpy_reference.py; convolutions
 by im2col and one product), JAX on the CPU (a jit-compiled step, parameters donated;
-lax.conv_general_dilated on NCHW), PyTorch eager (torch==2.13.0, the CPU build; NCHW
-tensors as users write them, whose convolutions go to oneDNN when torch.backends.mkldnn is
-enabled: the output says whether it is and which kernel ran; fused SGD, which torch's docs
-rank fastest, or --torch-optim), scikit-learn's MLP partial_fit (plain MLP configs only,
-its own initial weights; it has no convolution).  Each gets the thread count
+lax.conv_general_dilated on NCHW; an LSTM's input projection for all steps at once, then
+lax.scan over time), PyTorch eager (torch==2.13.0, the CPU build; NCHW tensors as users
+write them, whose convolutions go to oneDNN when torch.backends.mkldnn is enabled, as
+does nn.LSTM: the output says whether it is and which kernel ran; fused SGD, which
+torch's docs rank fastest, or --torch-optim), scikit-learn's MLP partial_fit (plain MLP
+configs only, its own initial weights; it has no convolution or recurrent layer).  Each gets the thread count
 of --threads, and the output says how.  OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE, set on this project's machines, would slow NumPy down: the script
 re-executes itself without them before NumPy is loaded, and prints which OpenBLAS kernel
 NumPy uses.
 
 GFLOP/s counts the products of the step only (configs.Config.gemm_flops: 2*B*in*out per
-Dense and 2*B*Ho*Wo*Cout*Cin*k*k per Conv2d forward, twice that backward, without dX of
-the first layer) over the median step time.  The peak is numpy.matmul on 2048^3 float32
+Dense, 2*B*Ho*Wo*Cout*Cin*k*k per Conv2d and 2*B*T*4H*(F+H) per LSTM forward, twice that
+backward, without dX of the first layer) over the median step time.  The peak is numpy.matmul on 2048^3 float32
 with the same threads, timed once in every round beside the steps, so each row is
 measured against the peak of its moment.
 """
@@ -55,7 +57,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import backprop as bp  # noqa: E402
-from configs import CONFIGS, MATMUL_SHAPES, TARGET_US, Conv2d  # noqa: E402
+from configs import CONFIGS, LSTM, MATMUL_SHAPES, TARGET_US, Conv2d  # noqa: E402
 from networks import STEPS, TORCH_IMPLEMENTATIONS, Unsupported, initial_weights  # noqa: E402
 
 PAUSE = 0.25          # seconds before each timed block, so the previous library's spinners stop
@@ -249,13 +251,18 @@ def versions(peers):
     return "Versions: " + ", ".join(parts)
 
 
-# What torch's profiler calls the routing steps of a convolution, not the kernel it chose.
-TORCH_CONV_DISPATCH = {"aten::conv1d", "aten::conv2d", "aten::convolution",
-                       "aten::_convolution", "aten::convolution_backward"}
+# Per kind of layer whose kernel torch picks: (what its aten ops' names contain, what
+# torch's profiler calls the routing steps, not the kernel it chose, the oneDNN kernels).
+TORCH_KERNELS = {
+    Conv2d: ("conv", {"aten::conv1d", "aten::conv2d", "aten::convolution",
+                      "aten::_convolution", "aten::convolution_backward"},
+             {"aten::mkldnn_convolution"}),
+    LSTM: ("rnn", {"aten::lstm"}, {"aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"}),
+}
 
 
-def torch_conv_kernels(step):
-    """The aten convolution ops (e.g. aten::mkldnn_convolution: oneDNN) that one step ran,
+def torch_kernels(step, kind):
+    """The aten ops of `kind` (a key of TORCH_KERNELS) that one step ran, oneDNN's marked,
     from torch's profiler.  Its tracer (Kineto) logs its start and stop on stderr: stderr
     is closed for that one step."""
     import torch
@@ -269,8 +276,10 @@ def torch_conv_kernels(step):
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-    return sorted({e.name for e in prof.function_events if e.name.startswith("aten::")
-                   and "conv" in e.name and e.name not in TORCH_CONV_DISPATCH})
+    word, dispatch, onednn = TORCH_KERNELS[kind]
+    ran = sorted({e.name for e in prof.function_events if e.name.startswith("aten::")
+                  and word in e.name and e.name not in dispatch})
+    return [f"{op} (oneDNN)" if op in onednn else op for op in ran]
 
 
 def main(argv=None):
@@ -320,9 +329,9 @@ def main(argv=None):
               "in each round beside the steps; the row's median is its 'sgemm peak' column"),
              (f"Median of {rounds} interleaved rounds; µs per step; ratio = peer time ÷ backprop "
               "time (> 1: backprop is faster); GFLOP/s = GEMM flops of the step ÷ step time "
-              "(forward 2·B·in·out per Dense, 2·B·Ho·Wo·Cout·Cin·k·k per Conv2d, backward "
-              "twice that, no dX for the first layer; element-wise work, pooling included, "
-              "not counted); % of peak = backprop GFLOP/s ÷ sgemm peak."),
+              "(forward 2·B·in·out per Dense, 2·B·Ho·Wo·Cout·Cin·k·k per Conv2d, "
+              "2·B·T·4H·(F+H) per LSTM, backward twice that, no dX for the first layer; "
+              "element-wise work, pooling and gates included, not counted); % of peak = backprop GFLOP/s ÷ sgemm peak."),
              "", *table_head(peers)]
     missing = [p for p in wanted if p not in peers]
     if missing:
@@ -335,11 +344,13 @@ def main(argv=None):
             steps, skipped = build(config, ["backprop", *peers], args.torch_optim)
             notes += [f"{name}: {fw} not timed: {why}" for fw, why in skipped.items()]
             us, row_peak, busy = time_config(config, steps, rounds, block, peak)
-            if "torch" in steps and any(isinstance(spec, Conv2d) for spec, _ in config.traced()):
-                kernels = [f"{op} (oneDNN)" if op == "aten::mkldnn_convolution" else op
-                           for op in torch_conv_kernels(steps["torch"])]
-                notes.append(f"{name}: PyTorch's convolutions ran as "
-                             f"{', '.join(kernels) or 'no aten convolution op'}")
+            kinds = {type(spec) for spec, _ in config.traced()}
+            for kind in TORCH_KERNELS if "torch" in steps else ():
+                if kind not in kinds:
+                    continue
+                kernels = torch_kernels(steps["torch"], kind)
+                notes.append(f"{name}: PyTorch's {kind.__name__} layers ran as "
+                             f"{', '.join(kernels) or 'no aten op of theirs'}")
             row = table_row(config, us, peers, row_peak)
             cores.append(f"{name}: " + ", ".join(f"{fw} {b:.2f}" for fw, b in busy.items()))
             lines.append(row)
