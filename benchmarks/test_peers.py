@@ -170,7 +170,8 @@ def test_backprop_builds_the_declared_network(name):
     np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["digits", "mnist-sample", "mnist-sample-cnn"])
+@pytest.mark.parametrize("name", ["digits", "mnist-sample", "mnist-sample-cnn",
+                                  "mnist-sample-lstm"])
 def test_time_to_accuracy_feeds_each_recipe_its_shape(name):
     """The shipped data sets, shaped for the recipe, go through its network (the
     Fashion-MNIST recipes differ only in their data, which may not be installed)."""

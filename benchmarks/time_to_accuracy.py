@@ -4,11 +4,14 @@ wall time of training and the test accuracy of each.
     python benchmarks/time_to_accuracy.py          # every recipe
     python benchmarks/time_to_accuracy.py --recipes fashion-mnist --repeats 3 --threads 2
     python benchmarks/time_to_accuracy.py --recipes fashion-mnist-cnn,mnist-sample-cnn
+    python benchmarks/time_to_accuracy.py --recipes mnist-sample-lstm
 
 The recipes are configs.RECIPES: fashion-mnist is issue 10's (784-256-128-10, relu, batch
 128, float32, Adam lr 1e-3, 8 epochs); fashion-mnist-cnn and mnist-sample-cnn are issue
 16's small CNN (two conv-relu-maxpool stages, a hidden Dense of 128), which it wants at
->= 0.91 and >= 0.97 test accuracy, fed NCHW images (n, 1, 28, 28).  The MNIST sample and
+>= 0.91 and >= 0.97 test accuracy, fed NCHW images (n, 1, 28, 28); mnist-sample-lstm is
+issue 18's LSTM(28, 128) reading each image row by row, fed batch-first sequences
+(n, 28, 28), the last step's state classified.  The MNIST sample and
 digits are split 80/20, stratified, seed 0.  Both frameworks start from the same initial
 weights (networks.initial_weights), train every epoch on a fresh shuffle of the training
 set (each with its own seeded generator) including the last, partial batch, and are timed
@@ -61,7 +64,8 @@ def load(name):
 
 def shaped(data, config):
     """The samples as `config` takes them: rows of 784 pixels become (1, 28, 28) images
-    for a CNN (a view: the pixels are stored row by row)."""
+    for a CNN, or 28 steps of 28 pixels for an LSTM (views: the pixels are stored row by
+    row)."""
     return tuple((X.reshape(len(X), *config.input_shape), y) for X, y in data)
 
 
