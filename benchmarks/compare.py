@@ -26,17 +26,17 @@ lax.scan over time), PyTorch eager (torch==2.13.0, the CPU build; NCHW tensors a
 write them, whose convolutions go to oneDNN when torch.backends.mkldnn is enabled, as
 does nn.LSTM: the output says whether it is and which kernel ran; fused SGD, which
 torch's docs rank fastest, or --torch-optim), scikit-learn's MLP partial_fit (plain MLP
-configs only, its own initial weights; it has no convolution or recurrent layer).  Each gets the thread count
-of --threads, and the output says how.  OPENBLAS_CORETYPE and
+configs only, its own initial weights; it has no convolution or recurrent layer).  Each
+gets the thread count of --threads, and the output says how.  OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE, set on this project's machines, would slow NumPy down: the script
 re-executes itself without them before NumPy is loaded, and prints which OpenBLAS kernel
 NumPy uses.
 
 GFLOP/s counts the products of the step only (configs.Config.gemm_flops: 2*B*in*out per
 Dense, 2*B*Ho*Wo*Cout*Cin*k*k per Conv2d and 2*B*T*4H*(F+H) per LSTM forward, twice that
-backward, without dX of the first layer) over the median step time.  The peak is numpy.matmul on 2048^3 float32
-with the same threads, timed once in every round beside the steps, so each row is
-measured against the peak of its moment.
+backward, without dX of the first layer) over the median step time.  The peak is
+numpy.matmul on 2048^3 float32 with the same threads, timed once in every round beside
+the steps, so each row is measured against the peak of its moment.
 """
 import os
 import sys
@@ -331,7 +331,8 @@ def main(argv=None):
               "time (> 1: backprop is faster); GFLOP/s = GEMM flops of the step ÷ step time "
               "(forward 2·B·in·out per Dense, 2·B·Ho·Wo·Cout·Cin·k·k per Conv2d, "
               "2·B·T·4H·(F+H) per LSTM, backward twice that, no dX for the first layer; "
-              "element-wise work, pooling and gates included, not counted); % of peak = backprop GFLOP/s ÷ sgemm peak."),
+              "element-wise work, pooling and gates included, not counted); % of peak = "
+              "backprop GFLOP/s ÷ sgemm peak."),
              "", *table_head(peers)]
     missing = [p for p in wanted if p not in peers]
     if missing:

@@ -3,11 +3,11 @@
 A config is a tuple of layer specs (the dataclasses below) plus the batch size, the loss,
 the SGD learning rate and the shape of one input sample: (features,), (C, H, W) for a
 convolutional network, whose batches are NCHW float32 as PyTorch's, or (time, features)
-for a recurrent one, whose batches are batch-first (batch, time, features).  `networks.py` turns a
-config into a backprop network, a PyTorch module, a JAX train step and a NumPy reference,
-so every framework trains exactly the same network.  The last layer is a `Dense` whose
-activation pairs with the loss: "softmax" with "cross_entropy" (the peers that fuse
-softmax into the loss drop it there), "sigmoid" with "mse".
+for a recurrent one, whose batches are batch-first (batch, time, features).
+`networks.py` turns a config into a backprop network, a PyTorch module, a JAX train step
+and a NumPy reference, so every framework trains exactly the same network.  The last
+layer is a `Dense` whose activation pairs with the loss: "softmax" with "cross_entropy"
+(the peers that fuse softmax into the loss drop it there), "sigmoid" with "mse".
 """
 from dataclasses import dataclass
 import math

@@ -386,8 +386,8 @@ def _jax_max_pool2d(spec):
 
 def _jax_lstm(jnp, k):
     """An LSTM over batch-first sequences, as a JAX user writes it: the input's product
-    with W_ih for all steps at once (one GEMM, as the other frameworks do), then
-    lax.scan over time carrying (h, c), one h.W_hh^T product per step; gates i, f, g, o."""
+    with W_ih for all steps at once (one GEMM: no step waits on it), then lax.scan over
+    time carrying (h, c), one h.W_hh^T product per step; gates i, f, g, o."""
     import jax
     from jax import lax
 
