@@ -8,6 +8,7 @@ numpy.matmul.
     python benchmarks/compare.py --configs lenet,cnn-wide --no-matmul   # the convolutions
     python benchmarks/compare.py --configs lstm-mnist,lstm-big --no-matmul   # the LSTMs
     python benchmarks/compare.py --avx2-only       # every library capped at AVX2+FMA
+    python benchmarks/compare.py --configs mnist-mid,wide,huge --bfloat16 --no-matmul
 
 Method.  Every framework trains the same network (configs.py, built for each framework in
 networks.py) from the same initial weights on one fixed batch: same sizes, batch, loss,
@@ -31,6 +32,14 @@ gets the thread count of --threads, and the output says how.  OPENBLAS_CORETYPE 
 OPENBLAS_L2_SIZE, set on this project's machines, would slow NumPy down: the script
 re-executes itself without them before NumPy is loaded, and prints which OpenBLAS kernel
 NumPy uses.
+
+With --bfloat16, backprop also trains with its products in bfloat16 (bp.Network's
+precision="bfloat16": operands rounded to bfloat16, float32 sums and weights) and PyTorch
+under torch.autocast("cpu", dtype=torch.bfloat16), in the same interleaved rounds; a
+second table sets them beside the float32 steps and against the machine's bfloat16 peak,
+a loop of independent VDPBF16PS on every thread (bp._core._bfloat16_peak), timed once a
+round as the sgemm peak is.  A bfloat16 step's first losses must agree with the
+reference's to 2% (its products carry bfloat16's 8-bit mantissas).
 
 GFLOP/s counts the products of the step only (configs.Config.gemm_flops: 2*B*in*out per
 Dense, 2*B*Ho*Wo*Cout*Cin*k*k per Conv2d and 2*B*T*4H*(F+H) per LSTM forward, twice that
@@ -65,6 +74,8 @@ PEERS = ("numpy", "jax", "torch", "sklearn")
 IMPORTS = {"sklearn": "sklearn.neural_network"}    # what a peer's step loads
 LABELS = {"numpy": "NumPy", "jax": "JAX jit", "torch": "PyTorch", "sklearn": "scikit-learn"}
 AGREE_STEPS, AGREE_RTOL = 3, 1e-3   # float32 steps agreed to ~1e-6 relative when written
+BF16_AGREE_RTOL = 2e-2              # bfloat16 operands: 2^-9 relative each
+MIXED = {"backprop-bf16": "backprop", "torch-bf16": "torch"}   # bfloat16 step -> its float32 one
 
 
 class Failure(Exception):
@@ -81,7 +92,7 @@ def build(config, frameworks, torch_impl):
     weights = initial_weights(config)
     steps, skipped = {}, {}
     for name in frameworks:
-        options = {"implementation": torch_impl} if name == "torch" else {}
+        options = {"implementation": torch_impl} if name.startswith("torch") else {}
         try:
             steps[name] = STEPS[name](config, weights, **options)
         except Unsupported as e:
@@ -97,7 +108,8 @@ def check_agreement(config, first_losses):
     for name, losses in first_losses.items():
         if name == "sklearn" or ref is None:
             continue
-        if not np.allclose(losses, ref, rtol=AGREE_RTOL, atol=0):
+        rtol = BF16_AGREE_RTOL if name in MIXED else AGREE_RTOL
+        if not np.allclose(losses, ref, rtol=rtol, atol=0):
             raise Failure(f"{config.name}: {name}'s first losses {losses} differ from "
                           f"{ref_name}'s {ref}: not the same network")
 
@@ -111,14 +123,16 @@ def calibrate(step, seconds):
     return max(3, min(100_000, int(seconds / per_step)))
 
 
-def time_config(config, steps, rounds, block_seconds, peak):
+def time_config(config, steps, rounds, block_seconds, peaks):
     """Median µs per step of each framework over interleaved rounds, the median GFLOP/s
-    of `peak` (one product per round) and each framework's median CPU time ÷ wall time
-    over its blocks (the cores it kept busy: a check of its thread limit)."""
+    of each of `peaks` ({name: peak}, timed once per round) and each framework's median
+    CPU time ÷ wall time over its blocks (the cores it kept busy: a check of its thread
+    limit)."""
     first = {name: [step() for _ in range(AGREE_STEPS)] for name, step in steps.items()}
     check_agreement(config, first)
     counts = {name: calibrate(step, block_seconds) for name, step in steps.items()}
-    samples, busy, peaks = {name: [] for name in steps}, {name: [] for name in steps}, []
+    samples, busy = {name: [] for name in steps}, {name: [] for name in steps}
+    measured = {name: [] for name in peaks}
     names = list(steps)
     for r in range(rounds):
         # Each round starts with the next framework, so none always follows the same one.
@@ -131,15 +145,17 @@ def time_config(config, steps, rounds, block_seconds, peak):
             wall = time.perf_counter() - start
             samples[name].append(wall / counts[name])
             busy[name].append((time.process_time() - cpu) / wall)
-        time.sleep(PAUSE)
-        peaks.append(peak.gflops())
+        for name, peak in peaks.items():
+            time.sleep(PAUSE)
+            measured[name].append(peak.gflops())
     for name, step in steps.items():
         last = step()
         if not last < first[name][0]:
             raise Failure(f"{config.name}: {name}'s loss did not fall "
                           f"({first[name][0]:.4g} -> {last:.4g})")
     us = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
-    return us, statistics.median(peaks), {name: statistics.median(v) for name, v in busy.items()}
+    return (us, {name: statistics.median(v) for name, v in measured.items()},
+            {name: statistics.median(v) for name, v in busy.items()})
 
 
 class SgemmPeak:
@@ -157,6 +173,16 @@ class SgemmPeak:
         start = time.perf_counter()
         np.matmul(self.a, self.b, out=self.out)
         return 2 * self.n ** 3 / (time.perf_counter() - start) / 1e9
+
+
+class Bf16Peak:
+    """Independent VDPBF16PS on every thread, no memory traffic: the CPU's bfloat16 limit."""
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def gflops(self):
+        return bp._core._bfloat16_peak(self.threads)
 
 
 def fmt_us(us):
@@ -202,6 +228,35 @@ def table_row(config, us, peers, peak):
             continue
         ratio = fmt_ratio(us[p] / ours) if ours is not None else "—"
         cells += [fmt_us(us[p]), ratio, fmt_gflops(flops, us[p])]
+    return "| " + " | ".join(cells) + " |"
+
+
+BF16_HEAD = ["| config | backprop float32 µs | backprop bfloat16 µs | bfloat16 ÷ float32 speed "
+             "| bfloat16 GFLOP/s | bfloat16 peak GFLOP/s | % of bfloat16 peak "
+             "| PyTorch autocast µs | PyTorch autocast ÷ backprop bfloat16 "
+             "| fastest peer, either precision | its µs | it ÷ backprop bfloat16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def bf16_row(config, us, peak):
+    """backprop's bfloat16 step beside its float32 one, its peers' in both precisions."""
+    flops, ours, f32 = config.gemm_flops(), us.get("backprop-bf16"), us.get("backprop")
+    if ours is None:
+        return None
+    cells = [f"{config.name} ({config.describe()})", fmt_us(f32) if f32 else "—", fmt_us(ours),
+             fmt_ratio(f32 / ours) if f32 else "—", fmt_gflops(flops, ours),
+             f"{peak:.0f}" if peak else "—",
+             fmt_percent(flops / ours / 1e3 / peak) if peak else "—"]
+    autocast = us.get("torch-bf16")
+    cells += [fmt_us(autocast), fmt_ratio(autocast / ours)] if autocast else ["—", "—"]
+    peers = {name: t for name, t in us.items() if not name.startswith("backprop")
+             and name != "sklearn"}
+    if peers:
+        best = min(peers, key=peers.get)
+        label = LABELS.get(best) or f"{LABELS[MIXED[best]]} autocast"
+        cells += [label, fmt_us(peers[best]), fmt_ratio(peers[best] / ours)]
+    else:
+        cells += ["—", "—", "—"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -298,6 +353,9 @@ def main(argv=None):
                              "(benchenv.AVX2_ONLY)")
     parser.add_argument("--torch-optim", choices=TORCH_IMPLEMENTATIONS, default="fused",
                         help="torch.optim.SGD's implementation (default: fused)")
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="also time backprop with bfloat16 products and PyTorch under "
+                             "torch.autocast(bfloat16), against the bfloat16 peak")
     parser.add_argument("--markdown", metavar="FILE", help="also write the output here")
     args = parser.parse_args(argv)
     names = args.configs.split(",") if args.configs else [n for n in CONFIGS if n != "huge"]
@@ -319,7 +377,12 @@ def main(argv=None):
     for p in peers:                 # loaded now, so that the thread limits below reach them
         __import__(IMPORTS.get(p, p))
     how = {**benchenv.limit_threads(args.threads, peers, args.torch_optim), **how}
-    peak = SgemmPeak()
+    peaks = {"sgemm": SgemmPeak()}
+    mixed = []
+    if args.bfloat16:
+        mixed = ["backprop-bf16"] + (["torch-bf16"] if "torch" in peers else [])
+        if bp.bfloat16_kernel() == "avx512_bf16":
+            peaks["bf16"] = Bf16Peak(args.threads)
 
     lines = [benchenv.machine_line(), benchenv.load_line("at the start"), versions(peers),
              benchenv.environment_note(),
@@ -333,18 +396,22 @@ def main(argv=None):
               "2·B·T·4H·(F+H) per LSTM, backward twice that, no dX for the first layer; "
               "element-wise work, pooling and gates included, not counted); % of peak = "
               "backprop GFLOP/s ÷ sgemm peak."),
+             *([f"bfloat16 products: {bp.bfloat16_kernel()}; bfloat16 peak: "
+                + ("independent VDPBF16PS on every thread, once a round"
+                   if "bf16" in peaks else "none (no AVX512_BF16: emulated)")]
+               if args.bfloat16 else []),
              "", *table_head(peers)]
     missing = [p for p in wanted if p not in peers]
     if missing:
         lines.insert(3, f"Not installed, not timed: {', '.join(missing)}")
     print("\n".join(lines), flush=True)
-    notes, cores = [], []
+    notes, cores, bf16_rows = [], [], []
     try:
         for name in names:
             config = CONFIGS[name]
-            steps, skipped = build(config, ["backprop", *peers], args.torch_optim)
+            steps, skipped = build(config, ["backprop", *peers, *mixed], args.torch_optim)
             notes += [f"{name}: {fw} not timed: {why}" for fw, why in skipped.items()]
-            us, row_peak, busy = time_config(config, steps, rounds, block, peak)
+            us, row_peaks, busy = time_config(config, steps, rounds, block, peaks)
             kinds = {type(spec) for spec, _ in config.traced()}
             for kind in TORCH_KERNELS if "torch" in steps else ():
                 if kind not in kinds:
@@ -352,7 +419,9 @@ def main(argv=None):
                 kernels = torch_kernels(steps["torch"], kind)
                 notes.append(f"{name}: PyTorch's {kind.__name__} layers ran as "
                              f"{', '.join(kernels) or 'no aten op of theirs'}")
-            row = table_row(config, us, peers, row_peak)
+            row = table_row(config, us, peers, row_peaks["sgemm"])
+            if mixed:
+                bf16_rows.append(bf16_row(config, us, row_peaks.get("bf16")))
             cores.append(f"{name}: " + ", ".join(f"{fw} {b:.2f}" for fw, b in busy.items()))
             lines.append(row)
             print(row, flush=True)
@@ -361,6 +430,11 @@ def main(argv=None):
     notes += ["Cores kept busy (process CPU time ÷ wall time over the timed blocks; spinning "
               "OpenMP/OpenBLAS threads count as busy):", *cores,
               benchenv.load_line("after the steps")]
+    if bf16_rows:
+        table = ["bfloat16 products (ratios > 1: backprop's bfloat16 step is faster):", "",
+                 *BF16_HEAD, *filter(None, bf16_rows)]
+        lines += [""] + table
+        print("\n" + "\n".join(table), flush=True)
     lines += [""] + notes
     print("\n" + "\n".join(notes), flush=True)
     if not args.no_matmul:

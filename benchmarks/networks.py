@@ -126,10 +126,16 @@ def _bp_weighted_layers(bp, layers):
             yield from _bp_weighted_layers(bp, layer.layers)
 
 
-def backprop_step(config, weights):
+def backprop_step(config, weights, precision="float32"):
     net = backprop_network(config, weights)
+    net.precision = precision
     x, y = batch_for(config)
     return lambda: net.train_step(x, y)
+
+
+def backprop_bf16_step(config, weights):
+    """Products in bfloat16 (mixed precision, float32 weights): `bp.Network(precision=)`."""
+    return backprop_step(config, weights, precision="bfloat16")
 
 
 # -------------------------------------------------------------------------------- NumPy
@@ -255,7 +261,10 @@ def torch_optimizer(kind, model, lr, implementation="fused"):
                                       **TORCH_IMPLEMENTATIONS[implementation])
 
 
-def torch_step(config, weights, implementation="fused"):
+def torch_step(config, weights, implementation="fused", autocast=False):
+    """One SGD step; with `autocast`, the forward and the loss run under
+    torch.autocast("cpu", dtype=torch.bfloat16), as PyTorch's mixed-precision recipe has
+    it (the backward follows the forward's precisions; the weights stay float32)."""
     import torch
     model = torch_model(config, weights)
     opt = torch_optimizer("SGD", model, config.lr, implementation)
@@ -264,11 +273,16 @@ def torch_step(config, weights, implementation="fused"):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
         return loss.item()
     return step
+
+
+def torch_bf16_step(config, weights, implementation="fused"):
+    return torch_step(config, weights, implementation, autocast=True)
 
 
 # ---------------------------------------------------------------------------------- JAX
@@ -450,4 +464,5 @@ def sklearn_step(config, weights=None):
 
 
 STEPS = {"backprop": backprop_step, "numpy": numpy_step, "jax": jax_step,
-         "torch": torch_step, "sklearn": sklearn_step}
+         "torch": torch_step, "sklearn": sklearn_step,
+         "backprop-bf16": backprop_bf16_step, "torch-bf16": torch_bf16_step}

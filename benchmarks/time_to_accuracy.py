@@ -5,6 +5,7 @@ wall time of training and the test accuracy of each.
     python benchmarks/time_to_accuracy.py --recipes fashion-mnist --repeats 3 --threads 2
     python benchmarks/time_to_accuracy.py --recipes fashion-mnist-cnn,mnist-sample-cnn
     python benchmarks/time_to_accuracy.py --recipes mnist-sample-lstm
+    python benchmarks/time_to_accuracy.py --recipes fashion-mnist,mnist-sample --bfloat16
 
 The recipes are configs.RECIPES: fashion-mnist is issue 10's (784-256-128-10, relu, batch
 128, float32, Adam lr 1e-3, 8 epochs); fashion-mnist-cnn and mnist-sample-cnn are issue
@@ -20,6 +21,11 @@ is what a careful user writes without a DataLoader: a shuffled index per epoch, 
 per batch, zero_grad(set_to_none=True), torch.optim.Adam (its fused implementation, which
 torch's docs rank fastest; --torch-optim picks another).  Both evaluate the test set in
 batches of EVAL_BATCH rows.  Repeats are interleaved and the median time is reported.
+
+With --bfloat16 each recipe also runs with backprop's products in bfloat16
+(``net.precision = "bfloat16"``) and the PyTorch loop's forward and loss under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, PyTorch's mixed-precision recipe;
+everything else (weights, Adam, the data) stays float32 in both.
 
 Fashion-MNIST comes from Debian's dataset-fashion-mnist (apt-get install -y
 dataset-fashion-mnist); without it that row says so.  PyTorch is optional.  Like
@@ -69,15 +75,16 @@ def shaped(data, config):
     return tuple((X.reshape(len(X), *config.input_shape), y) for X, y in data)
 
 
-def run_backprop(config, epochs, train, test):
+def run_backprop(config, epochs, train, test, precision="float32"):
     net = backprop_network(config, initial_weights(config), optimizer=bp.Adam(lr=config.lr))
+    net.precision = precision
     start = time.perf_counter()
     net.fit(*train, epochs=epochs, batch_size=config.batch, shuffle=True, progress=False)
     seconds = time.perf_counter() - start
     return net.evaluate(*test, batch_size=EVAL_BATCH)["accuracy"], seconds
 
 
-def run_torch(config, epochs, train, test, implementation):
+def run_torch(config, epochs, train, test, implementation, autocast=False):
     import torch
     model = torch_model(config, initial_weights(config))
     opt = torch_optimizer("Adam", model, config.lr, implementation)
@@ -91,12 +98,14 @@ def run_torch(config, epochs, train, test, implementation):
         for i in range(0, len(X), config.batch):
             rows = order[i:i + config.batch]
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(X[rows]), y[rows]).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(model(X[rows]), y[rows])
+            loss.backward()
             opt.step()
     seconds = time.perf_counter() - start
     model.eval()
     X_test = torch.from_numpy(test[0])
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         predicted = torch.cat([model(X_test[i:i + EVAL_BATCH]).argmax(dim=1)
                                for i in range(0, len(X_test), EVAL_BATCH)]).numpy()
     return float(np.mean(predicted == test[1])), seconds
@@ -111,6 +120,9 @@ def main(argv=None):
                         help="torch.optim.Adam's implementation (default: fused)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="interleaved runs per framework; the median time is reported")
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="also train with bfloat16 products (backprop) and under "
+                             "torch.autocast(bfloat16) (PyTorch)")
     args = parser.parse_args(argv)
     names = [n for n in args.recipes.split(",") if n]
     unknown = [n for n in names if n not in RECIPES]
@@ -123,18 +135,27 @@ def main(argv=None):
     if importlib.util.find_spec("torch") is not None:
         import torch  # noqa: F401  (loaded before the limits, so they reach its runtime)
         runners["torch"] = partial(run_torch, implementation=args.torch_optim)
-    how = benchenv.limit_threads(args.threads, list(runners), args.torch_optim)
+    if args.bfloat16:
+        runners["backprop bf16"] = partial(run_backprop, precision="bfloat16")
+        if "torch" in runners:
+            runners["torch autocast"] = partial(run_torch, implementation=args.torch_optim,
+                                                autocast=True)
+    how = benchenv.limit_threads(args.threads, [r for r in runners if " " not in r],
+                                 args.torch_optim)
     print(benchenv.machine_line())
     print(benchenv.load_line("at the start"))
     print(benchenv.environment_note())
-    print(f"Threads ({args.threads}): " + "; ".join(f"{k}: {how[k]}" for k in runners))
+    print(f"Threads ({args.threads}): " + "; ".join(f"{k}: {v}" for k, v in how.items()))
+    if args.bfloat16:
+        print(f"bfloat16 products: {bp.bfloat16_kernel()}")
     if "torch" not in runners:
         print("PyTorch not installed: backprop alone")
     print(f"Median training time of {args.repeats} interleaved runs; accuracy on the test set\n")
     head = "| recipe | network and training |" + "".join(f" {r} accuracy | {r} seconds |"
                                                           for r in runners)
-    if "torch" in runners:
-        head += " torch ÷ backprop time |"
+    ratios = [(a, b) for a, b in (("torch", "backprop"), ("torch autocast", "backprop bf16"),
+                                  ("backprop", "backprop bf16")) if a in runners and b in runners]
+    head += "".join(f" {a} ÷ {b} time |" for a, b in ratios)
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     loaded = {}
@@ -142,7 +163,7 @@ def main(argv=None):
         recipe = RECIPES[name]
         config, epochs = recipe.config, recipe.epochs
         what = (f"{recipe.dataset}: {config.describe()}, batch {config.batch}, "
-                f"Adam {config.lr:g}, {epochs} epochs, float32")
+                f"Adam {config.lr:g}, {epochs} epochs, float32 weights")
         try:
             if recipe.dataset not in loaded:
                 loaded[recipe.dataset] = load(recipe.dataset)
@@ -162,8 +183,7 @@ def main(argv=None):
             accuracy = (f"{accuracies[0]:.4f}" if len(accuracies) == 1
                         else f"{accuracies[0]:.4f}-{accuracies[-1]:.4f}")
             cells += [accuracy, f"{seconds[r]:.2f}"]
-        if "torch" in seconds:
-            cells.append(f"{seconds['torch'] / seconds['backprop']:.2f}×")
+        cells += [f"{seconds[a] / seconds[b]:.2f}×" for a, b in ratios]
         print(f"| {name} | {what} | " + " | ".join(cells) + " |", flush=True)
     print("\n" + benchenv.load_line("at the end"))
 

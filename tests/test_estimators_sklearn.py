@@ -97,7 +97,8 @@ def test_same_parameters_defaults_and_order(ours, theirs):
         assert mine[name].default == parameter.default, name
         assert mine[name].kind == parameter.kind, name          # positional ones stay so
     assert list(mine)[:len(reference)] == list(reference)        # in the same order
-    assert set(mine) - set(reference) == {"dtype", "n_threads", "batch_norm", "dropout"}
+    assert set(mine) - set(reference) == {"dtype", "precision", "n_threads", "batch_norm",
+                                             "dropout"}
 
 
 # --------------------------------------------------------------------------- same numbers

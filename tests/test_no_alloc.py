@@ -80,3 +80,26 @@ def test_recurrent_networks_train_without_allocating():
     for step in (lambda: net.train_step(x[:32], labels[:32]),
                  lambda: net.train_step(x, labels, rows=rows, clip_grad_norm=1.0, l2=1e-4)):
         assert traced_growth(step, 100) < 1024
+
+
+def test_bfloat16_products_train_without_allocating():
+    """bfloat16 products pack into the same scratch (sized for either precision), also
+    when the precision changes between steps."""
+    rng = np.random.default_rng(0)
+    x, labels = rng.normal(size=(200, 2, 8, 8)).astype(np.float32), rng.integers(0, 3, 200)
+    net = bp.Network([bp.Conv2d(2, 8, 3, padding=1, activation="relu"), bp.Flatten(),
+                      bp.Dense(512, 40, "relu"), bp.Dense(40, 3, "softmax")],
+                     loss="cross_entropy", optimizer=bp.Adam(), seed=0, input_shape=(2, 8, 8),
+                     precision="bfloat16")
+    sequences = rng.normal(size=(200, 7, 5)).astype(np.float32)
+    lstm = bp.Network([bp.LSTM(5, 16), bp.LastStep(), bp.Dense(16, 3, "softmax")],
+                      loss="cross_entropy", seed=0, input_shape=(7, 5), precision="bfloat16")
+    rows = np.arange(32)
+
+    def switching():
+        net.precision = "float32" if net.precision == "bfloat16" else "bfloat16"
+        net.train_step(x[:32], labels[:32])
+
+    for step in (lambda: net.train_step(x, labels, rows=rows),
+                 lambda: lstm.train_step(sequences[:32], labels[:32]), switching):
+        assert traced_growth(step, 100) < 1024

@@ -11,8 +11,8 @@ from backprop._simd import load_core as _load_core
 
 _load_core()        # the build of the compiled core this CPU runs best, as backprop._core
 
-from backprop._core import (ACTIVATIONS, MAX_THREADS, get_num_threads, openmp_enabled,
-                            set_num_threads, simd_kernel)
+from backprop._core import (ACTIVATIONS, MAX_THREADS, bfloat16_kernel, get_num_threads,
+                            openmp_enabled, set_num_threads, simd_kernel)
 from backprop import datasets, distributed, ops
 from backprop.callbacks import GradientMonitor
 from backprop.gradcheck import gradcheck
@@ -39,5 +39,5 @@ __all__ = ["ACTIVATIONS", "LOSSES", "MAX_THREADS", "Activation", "Adagrad", "Ada
            "Conv1d", "Conv2d", "Dense", "Dropout", "Embedding", "Flatten", "GRU",
            "GlobalAvgPool", "GradientMonitor", "LSTM", "LastStep", "LayerNorm", "MaxPool1d",
            "MaxPool2d", "Network", "Optimizer", "RMSprop", "RNN", "Residual", "SGD",
-           "datasets", "distributed", "get_num_threads", "gradcheck", "openmp_enabled", "ops",
+           "bfloat16_kernel", "datasets", "distributed", "get_num_threads", "gradcheck", "openmp_enabled", "ops",
            "set_num_threads", "simd_kernel"]

@@ -405,7 +405,7 @@ cdef inline void conv_run(floating* kind, const Op* op, Tape* t, int nt) noexcep
     cdef Py_ssize_t n0, samples, rows, g
     if direct(op):
         gemm(t.batch * s.ho * s.wo, s.c_out, s.c_in, x, s.ldx, False, weight, s.c_in, True,
-             out, s.ldm, False, bias, op.fused, nt, part.gemm)
+             out, s.ldm, False, bias, op.fused, t.products, nt, part.gemm)
         return
     if s.permute:
         reorder_weight(weight, <floating*>part.weight, &s, True, False)
@@ -417,14 +417,14 @@ cdef inline void conv_run(floating* kind, const Op* op, Tape* t, int nt) noexcep
         if s.transposed:        # (one channel: one group)
             im2col_t(x, &s, &op.window, n0, samples, col, nt)
             gemm(rows, s.cog, s.k, col, rows, True, weight, s.k, True, out + n0 * s.ld_out,
-                 s.ldm, False, bias, op.fused, nt, part.gemm)
+                 s.ldm, False, bias, op.fused, t.products, nt, part.gemm)
             n0 += samples
             continue
         for g in range(s.groups):
             im2col(x, &s, &op.window, n0, samples, g * s.cig, col, nt)
             gemm(rows, s.cog, s.k, col, s.k, False, weight + g * s.cog * s.k, s.k, True,
                  out + n0 * s.ld_out + g * s.cog, s.ldm, False,
-                 bias + g * s.cog if bias != NULL else NULL, op.fused, nt, part.gemm)
+                 bias + g * s.cog if bias != NULL else NULL, op.fused, t.products, nt, part.gemm)
         n0 += samples
 
 
@@ -448,10 +448,10 @@ cdef inline void conv_back(floating* kind, const Op* op, Tape* t, bint want_dx,
         add_column_sums(dy_all, s.ldm, all_rows, s.c_out, bias_grad, nt)
     if direct(op):
         gemm(s.c_out, s.c_in, all_rows, dy_all, s.ldm, True, x, s.ldx, False, weight_grad,
-             s.c_in, True, NULL, IDENTITY, nt, part.gemm)
+             s.c_in, True, NULL, IDENTITY, t.products, nt, part.gemm)
         if dx != NULL:
             gemm(all_rows, s.c_in, s.c_out, dy_all, s.ldm, False, weight, s.c_in, False, dx,
-                 s.ldx, op.accumulate, NULL, IDENTITY, nt, part.gemm)
+                 s.ldx, op.accumulate, NULL, IDENTITY, t.products, nt, part.gemm)
         return
     if s.permute:
         reorder_weight(weight, <floating*>part.weight, &s, True, False)
@@ -475,21 +475,21 @@ cdef inline void conv_back(floating* kind, const Op* op, Tape* t, bint want_dx,
         if s.transposed:
             im2col_t(x, &s, &op.window, n0, samples, col, nt)
             gemm(s.cog, s.k, rows, dy, s.ldm, True, col, rows, True, dw, s.k, True, NULL,
-                 IDENTITY, nt, part.gemm)
+                 IDENTITY, t.products, nt, part.gemm)
             if dx != NULL:      # dcol (transposed) = W^T dy^T overwrites col
                 gemm(s.k, rows, s.cog, weight, s.k, True, dy, s.ldm, True, col, rows, False,
-                     NULL, IDENTITY, nt, part.gemm)
+                     NULL, IDENTITY, t.products, nt, part.gemm)
                 col2im_t(col, &s, &op.window, n0, samples, dx, nt)
             n0 += samples
             continue
         for g in range(s.groups):
             im2col(x, &s, &op.window, n0, samples, g * s.cig, col, nt)
             gemm(s.cog, s.k, rows, dy + g * s.cog, s.ldm, True, col, s.k, False,
-                 dw + g * s.cog * s.k, s.k, True, NULL, IDENTITY, nt, part.gemm)
+                 dw + g * s.cog * s.k, s.k, True, NULL, IDENTITY, t.products, nt, part.gemm)
             if dx != NULL:      # dcol overwrites col, which the dW product has used
                 gemm(rows, s.k, s.cog, dy + g * s.cog, s.ldm, False,
                      weight + g * s.cog * s.k, s.k, False, col, s.k, False, NULL, IDENTITY,
-                     nt, part.gemm)
+                     t.products, nt, part.gemm)
                 col2im(col, &s, &op.window, n0, samples, g * s.cig, dx, nt)
         n0 += samples
     if s.permute:

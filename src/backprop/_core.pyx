@@ -28,7 +28,9 @@ import time
 import numpy as np
 
 from backprop._gemm cimport (gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name,
-                             bp_ctx, bp_ctx_caches, PARALLEL_MIN_WORK)
+                             bp_bf16_kernel_name, bp_bf16_rounded, bp_bf16_peak_loop,
+                             BP_BF16_PEAK_FLOPS_PER_ITERATION, bp_ctx, bp_ctx_caches,
+                             PARALLEL_MIN_WORK, FLOAT32, BFLOAT16)
 from backprop._activations cimport Activation, IDENTITY, SOFTMAX
 from backprop._optim cimport (OptimConfig, optimizer_update, sum_of_squares, largest_magnitude,
                              most, STAT_BLOCK, N_HELD)
@@ -99,6 +101,42 @@ def simd_kernel():
     return bp_gemm_kernel_name().decode()
 
 
+def bfloat16_kernel():
+    """How products in bfloat16 run here: "avx512_bf16" (the CPU's VDPBF16PS, twice the
+    multiply-adds of float per instruction) or "emulated" (the operands rounded to
+    bfloat16 and multiplied by the float kernels: the same numbers within summation order,
+    no faster than float32).  BACKPROP_BF16=emulated set before import turns the native
+    kernels off."""
+    return bp_bf16_kernel_name().decode()
+
+
+PRECISIONS = {"float32": FLOAT32, "bfloat16": BFLOAT16}
+
+
+def _bfloat16_rounded(x):
+    """float32 array x rounded to the nearest bfloat16 values (ties to even, subnormals to
+    zero), as the products' packing rounds their operands: for tests."""
+    cdef cnp.ndarray[float, ndim=1] flat = np.array(x, dtype=np.float32).reshape(-1)
+    cdef Py_ssize_t i
+    for i in range(flat.shape[0]):
+        flat[i] = bp_bf16_rounded(flat[i])
+    return flat.reshape(np.shape(x))
+
+
+def _bfloat16_peak(int n_threads, long iterations=2_000_000):
+    """GFLOP/s of independent VDPBF16PS on `n_threads` threads at once (no memory traffic):
+    the CPU's bfloat16 limit, for benchmarks.  0 without native bfloat16 products."""
+    if bfloat16_kernel() != "avx512_bf16" or not 1 <= n_threads <= MAX_THREADS:
+        return 0.0
+    cdef float[::1] sinks = np.zeros(n_threads, np.float32)
+    cdef int t
+    start = time.perf_counter()
+    for t in prange(n_threads, nogil=True, num_threads=n_threads, schedule="static"):
+        sinks[t] = bp_bf16_peak_loop(iterations)
+    seconds = time.perf_counter() - start
+    return n_threads * iterations * BP_BF16_PEAK_FLOPS_PER_ITERATION / seconds / 1e9
+
+
 def _gemm_config():
     """The GEMM's run-time configuration, for tests and benchmarks: the level, the cache
     sizes its blocking was derived from (bytes, by level), the fewest multiply-adds a
@@ -108,7 +146,8 @@ def _gemm_config():
             "parallel_min_work": PARALLEL_MIN_WORK,
             "caches": {"L1": bp_ctx_caches.size[1], "L2": bp_ctx_caches.size[2],
                        "L3": bp_ctx_caches.size[3]},
-            "float32": bp_ctx.s.blk, "float64": bp_ctx.d.blk}   # structs become dicts
+            "float32": bp_ctx.s.blk, "bfloat16": bp_ctx.b.blk,
+            "float64": bp_ctx.d.blk}   # structs become dicts
 
 
 def _gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads, dtype):
@@ -177,7 +216,8 @@ include "_copying.pxi"
 
 # --------------------------------------------------------------------------- matmul
 
-def matmul(a, b, out=None, *, bint trans_a=False, bint trans_b=False, bint accumulate=False):
+def matmul(a, b, out=None, *, bint trans_a=False, bint trans_b=False, bint accumulate=False,
+           precision="float32"):
     """op(a) @ op(b) with the core's GEMM, where op transposes when asked.
 
     a : ndarray of shape (m, k), or (k, m) if trans_a
@@ -186,11 +226,16 @@ def matmul(a, b, out=None, *, bint trans_a=False, bint trans_b=False, bint accum
         operands' dtype; it is written in place (added to when `accumulate`).
     Both operands must share one dtype, float32 or float64; any strides are accepted
     (non-unit inner strides are copied first).
+    precision : "float32" (default), or "bfloat16" for float32 operands: each rounded to
+        bfloat16 as it is packed, the products summed in float32 (see bfloat16_kernel).
     """
+    cdef int products = _products(precision, "precision")
     a = _as_float_array(a, "a", 2)
     b = _as_float_array(b, "b", 2)
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if products == BFLOAT16 and a.dtype != np.float32:
+        raise ValueError(f"precision='bfloat16' multiplies float32 operands, got {a.dtype}")
     cdef Py_ssize_t m = a.shape[1] if trans_a else a.shape[0]
     cdef Py_ssize_t k = a.shape[0] if trans_a else a.shape[1]
     cdef Py_ssize_t kb = b.shape[1] if trans_b else b.shape[0]
@@ -213,10 +258,16 @@ def matmul(a, b, out=None, *, bint trans_a=False, bint trans_b=False, bint accum
         raise ValueError("out must not overlap a or b")
     cdef cnp.ndarray A = _unit_inner_stride(a), B = _unit_inner_stride(b), C = out
     if A.dtype == np.float64:
-        _matmul(<double*>NULL, A, B, C, m, n, k, trans_a, trans_b, accumulate)
+        _matmul(<double*>NULL, A, B, C, m, n, k, trans_a, trans_b, accumulate, FLOAT32)
     else:
-        _matmul(<float*>NULL, A, B, C, m, n, k, trans_a, trans_b, accumulate)
+        _matmul(<float*>NULL, A, B, C, m, n, k, trans_a, trans_b, accumulate, products)
     return out
+
+
+cdef int _products(precision, name) except -1:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
 
 
 cdef cnp.ndarray _unit_inner_stride(cnp.ndarray a):
@@ -230,7 +281,7 @@ cdef cnp.ndarray _unit_inner_stride(cnp.ndarray a):
 
 cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
                   Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                  bint trans_a, bint trans_b, bint accumulate):
+                  bint trans_a, bint trans_b, bint accumulate, int products):
     cdef Py_ssize_t lda = max(1, a.strides[0] // a.itemsize)
     cdef Py_ssize_t ldb = max(1, b.strides[0] // b.itemsize)
     cdef const floating* pa = <const floating*>cnp.PyArray_DATA(a)
@@ -242,7 +293,7 @@ cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
         raise MemoryError("cannot allocate the GEMM packing buffers")
     with nogil:
         gemm(m, n, k, pa, lda, trans_a, pb, ldb, trans_b, pc, n, accumulate,
-             NULL, IDENTITY, nt, scratch)
+             NULL, IDENTITY, products, nt, scratch)
     free(scratch)
 
 

@@ -21,11 +21,12 @@ from backprop._ops cimport (Op, Tape, Slot, matrix_stride, input_of, output_of, 
 cdef inline void dense_forward(const floating* x, Py_ssize_t ldx, floating* out, Py_ssize_t ldo,
                                const floating* weight, const floating* bias,
                                Py_ssize_t rows, Py_ssize_t n_in, Py_ssize_t n_out,
-                               int activation, int n_threads, void* scratch) noexcept nogil:
+                               int activation, int products, int n_threads,
+                               void* scratch) noexcept nogil:
     """out = activation(x weight^T + bias); weight is (n_out, n_in) like torch.nn.Linear,
     bias may be NULL; `activation` must be elementwise (softmax is applied afterwards)."""
     gemm(rows, n_out, n_in, x, ldx, False, weight, n_in, True, out, ldo, False,
-         bias, activation, n_threads, scratch)
+         bias, activation, products, n_threads, scratch)
 
 
 cdef inline void column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t rows,
@@ -57,16 +58,16 @@ cdef inline void dense_backward(const floating* dz, Py_ssize_t ldd,
                                 floating* weight_grad, floating* bias_grad,
                                 floating* dx, Py_ssize_t lddx, bint accumulate_dx,
                                 Py_ssize_t rows, Py_ssize_t n_in, Py_ssize_t n_out,
-                                int n_threads, void* scratch) noexcept nogil:
+                                int products, int n_threads, void* scratch) noexcept nogil:
     """Given dz = dL/dz: weight_grad += dz^T x, bias_grad += column sums of dz (if not
     NULL), and dx = dz weight (added to dx when `accumulate_dx`; skipped if dx is NULL)."""
     gemm(n_out, n_in, rows, dz, ldd, True, x, ldx, False, weight_grad, n_in, True,
-         NULL, IDENTITY, n_threads, scratch)
+         NULL, IDENTITY, products, n_threads, scratch)
     if bias_grad != NULL:
         add_column_sums(dz, ldd, rows, n_out, bias_grad, n_threads)
     if dx != NULL:
         gemm(rows, n_in, n_out, dz, ldd, False, weight, n_in, False, dx, lddx, accumulate_dx,
-             NULL, IDENTITY, n_threads, scratch)
+             NULL, IDENTITY, products, n_threads, scratch)
 
 
 # ---- the kind's kernels (see _ops.pxd): parameters 0 = weight (out, in), 1 = bias (out)
@@ -77,7 +78,7 @@ cdef inline void dense_run(floating* kind, const Op* op, Tape* t, int nt) noexce
     dense_forward(<const floating*>x.value, matrix_stride(x), <floating*>r.value,
                   matrix_stride(r), param_of(kind, t.params, op, 0),
                   param_of(kind, t.params, op, 1), t.batch * x.rows, x.cols, r.cols,
-                  op.fused, nt, t.scratch)
+                  op.fused, t.products, nt, t.scratch)
 
 
 cdef inline void dense_back(floating* kind, const Op* op, Tape* t, bint want_dx,
@@ -88,7 +89,7 @@ cdef inline void dense_back(floating* kind, const Op* op, Tape* t, bint want_dx,
                    matrix_stride(x), param_of(kind, t.params, op, 0),
                    param_of(kind, t.grads, op, 0), param_of(kind, t.grads, op, 1),
                    dx_of(kind, op, t, want_dx), matrix_stride(x), op.accumulate,
-                   t.batch * x.rows, x.cols, y.cols, nt, t.scratch)
+                   t.batch * x.rows, x.cols, y.cols, t.products, nt, t.scratch)
 
 
 cdef inline Py_ssize_t dense_scratch(const Op* op, const Tape* t, Py_ssize_t batch, int nt,

@@ -202,6 +202,7 @@ cdef class Engine:
     cdef double* weight_norms      # each weight's gradient norm (train_step)
     cdef readonly object dtype
     cdef bint is64
+    cdef str _precision            # "float32" or "bfloat16": what the products multiply
     cdef object loss               # the loss's declaration (backprop.losses), or None
     cdef const LossKernel* loss_kernel
     cdef bint from_logits          # the loss gives dL/d(logits): the cross-entropies
@@ -296,6 +297,8 @@ cdef class Engine:
         self.tape.row_offset = 0
         self.tape.batch = 0
         self.tape.training = self._training = True
+        self.tape.products = FLOAT32
+        self._precision = "float32"
         self.ws = None
         for i in range(TEAM_KINDS):
             _choice_init(&self.team[i])
@@ -690,6 +693,27 @@ cdef class Engine:
     def training(self, bint value):
         self._enter()
         self._training = value
+        self.busy = False
+
+    @property
+    def precision(self):
+        """What the products (dense, convolution and recurrent layers, forward and
+        backward) multiply: "float32", or "bfloat16" (float32 operands rounded to bfloat16,
+        summed in float32; float32 networks only)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value):
+        cdef int products = _products(value, "precision"), i
+        if products == BFLOAT16 and self.is64:
+            raise ValueError("precision='bfloat16' is for float32 networks: a float64 "
+                             "network multiplies in float64")
+        self._enter()
+        if products != self.tape.products:
+            self.tape.products = products
+            self._precision = value
+            for i in range(TEAM_KINDS):     # the costs measured were those of the other
+                _choice_init(&self.team[i])
         self.busy = False
 
     @property

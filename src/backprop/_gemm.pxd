@@ -35,17 +35,18 @@ from backprop._activations cimport activate_tile
 from backprop._parallel cimport part_start
 
 cdef extern from "_gemm_kernels.h" nogil:
-    ctypedef void (*bp_skernel_t)(Py_ssize_t k, const float* a, const float* b, float* c,
+    ctypedef void (*bp_skernel_t)(Py_ssize_t k, const void* a, const void* b, float* c,
                                Py_ssize_t ldc, int rows, int cols, int add) noexcept nogil
-    ctypedef void (*bp_dkernel_t)(Py_ssize_t k, const double* a, const double* b, double* c,
+    ctypedef void (*bp_dkernel_t)(Py_ssize_t k, const void* a, const void* b, double* c,
                                Py_ssize_t ldc, int rows, int cols, int add) noexcept nogil
-    ctypedef void (*bp_spack_t)(float* dst, const float* src, Py_ssize_t ld, Py_ssize_t kc,
+    ctypedef void (*bp_spack_t)(void* dst, const float* src, Py_ssize_t ld, Py_ssize_t kc,
                              int width, int valid) noexcept nogil
-    ctypedef void (*bp_dpack_t)(double* dst, const double* src, Py_ssize_t ld, Py_ssize_t kc,
+    ctypedef void (*bp_dpack_t)(void* dst, const double* src, Py_ssize_t ld, Py_ssize_t kc,
                              int width, int valid) noexcept nogil
     ctypedef struct bp_blocking:
         int mr, nr
         Py_ssize_t kc, mc, nc
+        int packed_bytes, k_unit
     ctypedef struct bp_sgemm_ops:
         bp_blocking blk
         bp_skernel_t kernel
@@ -57,14 +58,20 @@ cdef extern from "_gemm_kernels.h" nogil:
     ctypedef struct bp_context:
         const char* name
         bp_sgemm_ops s
+        bp_sgemm_ops b
         bp_dgemm_ops d
+        const char* bf16_name
     ctypedef struct bp_caches:
         long size[4]
     const bp_context bp_ctx
     const bp_caches bp_ctx_caches
     int bp_gemm_init()
     const char* bp_gemm_kernel_name()
+    const char* bp_bf16_kernel_name()
     int bp_team_size()
+    float bp_bf16_rounded(float x)
+    float bp_bf16_peak_loop(long iterations)
+    int BP_BF16_PEAK_FLOPS_PER_ITERATION
 
 cdef extern from "_gemm_skinny.h" nogil:
     void bp_dot_rows_s(Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t n, Py_ssize_t k,
@@ -91,36 +98,52 @@ cdef enum:
     PARALLEL_MIN_WORK = 1 << 21
 
 
+cdef enum Products:
+    # What a float product multiplies: float operands (FLOAT32), or float operands rounded
+    # to bfloat16 as they are packed, accumulated in float (BFLOAT16, _gemm_bf16.h).
+    # Double products are always FLOAT32 (full precision).
+    FLOAT32 = 0
+    BFLOAT16 = 1
+
+
 cdef struct GemmPlan:
     Py_ssize_t kc          # the k block: k in equal blocks of at most KC (784 -> 4 x 196
                            # with KC = 256, not 3 x 256 + 16: no short, inefficient block)
     bint by_rows           # threads split C's rows, else its columns
     Py_ssize_t units       # MR-tall (by rows) or NR-wide (by columns) strips to share out
     int workers            # shares, none empty: each one thread's work and one scratch slot
-    Py_ssize_t a_elems     # the packed A block of a slot; the packed B block follows it
+    Py_ssize_t a_bytes     # the packed A block of a slot; the packed B block follows it
     Py_ssize_t slot_bytes  # one share's scratch, a multiple of 64 bytes
 
 
-cdef inline const bp_blocking* _blocking(Py_ssize_t itemsize) noexcept nogil:
-    return &bp_ctx.d.blk if itemsize == sizeof(double) else &bp_ctx.s.blk
+cdef inline const bp_blocking* _blocking(Py_ssize_t itemsize, int products) noexcept nogil:
+    if itemsize == sizeof(double):
+        return &bp_ctx.d.blk
+    return &bp_ctx.b.blk if products == BFLOAT16 else &bp_ctx.s.blk
 
 
 cdef inline Py_ssize_t _round_up(Py_ssize_t x, Py_ssize_t unit) noexcept nogil:
     return (x + unit - 1) // unit * unit
 
 
+cdef inline Py_ssize_t panel_bytes(const bp_blocking* blk, Py_ssize_t kc,
+                                   Py_ssize_t width) noexcept nogil:
+    """A packed panel of `width` columns (or rows) over kc values of k."""
+    return _round_up(kc, blk.k_unit) * width * blk.packed_bytes
+
+
 cdef inline GemmPlan plan_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads,
-                               Py_ssize_t itemsize) noexcept nogil:
+                               Py_ssize_t itemsize, int products) noexcept nogil:
     """How gemm() runs an m x n x k product of `itemsize`-byte elements on at most
     `n_threads` threads.  An empty product (m, n or k <= 0) has no workers."""
-    cdef const bp_blocking* blk = _blocking(itemsize)
+    cdef const bp_blocking* blk = _blocking(itemsize, products)
     cdef GemmPlan plan
     cdef Py_ssize_t n_kblocks, share, rows, cols
     memset(&plan, 0, sizeof(plan))
     if m <= 0 or n <= 0 or k <= 0:
         return plan
     n_kblocks = (k + blk.kc - 1) // blk.kc
-    plan.kc = (k + n_kblocks - 1) // n_kblocks
+    plan.kc = _round_up((k + n_kblocks - 1) // n_kblocks, blk.k_unit)
     # Split the longer side: the operand every share packs in full is then the smaller.
     plan.by_rows = m > n
     plan.units = (m + blk.mr - 1) // blk.mr if plan.by_rows else (n + blk.nr - 1) // blk.nr
@@ -138,40 +161,49 @@ cdef inline GemmPlan plan_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_t
     else:
         rows = min(blk.mc, _round_up(m, blk.mr))
         cols = min(blk.nc, share * blk.nr)
-    plan.a_elems = _round_up(rows * plan.kc, 64 // itemsize)  # B's panels start on a line
-    plan.slot_bytes = _round_up((plan.a_elems + plan.kc * cols) * itemsize, 64)
+    plan.a_bytes = _round_up(panel_bytes(blk, plan.kc, rows), 64)  # B's panels start on a line
+    plan.slot_bytes = _round_up(plan.a_bytes + panel_bytes(blk, plan.kc, cols), 64)
     return plan
 
 
 cdef inline Py_ssize_t gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                           int n_threads, Py_ssize_t itemsize) noexcept nogil:
-    """The scratch gemm() needs for this shape, element size and thread count: each share
-    packs only its own strip of C's operands, so the need per thread shrinks as the team
-    grows, and a team larger than the number of strips costs nothing more.  A caller
-    sizes one allocation as the maximum over all the products it will run."""
-    cdef GemmPlan plan = plan_gemm(m, n, k, n_threads, itemsize)
-    return plan.workers * plan.slot_bytes
+    """The scratch gemm() needs for this shape, element size and thread count, in either
+    kind of product (so a network's precision can change without planning again): each
+    share packs only its own strip of C's operands, so the need per thread shrinks as the
+    team grows, and a team larger than the number of strips costs nothing more.  A
+    caller sizes one allocation as the maximum over all the products it will run."""
+    cdef GemmPlan plan = plan_gemm(m, n, k, n_threads, itemsize, FLOAT32)
+    cdef GemmPlan rounded = plan_gemm(m, n, k, n_threads, itemsize, BFLOAT16)
+    return max(plan.workers * plan.slot_bytes, rounded.workers * rounded.slot_bytes)
 
 
 # ---- the per-level operations, chosen by element type
 
-cdef inline void _kernel(Py_ssize_t kc, const floating* a_panel, const floating* b_panel,
-                         floating* c, Py_ssize_t ldc, int rows, int cols, bint add) noexcept nogil:
+cdef inline void _kernel(int products, Py_ssize_t kc, const char* a_panel,
+                         const char* b_panel, floating* c, Py_ssize_t ldc, int rows, int cols,
+                         bint add) noexcept nogil:
     if floating is float:
-        bp_ctx.s.kernel(kc, a_panel, b_panel, c, ldc, rows, cols, add)
+        if products == BFLOAT16:
+            bp_ctx.b.kernel(kc, a_panel, b_panel, c, ldc, rows, cols, add)
+        else:
+            bp_ctx.s.kernel(kc, a_panel, b_panel, c, ldc, rows, cols, add)
     else:
         bp_ctx.d.kernel(kc, a_panel, b_panel, c, ldc, rows, cols, add)
 
 
-cdef inline void _pack(floating* dst, const floating* src, Py_ssize_t ld, bint k_contiguous,
-                       Py_ssize_t kc, int width, int valid) noexcept nogil:
-    """One micro-panel, dst[p * width + j] for p < kc, j < width (zero from `valid` on),
-    from src[j * ld + p] (k_contiguous) or src[p * ld + j]."""
+cdef inline void _pack(int products, char* dst, const floating* src, Py_ssize_t ld,
+                       bint k_contiguous, Py_ssize_t kc, int width, int valid) noexcept nogil:
+    """One micro-panel, element (p, j) for p < kc, j < width (zero from `valid` on), from
+    src[j * ld + p] (k_contiguous) or src[p * ld + j], in the layout of the product's
+    kernel (_gemm_kernels.h)."""
+    cdef const bp_sgemm_ops* ops
     if floating is float:
+        ops = &bp_ctx.b if products == BFLOAT16 else &bp_ctx.s
         if k_contiguous:
-            bp_ctx.s.pack_transpose(dst, src, ld, kc, width, valid)
+            ops.pack_transpose(dst, src, ld, kc, width, valid)
         else:
-            bp_ctx.s.pack_copy(dst, src, ld, kc, width, valid)
+            ops.pack_copy(dst, src, ld, kc, width, valid)
     else:
         if k_contiguous:
             bp_ctx.d.pack_transpose(dst, src, ld, kc, width, valid)
@@ -179,30 +211,36 @@ cdef inline void _pack(floating* dst, const floating* src, Py_ssize_t ld, bint k
             bp_ctx.d.pack_copy(dst, src, ld, kc, width, valid)
 
 
-cdef inline void pack_a(floating* dst, const floating* a, Py_ssize_t lda, bint trans_a,
-                        Py_ssize_t i0, Py_ssize_t p0, Py_ssize_t mc, Py_ssize_t kc,
-                        int MR) noexcept nogil:
-    """op(A)[i0:i0+mc, p0:p0+kc] as MR-tall micro-panels: dst[panel][p][i], zero-padded."""
-    cdef Py_ssize_t ir = 0
+cdef inline void pack_a(int products, char* dst, const floating* a, Py_ssize_t lda,
+                        bint trans_a, Py_ssize_t i0, Py_ssize_t p0, Py_ssize_t mc,
+                        Py_ssize_t kc) noexcept nogil:
+    """op(A)[i0:i0+mc, p0:p0+kc] as MR-tall micro-panels, zero-padded."""
+    cdef const bp_blocking* blk = _blocking(sizeof(floating), products)
+    cdef int MR = blk.mr
+    cdef Py_ssize_t step = panel_bytes(blk, kc, MR), ir = 0
     while ir < mc:
         if trans_a:      # op(A)[i, p] = a[p, i]: each p holds MR adjacent values
-            _pack(dst + ir * kc, a + p0 * lda + i0 + ir, lda, False, kc, MR, min(MR, mc - ir))
+            _pack(products, dst, a + p0 * lda + i0 + ir, lda, False, kc, MR, min(MR, mc - ir))
         else:            # A's rows are contiguous along p: transposed into the panel
-            _pack(dst + ir * kc, a + (i0 + ir) * lda + p0, lda, True, kc, MR, min(MR, mc - ir))
+            _pack(products, dst, a + (i0 + ir) * lda + p0, lda, True, kc, MR, min(MR, mc - ir))
         ir += MR
+        dst += step
 
 
-cdef inline void pack_b(floating* dst, const floating* b, Py_ssize_t ldb, bint trans_b,
-                        Py_ssize_t p0, Py_ssize_t j0, Py_ssize_t kc, Py_ssize_t nc,
-                        int NR) noexcept nogil:
-    """op(B)[p0:p0+kc, j0:j0+nc] as NR-wide micro-panels: dst[panel][p][j], zero-padded."""
-    cdef Py_ssize_t jr = 0
+cdef inline void pack_b(int products, char* dst, const floating* b, Py_ssize_t ldb,
+                        bint trans_b, Py_ssize_t p0, Py_ssize_t j0, Py_ssize_t kc,
+                        Py_ssize_t nc) noexcept nogil:
+    """op(B)[p0:p0+kc, j0:j0+nc] as NR-wide micro-panels, zero-padded."""
+    cdef const bp_blocking* blk = _blocking(sizeof(floating), products)
+    cdef int NR = blk.nr
+    cdef Py_ssize_t step = panel_bytes(blk, kc, NR), jr = 0
     while jr < nc:
         if trans_b:      # op(B)[p, j] = b[j, p] (a weight matrix stored (out, in))
-            _pack(dst + jr * kc, b + (j0 + jr) * ldb + p0, ldb, True, kc, NR, min(NR, nc - jr))
+            _pack(products, dst, b + (j0 + jr) * ldb + p0, ldb, True, kc, NR, min(NR, nc - jr))
         else:
-            _pack(dst + jr * kc, b + p0 * ldb + j0 + jr, ldb, False, kc, NR, min(NR, nc - jr))
+            _pack(products, dst, b + p0 * ldb + j0 + jr, ldb, False, kc, NR, min(NR, nc - jr))
         jr += NR
+        dst += step
 
 
 cdef inline void epilogue(floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t cols,
@@ -216,18 +254,18 @@ cdef inline void epilogue(floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize
         activate_tile(c, ldc, rows, cols, activation)
 
 
-cdef inline void gemm_block(const GemmPlan* plan, Py_ssize_t r0, Py_ssize_t r1,
+cdef inline void gemm_block(const GemmPlan* plan, int products, Py_ssize_t r0, Py_ssize_t r1,
                             Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                             const floating* a, Py_ssize_t lda, bint trans_a,
                             const floating* b, Py_ssize_t ldb, bint trans_b,
                             floating* c, Py_ssize_t ldc, bint accumulate,
                             const floating* bias, int activation, char* slot) noexcept nogil:
     """C[r0:r1, c0:c1] by the BLIS loop nest, packing into this share's scratch slot."""
-    cdef const bp_blocking* blk = _blocking(sizeof(floating))
+    cdef const bp_blocking* blk = _blocking(sizeof(floating), products)
     cdef int MR = blk.mr, NR = blk.nr
-    cdef floating* a_pack = <floating*>slot
-    cdef floating* b_pack = a_pack + plan.a_elems
-    cdef Py_ssize_t jc, pc, ic, jr, ir, nc, kc, mc, rows, cols
+    cdef char* a_pack = slot
+    cdef char* b_pack = slot + plan.a_bytes
+    cdef Py_ssize_t jc, pc, ic, jr, ir, nc, kc, mc, rows, cols, a_step, b_step
     cdef bint last
     jc = c0
     while jc < c1:
@@ -236,20 +274,22 @@ cdef inline void gemm_block(const GemmPlan* plan, Py_ssize_t r0, Py_ssize_t r1,
         while pc < k:
             kc = min(plan.kc, k - pc)
             last = pc + kc >= k
-            pack_b(b_pack, b, ldb, trans_b, pc, jc, kc, nc, NR)
+            a_step = panel_bytes(blk, kc, MR)
+            b_step = panel_bytes(blk, kc, NR)
+            pack_b(products, b_pack, b, ldb, trans_b, pc, jc, kc, nc)
             ic = r0
             while ic < r1:
                 mc = min(blk.mc, r1 - ic)
-                pack_a(a_pack, a, lda, trans_a, ic, pc, mc, kc, MR)
+                pack_a(products, a_pack, a, lda, trans_a, ic, pc, mc, kc)
                 jr = 0
                 while jr < nc:
                     cols = min(NR, nc - jr)
                     ir = 0
                     while ir < mc:
                         rows = min(MR, mc - ir)
-                        _kernel(kc, a_pack + ir * kc, b_pack + jr * kc,
-                                c + (ic + ir) * ldc + jc + jr, ldc, <int>rows, <int>cols,
-                                accumulate or pc > 0)
+                        _kernel(products, kc, a_pack + ir // MR * a_step,
+                                b_pack + jr // NR * b_step, c + (ic + ir) * ldc + jc + jr, ldc,
+                                <int>rows, <int>cols, accumulate or pc > 0)
                         if last:
                             epilogue(c + (ic + ir) * ldc + jc + jr, ldc, rows, cols,
                                      bias + jc + jr if bias != NULL else NULL, activation)
@@ -260,20 +300,20 @@ cdef inline void gemm_block(const GemmPlan* plan, Py_ssize_t r0, Py_ssize_t r1,
         jc += blk.nc
 
 
-cdef inline void gemm_share(const GemmPlan* plan, int share, Py_ssize_t m, Py_ssize_t n,
-                            Py_ssize_t k, const floating* a, Py_ssize_t lda, bint trans_a,
-                            const floating* b, Py_ssize_t ldb, bint trans_b,
+cdef inline void gemm_share(const GemmPlan* plan, int products, int share, Py_ssize_t m,
+                            Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
+                            bint trans_a, const floating* b, Py_ssize_t ldb, bint trans_b,
                             floating* c, Py_ssize_t ldc, bint accumulate,
                             const floating* bias, int activation, char* slot) noexcept nogil:
     """Share `share` of plan.workers: a run of whole strips, clamped to C (see
     _parallel.pxd); plan_gemm chose the count so that none is empty."""
-    cdef const bp_blocking* blk = _blocking(sizeof(floating))
+    cdef const bp_blocking* blk = _blocking(sizeof(floating), products)
     if plan.by_rows:
-        gemm_block(plan, part_start(m, share, plan.workers, blk.mr),
+        gemm_block(plan, products, part_start(m, share, plan.workers, blk.mr),
                    part_start(m, share + 1, plan.workers, blk.mr), 0, n, k, a, lda, trans_a,
                    b, ldb, trans_b, c, ldc, accumulate, bias, activation, slot)
     else:
-        gemm_block(plan, 0, m, part_start(n, share, plan.workers, blk.nr),
+        gemm_block(plan, products, 0, m, part_start(n, share, plan.workers, blk.nr),
                    part_start(n, share + 1, plan.workers, blk.nr), k, a, lda, trans_a,
                    b, ldb, trans_b, c, ldc, accumulate, bias, activation, slot)
 
@@ -346,10 +386,11 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                       const floating* a, Py_ssize_t lda, bint trans_a,
                       const floating* b, Py_ssize_t ldb, bint trans_b,
                       floating* c, Py_ssize_t ldc, bint accumulate,
-                      const floating* bias, int activation,
+                      const floating* bias, int activation, int products,
                       int n_threads, void* scratch) noexcept nogil:
     """C[m x n] (+)= op(A)[m x k] op(B)[k x n], row-major with leading dimensions
     lda/ldb/ldc; then C += bias (per column) and C = activation(C) elementwise.
+    `products`: FLOAT32, or BFLOAT16 (float only: the operands rounded to bfloat16).
 
     `scratch`: at least gemm_scratch_bytes(m, n, k, n_threads, sizeof(floating)) bytes,
     64-byte aligned, from the caller (a network allocates it once; nothing is allocated
@@ -358,6 +399,8 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
     cdef int tid, team, share, form
     cdef Py_ssize_t i
     cdef GemmPlan plan
+    if floating is double:
+        products = FLOAT32
     if m <= 0 or n <= 0:
         return
     if k <= 0:           # an empty sum: C keeps its value, or becomes 0
@@ -366,21 +409,23 @@ cdef inline void gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                 memset(c + i * ldc, 0, n * sizeof(floating))
         epilogue(c, ldc, m, n, bias, activation)
         return
-    form = skinny_form(m, n, k, trans_a, trans_b)
+    # (The unpacked loops multiply floats: bfloat16 products always take the tiles.)
+    form = skinny_form(m, n, k, trans_a, trans_b) if products == FLOAT32 else TILED
     if form != TILED:
         gemm_skinny(form, m, n, k, a, lda, trans_a, b, ldb, c, ldc, accumulate, bias,
                     activation, n_threads)
         return
-    plan = plan_gemm(m, n, k, n_threads, sizeof(floating))
+    plan = plan_gemm(m, n, k, n_threads, sizeof(floating), products)
     if plan.workers == 1:    # no parallel region at all: it costs microseconds to enter
-        gemm_share(&plan, 0, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, accumulate,
-                   bias, activation, <char*>scratch)
+        gemm_share(&plan, products, 0, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
+                   accumulate, bias, activation, <char*>scratch)
         return
     with parallel(num_threads=plan.workers):
         tid = threadid()
         team = bp_team_size()
         share = tid
         while share < plan.workers:
-            gemm_share(&plan, share, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
-                       accumulate, bias, activation, <char*>scratch + tid * plan.slot_bytes)
+            gemm_share(&plan, products, share, m, n, k, a, lda, trans_a, b, ldb, trans_b, c,
+                       ldc, accumulate, bias, activation,
+                       <char*>scratch + tid * plan.slot_bytes)
             share = share + team      # (not +=, which Cython reads as a reduction)

@@ -44,9 +44,10 @@ BP_AVX2 static void bp_skernel_avx2_full(ptrdiff_t k, const float *a, const floa
     BP_STORE_S(0) BP_STORE_S(1) BP_STORE_S(2) BP_STORE_S(3) BP_STORE_S(4) BP_STORE_S(5)
 }
 
-BP_AVX2 static void bp_skernel_avx2(ptrdiff_t k, const float *a, const float *b, float *c,
+BP_AVX2 static void bp_skernel_avx2(ptrdiff_t k, const void *a_, const void *b_, float *c,
                                     ptrdiff_t ldc, int rows, int cols, int add)
 {
+    const float *a = (const float *)a_, *b = (const float *)b_;
     if (rows == BP_AVX2_MR && cols == BP_AVX2_NR_FLOAT)
         bp_skernel_avx2_full(k, a, b, c, ldc, add);
     else
@@ -83,9 +84,10 @@ BP_AVX2 static void bp_dkernel_avx2_full(ptrdiff_t k, const double *a, const dou
     BP_STORE_D(0) BP_STORE_D(1) BP_STORE_D(2) BP_STORE_D(3) BP_STORE_D(4) BP_STORE_D(5)
 }
 
-BP_AVX2 static void bp_dkernel_avx2(ptrdiff_t k, const double *a, const double *b, double *c,
+BP_AVX2 static void bp_dkernel_avx2(ptrdiff_t k, const void *a_, const void *b_, double *c,
                                     ptrdiff_t ldc, int rows, int cols, int add)
 {
+    const double *a = (const double *)a_, *b = (const double *)b_;
     if (rows == BP_AVX2_MR && cols == BP_AVX2_NR_DOUBLE)
         bp_dkernel_avx2_full(k, a, b, c, ldc, add);
     else
@@ -97,9 +99,10 @@ BP_AVX2 static void bp_dkernel_avx2(ptrdiff_t k, const double *a, const double *
  * transposed in registers: 8 row loads, 24 shuffles, 8 stores, instead of 64 scalar
  * moves that each touch a different cache line.  Other widths, partial panels and the
  * k tail go to the portable loop. */
-BP_AVX2 static void bp_pack_transpose_s_avx2(float *dst, const float *src, ptrdiff_t ld,
+BP_AVX2 static void bp_pack_transpose_s_avx2(void *dst_, const float *src, ptrdiff_t ld,
                                              ptrdiff_t kc, int width, int valid)
 {
+    float *dst = (float *)dst_;
     if (width != 16 || valid != 16) {
         bp_pack_transpose_s_generic(dst, src, ld, kc, width, valid);
         return;

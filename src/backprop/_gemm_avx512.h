@@ -67,9 +67,19 @@ static inline __mmask8 bp_mask8(ptrdiff_t n)
         store(row + W, m1, c##i##1);                                                    \
     }
 
-BP_AVX512 static void bp_skernel_avx512(ptrdiff_t k, const float *a, const float *b,
+/* The eight rows of a float tile (this kernel's and the bfloat16 one's). */
+#define BP_STORE512_FLOAT_ROW(i)                                                        \
+    BP_STORE512(i, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
+#define BP_STORE512_FLOAT_TILE                                                          \
+    __mmask16 m0 = bp_mask16(cols), m1 = bp_mask16(cols - 16);                          \
+    BP_STORE512_FLOAT_ROW(0) BP_STORE512_FLOAT_ROW(1) BP_STORE512_FLOAT_ROW(2)          \
+    BP_STORE512_FLOAT_ROW(3) BP_STORE512_FLOAT_ROW(4) BP_STORE512_FLOAT_ROW(5)          \
+    BP_STORE512_FLOAT_ROW(6) BP_STORE512_FLOAT_ROW(7)
+
+BP_AVX512 static void bp_skernel_avx512(ptrdiff_t k, const void *a_, const void *b_,
                                         float *c, ptrdiff_t ldc, int rows, int cols, int add)
 {
+    const float *a = (const float *)a_, *b = (const float *)b_;
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
            c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00,
            c60 = c00, c61 = c00, c70 = c00, c71 = c00;
@@ -84,20 +94,13 @@ BP_AVX512 static void bp_skernel_avx512(ptrdiff_t k, const float *a, const float
         BP_KLOOP512(BP_ROW512, __m512 b0 = _mm512_loadu_ps(b);
                     __m512 b1 = _mm512_loadu_ps(b + 16);,
                     BP_AVX512_NR_FLOAT, _mm512_set1_ps, _mm512_fmadd_ps)
-    __mmask16 m0 = bp_mask16(cols), m1 = bp_mask16(cols - 16);
-    BP_STORE512(0, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
-    BP_STORE512(1, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
-    BP_STORE512(2, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
-    BP_STORE512(3, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
-    BP_STORE512(4, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
-    BP_STORE512(5, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
-    BP_STORE512(6, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
-    BP_STORE512(7, 16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps, _mm512_add_ps)
+    BP_STORE512_FLOAT_TILE
 }
 
-BP_AVX512 static void bp_dkernel_avx512(ptrdiff_t k, const double *a, const double *b,
+BP_AVX512 static void bp_dkernel_avx512(ptrdiff_t k, const void *a_, const void *b_,
                                         double *c, ptrdiff_t ldc, int rows, int cols, int add)
 {
+    const double *a = (const double *)a_, *b = (const double *)b_;
     __m512d c00 = _mm512_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
             c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00,
             c60 = c00, c61 = c00, c70 = c00, c71 = c00;
@@ -127,9 +130,10 @@ BP_AVX512 static void bp_dkernel_avx512(ptrdiff_t k, const double *a, const doub
 
 /* dst[p * width + j] = src[p * ld + j]: masked loads read only the valid columns and
  * zero the rest. */
-BP_AVX512 static void bp_pack_copy_s_avx512(float *dst, const float *src, ptrdiff_t ld,
+BP_AVX512 static void bp_pack_copy_s_avx512(void *dst_, const float *src, ptrdiff_t ld,
                                             ptrdiff_t kc, int width, int valid)
 {
+    float *dst = (float *)dst_;
     if (width == 32) {
         __mmask16 m0 = bp_mask16(valid), m1 = bp_mask16(valid - 16);
         for (ptrdiff_t p = 0; p < kc; p++, dst += 32, src += ld) {
@@ -145,9 +149,10 @@ BP_AVX512 static void bp_pack_copy_s_avx512(float *dst, const float *src, ptrdif
     }
 }
 
-BP_AVX512 static void bp_pack_copy_d_avx512(double *dst, const double *src, ptrdiff_t ld,
+BP_AVX512 static void bp_pack_copy_d_avx512(void *dst_, const double *src, ptrdiff_t ld,
                                             ptrdiff_t kc, int width, int valid)
 {
+    double *dst = (double *)dst_;
     if (width == 16 || width == 8) {
         __mmask8 m0 = bp_mask8(valid), m1 = bp_mask8(valid - 8);
         for (ptrdiff_t p = 0; p < kc; p++, dst += width, src += ld) {
@@ -256,9 +261,10 @@ BP_AVX512 static inline void bp_transpose8_pd(__m512d r[8])
 /* dst[p * width + j] = src[j * ld + p] for the float widths of this level (32: B
  * panels, 8: A panels), 16 k at a time; masked loads read the k tail and rows past
  * `valid` are zeros, so no element outside the operand is read. */
-BP_AVX512 static void bp_pack_transpose_s_avx512(float *dst, const float *src, ptrdiff_t ld,
+BP_AVX512 static void bp_pack_transpose_s_avx512(void *dst_, const float *src, ptrdiff_t ld,
                                                  ptrdiff_t kc, int width, int valid)
 {
+    float *dst = (float *)dst_;
     if (width == 32) {
         for (int g = 0; g < 2; g++) {        /* rows 16g.. of src: columns 16g.. of dst */
             const float *s = src + 16 * g * ld;
@@ -301,9 +307,10 @@ BP_AVX512 static void bp_pack_transpose_s_avx512(float *dst, const float *src, p
 }
 
 /* The same for doubles (widths 16 and 8), 8 k at a time. */
-BP_AVX512 static void bp_pack_transpose_d_avx512(double *dst, const double *src, ptrdiff_t ld,
+BP_AVX512 static void bp_pack_transpose_d_avx512(void *dst_, const double *src, ptrdiff_t ld,
                                                  ptrdiff_t kc, int width, int valid)
 {
+    double *dst = (double *)dst_;
     if (width != 16 && width != 8) {
         bp_pack_transpose_d_generic(dst, src, ld, kc, width, valid);
         return;

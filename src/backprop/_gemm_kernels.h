@@ -15,11 +15,13 @@
  * both packs zero the columns valid..width-1, so the kernel can run over whole tiles.
  *
  * Levels: "generic" (portable C, 6x16 / 6x8), "avx2+fma" (6x16 float / 6x8 double,
- * _gemm_avx2.h) and "avx512" (8x32 float / 8x16 double, _gemm_avx512.h).  The core is
- * compiled once per level (setup.py; backprop/_simd.py imports the build the CPU runs
- * best), and BACKPROP_BUILD_LEVEL says which build this is: bp_gemm_init() fills one
- * context (bp_ctx, as BLIS's context does) with that level's kernels and blocking, once,
- * at import.  MR, NR and the cache blocking differ per level and per element type, so
+ * _gemm_avx2.h) and "avx512" (8x32 float / 8x16 double, _gemm_avx512.h).  Each level
+ * has three tables: float products, bfloat16 products of float operands (_gemm_bf16.h:
+ * VDPBF16PS where the CPU has it, else emulated with the level's float kernel) and
+ * double products.  The core is compiled once per level (setup.py; backprop/_simd.py
+ * imports the build the CPU runs best), and BACKPROP_BUILD_LEVEL says which build this
+ * is: bp_gemm_init() fills one context (bp_ctx, as BLIS's context does) with that
+ * level's kernels and blocking, once, at import.  MR, NR and the cache blocking differ per level and per element type, so
  * the loop nest reads them from bp_ctx, never from compile-time constants.  The SIMD
  * kernels also carry `target` attributes, so the headers compile in every build.
  */
@@ -41,21 +43,26 @@
 #define BP_HAVE_X86_SIMD 1
 #endif
 
-typedef void (*bp_skernel_t)(ptrdiff_t k, const float *a, const float *b, float *c,
+/* Packed panels are opaque to the loop nest (void *): float or double elements, or, for
+ * bfloat16 products, pairs of bfloat16 values (see _gemm_bf16.h). */
+typedef void (*bp_skernel_t)(ptrdiff_t k, const void *a, const void *b, float *c,
                              ptrdiff_t ldc, int rows, int cols, int add);
-typedef void (*bp_dkernel_t)(ptrdiff_t k, const double *a, const double *b, double *c,
+typedef void (*bp_dkernel_t)(ptrdiff_t k, const void *a, const void *b, double *c,
                              ptrdiff_t ldc, int rows, int cols, int add);
-typedef void (*bp_spack_t)(float *dst, const float *src, ptrdiff_t ld, ptrdiff_t kc,
+typedef void (*bp_spack_t)(void *dst, const float *src, ptrdiff_t ld, ptrdiff_t kc,
                            int width, int valid);
-typedef void (*bp_dpack_t)(double *dst, const double *src, ptrdiff_t ld, ptrdiff_t kc,
+typedef void (*bp_dpack_t)(void *dst, const double *src, ptrdiff_t ld, ptrdiff_t kc,
                            int width, int valid);
 
-/* The tile and blocking of one element type at the chosen level.  kc: the largest k
+/* The tile and blocking of one kind of product at the chosen level.  kc: the largest k
  * block; mc (a multiple of mr): rows of A packed at once, sized for L2; nc (a multiple
- * of nr): columns of B packed at once, sized for a share of L3. */
+ * of nr): columns of B packed at once, sized for a share of L3.  A packed panel holds
+ * `packed_bytes`-byte elements and its k runs in steps of `k_unit` (2 for pairs of
+ * bfloat16: an odd k is padded with a zero). */
 typedef struct {
     int mr, nr;
     ptrdiff_t kc, mc, nc;
+    int packed_bytes, k_unit;
 } bp_blocking;
 
 typedef struct {
@@ -70,11 +77,18 @@ typedef struct {
     bp_dpack_t pack_copy, pack_transpose;
 } bp_dgemm_ops;
 
+/* s: float products; b: float operands rounded to bfloat16, products accumulated in
+ * float (bf16_name says how: "avx512_bf16" or "emulated"); d: double products. */
 typedef struct {
     const char *name;
     bp_sgemm_ops s;
+    bp_sgemm_ops b;
     bp_dgemm_ops d;
+    const char *bf16_name;
 } bp_context;
+
+/* Data/unified cache sizes in bytes by level (index 1..3), 0 where unknown. */
+typedef struct { long size[4]; } bp_caches;
 
 /* ------------------------------------------------------------------ portable level */
 
@@ -82,9 +96,10 @@ typedef struct {
  * with whatever the baseline ISA offers. */
 #define BP_GENERIC_MR 6
 #define BP_GENERIC_KERNEL(name, T, NR)                                                  \
-    static void name(ptrdiff_t k, const T *a, const T *b, T *c, ptrdiff_t ldc,          \
+    static void name(ptrdiff_t k, const void *a_, const void *b_, T *c, ptrdiff_t ldc,  \
                      int rows, int cols, int add)                                       \
     {                                                                                   \
+        const T *a = (const T *)a_, *b = (const T *)b_;                                 \
         T acc[BP_GENERIC_MR][NR];                                                       \
         memset(acc, 0, sizeof(acc));                                                    \
         for (ptrdiff_t p = 0; p < k; p++, a += BP_GENERIC_MR, b += NR)                  \
@@ -100,9 +115,10 @@ BP_GENERIC_KERNEL(bp_skernel_generic, float, 16)
 BP_GENERIC_KERNEL(bp_dkernel_generic, double, 8)
 
 #define BP_GENERIC_PACKS(T, sfx)                                                        \
-    static void bp_pack_copy_##sfx(T *dst, const T *src, ptrdiff_t ld, ptrdiff_t kc,    \
+    static void bp_pack_copy_##sfx(void *dst_, const T *src, ptrdiff_t ld, ptrdiff_t kc, \
                                    int width, int valid)                                \
     {                                                                                   \
+        T *dst = (T *)dst_;                                                             \
         for (ptrdiff_t p = 0; p < kc; p++, dst += width, src += ld) {                   \
             int j = 0;                                                                  \
             for (; j < valid; j++) dst[j] = src[j];                                     \
@@ -110,9 +126,10 @@ BP_GENERIC_KERNEL(bp_dkernel_generic, double, 8)
         }                                                                               \
     }                                                                                   \
     /* Reads `valid` rows of src as parallel streams, writes dst in order. */          \
-    static void bp_pack_transpose_##sfx(T *dst, const T *src, ptrdiff_t ld, ptrdiff_t kc,\
-                                        int width, int valid)                           \
+    static void bp_pack_transpose_##sfx(void *dst_, const T *src, ptrdiff_t ld,          \
+                                        ptrdiff_t kc, int width, int valid)             \
     {                                                                                   \
+        T *dst = (T *)dst_;                                                             \
         for (ptrdiff_t p = 0; p < kc; p++, dst += width) {                              \
             int j = 0;                                                                  \
             for (; j < valid; j++) dst[j] = src[j * ld + p];                            \
@@ -139,30 +156,67 @@ BP_GENERIC_PACKS(double, d_generic)
 #include "_gemm_avx2.h"
 #include "_gemm_avx512.h"
 #endif
+#include "_gemm_bf16.h"
+
+static bp_context bp_ctx;        /* written once by bp_gemm_init, read-only afterwards */
+static bp_caches bp_ctx_caches;  /* what the blocking was computed from */
+
+/* Emulated bfloat16 products: this level's float packs, then the panel rounded in place
+ * (it is still in L1), for this level's float kernel. */
+static void bp_pack_copy_rounded(void *dst, const float *src, ptrdiff_t ld, ptrdiff_t kc,
+                                 int width, int valid)
+{
+    bp_ctx.s.pack_copy(dst, src, ld, kc, width, valid);
+    bp_round_to_bf16((float *)dst, kc * width);
+}
+
+static void bp_pack_transpose_rounded(void *dst, const float *src, ptrdiff_t ld,
+                                      ptrdiff_t kc, int width, int valid)
+{
+    bp_ctx.s.pack_transpose(dst, src, ld, kc, width, valid);
+    bp_round_to_bf16((float *)dst, kc * width);
+}
 
 /* ------------------------------------------------------------------ the levels */
 
 enum { BP_LEVEL_GENERIC = 0, BP_LEVEL_AVX2 = 1, BP_LEVEL_AVX512 = 2 };
 
+/* Each level's float products, its emulated bfloat16 products (bp_gemm_init puts the
+ * native ones in their place where the CPU has them) and its double products. */
+#define BP_FLOAT_OPS(MR, NR, kernel, copy, transpose)                                   \
+    {{MR, NR, 0, 0, 0, sizeof(float), 1}, kernel, copy, transpose},                     \
+    {{MR, NR, 0, 0, 0, sizeof(float), 1}, kernel, bp_pack_copy_rounded,                 \
+     bp_pack_transpose_rounded}
+
 static const bp_context bp_levels[] = {
     {"generic",
-     {{BP_GENERIC_MR, 16, 0, 0, 0}, bp_skernel_generic, bp_pack_copy_s_generic,
-      bp_pack_transpose_s_generic},
-     {{BP_GENERIC_MR, 8, 0, 0, 0}, bp_dkernel_generic, bp_pack_copy_d_generic,
-      bp_pack_transpose_d_generic}},
+     BP_FLOAT_OPS(BP_GENERIC_MR, 16, bp_skernel_generic, bp_pack_copy_s_generic,
+                  bp_pack_transpose_s_generic),
+     {{BP_GENERIC_MR, 8, 0, 0, 0, sizeof(double), 1}, bp_dkernel_generic,
+      bp_pack_copy_d_generic, bp_pack_transpose_d_generic},
+     "emulated"},
 #ifdef BP_HAVE_X86_SIMD
     {"avx2+fma",
-     {{BP_AVX2_MR, BP_AVX2_NR_FLOAT, 0, 0, 0}, bp_skernel_avx2, bp_pack_copy_s_generic,
-      bp_pack_transpose_s_avx2},
-     {{BP_AVX2_MR, BP_AVX2_NR_DOUBLE, 0, 0, 0}, bp_dkernel_avx2, bp_pack_copy_d_generic,
-      bp_pack_transpose_d_generic}},
+     BP_FLOAT_OPS(BP_AVX2_MR, BP_AVX2_NR_FLOAT, bp_skernel_avx2, bp_pack_copy_s_generic,
+                  bp_pack_transpose_s_avx2),
+     {{BP_AVX2_MR, BP_AVX2_NR_DOUBLE, 0, 0, 0, sizeof(double), 1}, bp_dkernel_avx2,
+      bp_pack_copy_d_generic, bp_pack_transpose_d_generic},
+     "emulated"},
     {"avx512",
-     {{BP_AVX512_MR, BP_AVX512_NR_FLOAT, 0, 0, 0}, bp_skernel_avx512, bp_pack_copy_s_avx512,
-      bp_pack_transpose_s_avx512},
-     {{BP_AVX512_MR, BP_AVX512_NR_DOUBLE, 0, 0, 0}, bp_dkernel_avx512, bp_pack_copy_d_avx512,
-      bp_pack_transpose_d_avx512}},
+     BP_FLOAT_OPS(BP_AVX512_MR, BP_AVX512_NR_FLOAT, bp_skernel_avx512, bp_pack_copy_s_avx512,
+                  bp_pack_transpose_s_avx512),
+     {{BP_AVX512_MR, BP_AVX512_NR_DOUBLE, 0, 0, 0, sizeof(double), 1}, bp_dkernel_avx512,
+      bp_pack_copy_d_avx512, bp_pack_transpose_d_avx512},
+     "emulated"},
 #endif
 };
+
+#ifdef BP_HAVE_X86_SIMD
+/* The native bfloat16 products of the AVX-512 level (_gemm_bf16.h). */
+static const bp_sgemm_ops bp_bf16_native = {
+    {BP_AVX512_MR, BP_AVX512_NR_FLOAT, 0, 0, 0, sizeof(uint16_t), 2},
+    bp_bkernel_avx512, bp_pack_copy_b_avx512, bp_pack_transpose_b_avx512};
+#endif
 
 /* The best level this CPU (and its OS, which must save the wider registers) runs. */
 static int bp_cpu_level(void)
@@ -180,6 +234,20 @@ static int bp_cpu_level(void)
     return BP_LEVEL_GENERIC;
 }
 
+/* Whether this CPU has VDPBF16PS (and the rest of the AVX-512 level); the environment
+ * variable BACKPROP_BF16=emulated turns the native kernels off (to compare the two). */
+static int bp_cpu_has_bf16(void)
+{
+#ifdef BP_HAVE_X86_SIMD
+    const char *choice = getenv("BACKPROP_BF16");
+    if (choice != NULL && strcmp(choice, "emulated") == 0)
+        return 0;
+    return bp_cpu_level() >= BP_LEVEL_AVX512 && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
 /* The level this build was compiled for: 0 generic, 1 avx2+fma, 2 avx512 (setup.py). */
 #ifndef BACKPROP_BUILD_LEVEL
 #define BACKPROP_BUILD_LEVEL BP_LEVEL_GENERIC
@@ -187,8 +255,6 @@ static int bp_cpu_level(void)
 
 /* ------------------------------------------------------------------ cache blocking */
 
-/* Data/unified cache sizes in bytes by level (index 1..3), 0 where unknown. */
-typedef struct { long size[4]; } bp_caches;
 
 /* "32K", "1024K", "32M" or a plain byte count, as Linux's sysfs writes them. */
 static long bp_parse_size(const char *text)
@@ -294,16 +360,13 @@ static bp_blocking bp_blocking_for(bp_blocking blk, int level, size_t size, bp_c
         mc = c.size[2] * 3 / 16 / (kc * 4);
         nc = 2048;
     }
-    blk.kc = kc;
+    blk.kc = kc / blk.k_unit * blk.k_unit;
     blk.mc = bp_clamp(mc / blk.mr * blk.mr, blk.mr, 32 * blk.mr);
     blk.nc = nc / blk.nr * blk.nr;
     return blk;
 }
 
 /* ------------------------------------------------------------------ the context */
-
-static bp_context bp_ctx;        /* written once by bp_gemm_init, read-only afterwards */
-static bp_caches bp_ctx_caches;  /* what the blocking was computed from */
 
 /* Called once at import, before any thread exists.  Returns -1 (and changes nothing)
  * when the CPU lacks the instructions this build was compiled with. */
@@ -315,12 +378,21 @@ static int bp_gemm_init(void)
     bp_ctx = bp_levels[level];
     bp_ctx_caches = bp_sane_caches(bp_detect_caches());
     long n_cpus = bp_online_cpus();
+#ifdef BP_HAVE_X86_SIMD
+    if (level == BP_LEVEL_AVX512 && bp_cpu_has_bf16()) {
+        bp_ctx.b = bp_bf16_native;
+        bp_ctx.bf16_name = "avx512_bf16";
+    }
+#endif
     bp_ctx.s.blk = bp_blocking_for(bp_ctx.s.blk, level, sizeof(float), bp_ctx_caches, n_cpus);
+    bp_ctx.b.blk = bp_blocking_for(bp_ctx.b.blk, level, bp_ctx.b.blk.packed_bytes,
+                                   bp_ctx_caches, n_cpus);
     bp_ctx.d.blk = bp_blocking_for(bp_ctx.d.blk, level, sizeof(double), bp_ctx_caches, n_cpus);
     return 0;
 }
 
 static const char *bp_gemm_kernel_name(void) { return bp_ctx.name; }
+static const char *bp_bf16_kernel_name(void) { return bp_ctx.bf16_name; }
 
 static inline int bp_team_size(void)
 {

@@ -127,6 +127,7 @@ cdef struct Tape:
     uint64_t passes          # train-mode forward passes so far (Dropout's counter)
     uint64_t row_offset      # the batch's first row in a global batch (Dropout's row numbers)
     void* scratch            # 64-byte aligned, as large as the largest kind's need
+    int products             # what the products multiply (_gemm.pxd's Products)
     # the loss
     char* target             # float targets, batch x output size (row stride ldt)
     Py_ssize_t ldt

@@ -357,6 +357,7 @@ cdef struct Sequences:
     void* dx              # backward: dL/dx, or NULL when not wanted
     Py_ssize_t ld_x, ld_y, ld_kept, ld_dy, ld_dx
     bint accumulate_dx    # add to dx (another record, or the other direction, wrote it)
+    int products          # the network's products (Tape.products)
 
 
 cdef inline void direction_forward(floating* kind, const Shape* s, const Sequences* q,
@@ -378,7 +379,7 @@ cdef inline void direction_forward(floating* kind, const Shape* s, const Sequenc
     # 1. Every step's input projection, into the kept values (the RNN's: its output).
     gemm(batch * T, s.gates, n_in, <const floating*>q.x, q.ld_x, False, w_ih, n_in, True,
          kept if kept != NULL else y, q.ld_kept if kept != NULL else q.ld_y, False, b_ih,
-         IDENTITY, nt, part.gemm)
+         IDENTITY, q.products, nt, part.gemm)
     st.hidden, st.nonlinearity = H, s.nonlinearity
     st.ld_kept, st.ld_h, st.ld_gh = T * q.ld_kept, T * q.ld_y, s.gates
     st.gh = gh
@@ -392,14 +393,14 @@ cdef inline void direction_forward(floating* kind, const Shape* s, const Sequenc
             # W_hh h' + b_hh apart: r multiplies its n part.
             if k > 0:
                 gemm(batch, s.gates, H, y + before * q.ld_y, T * q.ld_y, False, w_hh, H, True,
-                     gh, s.gates, False, b_hh, IDENTITY, nt, part.gemm)
+                     gh, s.gates, False, b_hh, IDENTITY, q.products, nt, part.gemm)
             else:               # h' = 0: b_hh alone
                 memset(gh, 0, batch * s.gates * sizeof(floating))
                 epilogue(gh, s.gates, batch, s.gates, b_hh, IDENTITY)
         elif k > 0:
             gemm(batch, s.gates, H, y + before * q.ld_y, T * q.ld_y, False, w_hh, H, True,
                  pre, ld_pre, True, b_hh, s.nonlinearity if s.cell == CELL_RNN else IDENTITY,
-                 nt, part.gemm)
+                 q.products, nt, part.gemm)
         else:
             epilogue(pre, ld_pre, batch, s.gates, b_hh,
                      s.nonlinearity if s.cell == CELL_RNN else IDENTITY)
@@ -472,10 +473,10 @@ cdef inline void direction_backward(floating* kind, const Shape* s, const Sequen
         step(kind, True, &st, s.cell, batch, s.gates, nt)
         if k < T - 1:       # dL/dh' (the GRU's already holds z dL/dh)
             gemm(batch, H, s.gates, d_hid + t * s.gates, T * s.gates, False, w_hh, H, False,
-                 <floating*>part.dh, H, s.cell == CELL_GRU, NULL, IDENTITY, nt, part.gemm)
+                 <floating*>part.dh, H, s.cell == CELL_GRU, NULL, IDENTITY, q.products, nt, part.gemm)
     # Every step at once.
     gemm(s.gates, n_in, rows, d_in, s.gates, True, <const floating*>q.x, q.ld_x, False, dw_ih,
-         n_in, True, NULL, IDENTITY, nt, part.gemm)
+         n_in, True, NULL, IDENTITY, q.products, nt, part.gemm)
     if s.bias:
         add_column_sums(d_in, s.gates, rows, s.gates, db_ih, nt)
         add_column_sums(d_hid, s.gates, rows, s.gates, db_hh, nt)
@@ -488,10 +489,10 @@ cdef inline void direction_backward(floating* kind, const Shape* s, const Sequen
             hi = part_start(batch, tt + 1, team, 1)
             _previous_states(kind, y, q.ld_y, previous, T, H, d, lo, hi)
     gemm(s.gates, H, rows, d_hid, s.gates, True, previous, H, False, dw_hh, H, True, NULL,
-         IDENTITY, nt, part.gemm)
+         IDENTITY, q.products, nt, part.gemm)
     if q.dx != NULL:
         gemm(rows, n_in, s.gates, d_in, s.gates, False, w_ih, n_in, False, <floating*>q.dx,
-             q.ld_dx, q.accumulate_dx or d > 0, NULL, IDENTITY, nt, part.gemm)
+             q.ld_dx, q.accumulate_dx or d > 0, NULL, IDENTITY, q.products, nt, part.gemm)
 
 
 # ---- the whole stack
@@ -513,6 +514,7 @@ cdef inline void layer_sequences(floating* kind, const Shape* s, const Op* op, c
     else:
         q.y, q.ld_y = outputs_of(saved, s, t.capacity, l), width
     q.kept, q.ld_kept = kept_of(saved, s, t.capacity, l), s.directions * s.kept
+    q.products = t.products
 
 
 # ---- the kind's kernels (see _ops.pxd): parameter 0 = weight_ih_l0, from which every

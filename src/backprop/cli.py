@@ -87,6 +87,12 @@ def read_csv(path, option):
     return data
 
 
+def _precision(net):
+    if net.precision == "float32":
+        return ""
+    return f"products in {net.precision} ({bp.bfloat16_kernel()}), "
+
+
 def features(X, name, dtype, sample_shape=None):
     """X in `dtype`, if it is a non-empty array of finite real numbers that `dtype` can
     hold, one sample per row: of shape (samples, *sample_shape), or (samples, features)
@@ -190,6 +196,9 @@ def build_parser():
                        help="Dropout with probability P after each hidden layer")
     train.add_argument("--optimizer", default="Adam", choices=sorted(OPTIMIZERS))
     train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                       help="what the layers' products multiply: bfloat16 is mixed "
+                            "precision (float32 weights and sums), as torch.autocast")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--test-size", type=float, default=0.2)
@@ -269,11 +278,12 @@ def train(args):
             shape = "-".join(map(str, sizes))
         X_train, X_test, y_train, y_test = train_test(X, y, args)
         net = bp.Network(layers, loss="cross_entropy", input_shape=X.shape[1:],
-                         optimizer=OPTIMIZERS[args.optimizer](lr=args.lr), seed=args.seed)
+                         optimizer=OPTIMIZERS[args.optimizer](lr=args.lr), seed=args.seed,
+                         precision=args.precision)
     if rank0:
         processes = f"{comm.size} processes x " if comm else ""
         print(f"backprop: {args.dataset}, {len(X_train)} training / {len(X_test)} test samples, "
-              f"network {shape}, {args.optimizer} lr={args.lr}, "
+              f"network {shape}, {args.optimizer} lr={args.lr}, {_precision(net)}"
               f"{processes}{bp.get_num_threads()} threads", file=sys.stderr)
     started = time.perf_counter()
     history = net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size,

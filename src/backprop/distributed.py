@@ -53,7 +53,7 @@ import zlib
 import numpy as np
 
 from backprop import training
-from backprop._core import get_num_threads, simd_kernel
+from backprop._core import bfloat16_kernel, get_num_threads, simd_kernel
 from backprop.record import network_config
 from backprop.progress import Progress, wanted
 
@@ -187,7 +187,9 @@ def fail_together(comm, where):
 # What to do when a fact differs, where "call fit with the same ..." is not the answer.
 _REMEDIES = {"SIMD level": "the ranks' builds of the core round differently, so their "
                            "weights would drift apart: run every rank at the same level "
-                           "(set the same BACKPROP_SIMD everywhere, e.g. generic)"}
+                           "(set the same BACKPROP_SIMD everywhere, e.g. generic)",
+             "bfloat16 products": "native and emulated bfloat16 products sum in different "
+                                  "orders: set BACKPROP_BF16=emulated on every rank"}
 
 
 def _same_everywhere(comm, facts, what):
@@ -212,7 +214,8 @@ def _checksum(array):
 def _fingerprint(net, X, y, validation_data, settings):
     """What every rank must agree on before training: the arguments, the shapes, a sample
     of the data (64 rows spread over it: cheap even for a memory-mapped dataset), the
-    build's SIMD level (levels round differently), the architecture and dtype, the
+    build's SIMD level (levels round differently) and, in bfloat16, whether its products
+    are native or emulated, the architecture, dtype and precision, the
     weights, the optimizer (hyperparameters, step count, state) and the shuffling RNG."""
     sample = slice(None, None, max(1, len(X) // 64))
     facts = {key: repr(value) for key, value in settings.items()}
@@ -222,6 +225,7 @@ def _fingerprint(net, X, y, validation_data, settings):
         "validation data": None if validation_data is None else
             tuple((np.shape(a), _checksum(np.asarray(a)[sample])) for a in validation_data),
         "SIMD level": simd_kernel(),
+        "bfloat16 products": bfloat16_kernel() if net.precision == "bfloat16" else None,
         "dtype": net.dtype.name,
         "architecture": json.dumps(network_config(net), sort_keys=True),
         "weights": _checksum(net.params),

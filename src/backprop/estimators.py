@@ -40,8 +40,9 @@ weights are all zero is skipped; a minibatch step that would make the weights no
 is refused (the weights stay the last finite ones), and an L-BFGS fit that reaches weights
 where the loss overflows raises with its starting weights.  scikit-learn's private state
 (``_optimizer``, its scratch lists) does not exist: ``network_`` holds the network and its
-optimizer.  Extras: ``dtype``, ``n_threads``, ``batch_norm`` (batch normalisation after
-each hidden Dense layer) and ``dropout``.
+optimizer.  Extras: ``dtype``, ``precision`` ("bfloat16": mixed precision, see
+``Network``; it trains in float32), ``n_threads``, ``batch_norm`` (batch normalisation
+after each hidden Dense layer) and ``dropout``.
 
 scikit-learn is optional.  When it is installed (version 1.6 or later) the estimators
 derive from its ``BaseEstimator`` and validate input with ``sklearn.utils.validation``,
@@ -356,7 +357,8 @@ class _BaseMLP(BaseEstimator):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype=None, n_threads=None, batch_norm=False, dropout=0.0):
+                 dtype=None, precision="float32", n_threads=None, batch_norm=False,
+                 dropout=0.0):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -381,6 +383,7 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
         self.dtype = dtype
+        self.precision = precision
         self.n_threads = n_threads
         self.batch_norm = batch_norm
         self.dropout = dropout
@@ -404,6 +407,11 @@ class _BaseMLP(BaseEstimator):
         if self.dtype is not None:
             _check_choice(owner, "dtype", str(np.dtype(self.dtype)) if self.dtype in
                           (np.float32, np.float64) else self.dtype, {"float32", "float64"})
+        _check_choice(owner, "precision", self.precision, {"float32", "bfloat16"})
+        if self.precision == "bfloat16" and self.dtype is not None \
+                and str(np.dtype(self.dtype)) != "float32":
+            raise ValueError(f"{owner}: precision='bfloat16' trains in float32, but "
+                             f"dtype={self.dtype!r}")
         self._hidden_sizes()
         if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
             check(owner, "batch_size", self.batch_size, 1, None, integer=True)
@@ -468,7 +476,8 @@ class _BaseMLP(BaseEstimator):
         else:
             optimizer = Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2),
                              eps=self.epsilon)
-        net = Network(layers, loss=loss, optimizer=optimizer, dtype=dtype, seed=seed)
+        net = Network(layers, loss=loss, optimizer=optimizer, dtype=dtype, seed=seed,
+                      precision=self.precision)
         if rs is not None:
             # Glorot & Bengio's uniform bound, with factor 2 instead of 6 for the logistic
             # function, for the weights and the intercepts alike (scikit-learn's _init_coef).
@@ -587,6 +596,7 @@ class _BaseMLP(BaseEstimator):
             if self.early_stopping and self.solver != "lbfgs":
                 # after the weights: scikit-learn's order of draws
                 X, Y, sample_weight, validation = self._split_validation(X, Y, sample_weight, rs)
+            self.network_.precision = self.precision    # (a partial_fit after set_params)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(saved)
@@ -947,13 +957,14 @@ class _BaseMLP(BaseEstimator):
     def _validate_X_y(self, X, y, reset, y_numeric):
         """X in the precision training runs in, and y.  That precision is scikit-learn's
         rule, X's own (validation makes anything but float32 float64), unless ``dtype``
-        forces one; partial_fit and warm starts go on in the network's."""
+        forces one or ``precision='bfloat16'`` (which trains in float32); partial_fit and
+        warm starts go on in the network's."""
         X, y = validate_data(self, X, y, accept_sparse=["csr"], multi_output=True,
                              y_numeric=y_numeric, dtype=(np.float64, np.float32), reset=reset)
         if not reset:
             X = X.astype(self.network_.dtype, copy=False)
-        elif self.dtype is not None:
-            X = X.astype(self.dtype, copy=False)
+        elif self.dtype is not None or self.precision == "bfloat16":
+            X = X.astype(self.dtype or np.float32, copy=False)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         return X, y
@@ -985,6 +996,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         Precision of the network and of training.  None is scikit-learn's rule: X's
         precision, float32 or float64 (any other input becomes float64).  A warm start
         or partial_fit goes on in the precision of the network it continues.
+    precision : {'float32', 'bfloat16'}, default='float32'
+        What the layers' products multiply: 'bfloat16' is mixed precision (operands
+        rounded to bfloat16, sums and weights in float32; see ``backprop.Network``), and
+        trains in float32.
     n_threads : int or None, default=None
         Threads for backprop's kernels during fit and predict (process-wide while they
         run); None leaves ``backprop.set_num_threads`` / ``OMP_NUM_THREADS`` in charge.
@@ -1150,7 +1165,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype=None, n_threads=None, batch_norm=False, dropout=0.0):
+                 dtype=None, precision="float32", n_threads=None, batch_norm=False,
+                 dropout=0.0):
         self.loss = loss
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
@@ -1160,8 +1176,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             warm_start=warm_start, momentum=momentum, nesterovs_momentum=nesterovs_momentum,
             early_stopping=early_stopping, validation_fraction=validation_fraction,
             beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, n_iter_no_change=n_iter_no_change,
-            max_fun=max_fun, dtype=dtype, n_threads=n_threads, batch_norm=batch_norm,
-            dropout=dropout)
+            max_fun=max_fun, dtype=dtype, precision=precision, n_threads=n_threads,
+            batch_norm=batch_norm, dropout=dropout)
 
     def _check_params(self):
         _check_choice(type(self).__name__, "loss", self.loss, {"squared_error", "poisson"})

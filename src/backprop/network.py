@@ -7,11 +7,12 @@ few arrays, and the compiled Engine needs only three pointers.  ``plan.py`` lays
 layers out; ``record.py`` turns a network into plain data and back (checkpoints,
 pickling, copies).
 """
+import contextlib
 import math
 
 import numpy as np
 
-from backprop._core import Engine
+from backprop._core import PRECISIONS, Engine
 from backprop import losses, plan as planner, record, training
 from backprop.optim import Adam, Optimizer
 
@@ -26,6 +27,14 @@ def _dtype(dtype):
     if name not in DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return np.dtype(name)
+
+
+def _check_precision(precision, dtype):
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "bfloat16" and dtype != np.float32:
+        raise ValueError(f"precision='bfloat16' is for float32 networks; this one is {dtype.name} "
+                         "(its products are float64)")
 
 
 def _views(plan, params, grads, buffers):
@@ -78,6 +87,17 @@ class Network:
         gradients come from ``backward(grad_output=...)``.
     optimizer : Optimizer, default Adam()
     dtype : {"float32", "float64"}
+    precision : {"float32", "bfloat16"}
+        What the products of Dense, convolution and recurrent layers multiply, forward and
+        backward.  "bfloat16" is mixed precision as ``torch.autocast("cpu",
+        dtype=torch.bfloat16)`` and Keras's ``mixed_bfloat16`` policy do it: each operand
+        rounded to bfloat16 as the product packs it, the products summed in float32; the
+        weights (and the optimizer's updates), activations, normalisations and losses stay
+        float32, and no loss scaling is needed (bfloat16 has float32's exponent range).
+        About twice as fast where the CPU has AVX512_BF16 (``bp.bfloat16_kernel()``
+        says "avx512_bf16"), emulated (same numbers, no faster) elsewhere.  float32
+        networks only.  ``net.precision`` can be reassigned, or changed for a block
+        with ``net.autocast()``.
     seed : int or None
         Seeds the weight initialisation, the shuffling in ``fit`` and the dropout masks.
     input_shape : tuple of int, optional
@@ -100,14 +120,15 @@ class Network:
     """
 
     def __init__(self, layers, loss=None, optimizer=None, dtype="float32", seed=None,
-                 input_shape=None):
+                 input_shape=None, precision="float32"):
         self._build(list(layers), loss, optimizer, dtype, seed, initialise=True,
-                    input_shape=input_shape)
+                    input_shape=input_shape, precision=precision)
 
     def _build(self, layers, loss, optimizer, dtype, seed, initialise, key_seed=None,
-               input_shape=None):
+               input_shape=None, precision="float32"):
         declared = losses.get(loss)
         dtype = _dtype(dtype)
+        _check_precision(precision, dtype)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                                  or not 0 <= seed < 2 ** 63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
@@ -147,6 +168,7 @@ class Network:
             if kept[id(layer)] is None:
                 buffers[offset:offset + math.prod(shape)] = value
         engine = Engine(plan, declared, params, grads, buffers)
+        engine.precision = precision
         optimizer.bind(params.size, dtype, owner=self)
 
         self._layers = tuple(layers)
@@ -196,6 +218,29 @@ class Network:
         optimizer.bind(self.params.size, self.dtype, owner=self)
         self._optimizer, old = optimizer, self._optimizer
         old._detach()
+
+    @property
+    def precision(self):
+        """What the products multiply: "float32" or "bfloat16" (see the class docstring).
+        Assigning switches from the next pass (the weights stay float32)."""
+        return self._engine.precision
+
+    @precision.setter
+    def precision(self, precision):
+        _check_precision(precision, self.dtype)
+        self._engine.precision = precision
+
+    @contextlib.contextmanager
+    def autocast(self, dtype="bfloat16"):
+        """``with net.autocast():`` runs the block's passes with their products in
+        bfloat16 (or `dtype`), as ``torch.autocast("cpu", dtype=torch.bfloat16)`` does
+        for a PyTorch model, and restores the precision the network had on exit."""
+        before = self.precision
+        self.precision = dtype
+        try:
+            yield self
+        finally:
+            self.precision = before
 
     @property
     def input_shape(self):
@@ -429,5 +474,6 @@ class Network:
 
     def __repr__(self):
         inner = ",\n  ".join(repr(layer) for layer in self.layers)
+        precision = "" if self.precision == "float32" else f", precision={self.precision!r}"
         return (f"Network([\n  {inner}],\n  loss={self.loss!r}, optimizer={self.optimizer!r}, "
-                f"dtype={self.dtype.name!r})")
+                f"dtype={self.dtype.name!r}{precision})")

@@ -3,7 +3,8 @@
 A record is a JSON-able ``header`` and a few flat arrays:
 
 * ``header``: ``{"format": "backprop-checkpoint", "version": 3,
-  "network": {"layers": [{"type", "config"}, ...], "loss", "dtype", "seed", "input_shape"},
+  "network": {"layers": [{"type", "config"}, ...], "loss", "dtype", "seed", "input_shape",
+  "precision"},
   "state": {"training", "dropout_seed", "passes", "epoch"},
   "optimizer": {"name", "hyperparameters", "step"}, "rng": <numpy bit-generator state>,
   "history": {...}}``
@@ -13,7 +14,8 @@ A record is a JSON-able ``header`` and a few flat arrays:
 Every field of a header is checked for type and range, and the arrays a header implies
 are worked out from the architecture alone, before anything is allocated or read (see
 ``checkpoint.py``).  Saving runs the same checks first, so a file ``save`` writes is
-always one ``load`` accepts.  Version 1 files (Dense-only networks, no buffers or
+always one ``load`` accepts.  "precision" (what the products multiply: "float32" or
+"bfloat16") may be absent: float32, as in the files written before it existed.  Version 1 files (Dense-only networks, no buffers or
 state) and version 2 files (no input shape: the first layer fixes it) are still read.
 """
 import contextlib
@@ -23,6 +25,7 @@ import math
 import numpy as np
 
 from backprop import checkpoint
+from backprop._core import PRECISIONS
 from backprop.layers import from_config, to_config
 from backprop.losses import LOSSES
 from backprop.optim import OPTIMIZERS
@@ -41,7 +44,8 @@ class RecordError(ValueError):
 
 def network_config(net):
     return {"layers": [to_config(layer) for layer in net.layers], "loss": net.loss,
-            "dtype": net.dtype.name, "seed": net.seed, "input_shape": list(net.input_shape)}
+            "dtype": net.dtype.name, "seed": net.seed, "input_shape": list(net.input_shape),
+            "precision": net.precision}
 
 
 def to_record(net):
@@ -144,6 +148,11 @@ class Spec:
         self.dtype = network.get("dtype")
         if self.dtype not in DTYPES:
             raise RecordError(f"dtype must be one of {DTYPES}, got {self.dtype!r:.40}")
+        self.precision = network.get("precision", "float32")
+        if self.precision not in PRECISIONS or (self.precision == "bfloat16"
+                                                and self.dtype != "float32"):
+            raise RecordError(f"precision must be 'float32' or, for a float32 network, "
+                              f"'bfloat16', got {self.precision!r:.40}")
         self.seed = network.get("seed")
         if self.seed is not None:
             _int("network.seed", self.seed)
@@ -221,7 +230,8 @@ def from_record(cls, header, read_array):
         spec, arrays, history = check(header, read_array)
         net = cls.__new__(cls)
         net._build(spec.layers, spec.loss, spec.optimizer, spec.dtype, spec.seed,
-                   initialise=False, key_seed=spec.dropout_seed, input_shape=spec.input_shape)
+                   initialise=False, key_seed=spec.dropout_seed, input_shape=spec.input_shape,
+                   precision=spec.precision)
     except (KeyError, TypeError) as e:
         raise RecordError(f"invalid backprop checkpoint: {e}") from None
     net.params[...] = arrays["params"]

@@ -58,7 +58,8 @@ def relative_difference(a, b):
 def checksum(net_or_array):
     """A number that changes with any bit of the weights (or of the array)."""
     array = getattr(net_or_array, "params", net_or_array)
-    return int(np.frombuffer(array.tobytes(), dtype=np.uint64).sum() % 2**61)
+    return int(np.frombuffer(array.tobytes(), dtype=np.uint8).astype(np.uint64)
+               @ np.arange(1, array.nbytes + 1, dtype=np.uint64) % 2**61)
 
 
 def images(n=103, shape=(1, 8, 7), classes=3, seed=7):
@@ -117,6 +118,33 @@ def scenario_cnn():
     from cnn_oracle import small_cnn
     compare(lambda: small_cnn(dtype="float64", optimizer=bp.Adam(lr=0.01)), dataset=images,
             epochs=3, batch_size=12)
+
+
+def sequences(n=103, shape=(6, 4), classes=3, seed=7):
+    """Short sequences whose labels follow a fixed linear rule of their values."""
+    return images(n, shape, classes, seed)
+
+
+def scenario_recurrent():
+    """An LSTM and a GRU stack: backpropagation through time splits by samples like any
+    layer (each rank's rows are whole sequences)."""
+    def make():
+        return bp.Network([bp.LSTM(4, 8), bp.GRU(8, 6, num_layers=2), bp.LastStep(),
+                           bp.Dense(6, 3, activation="softmax")], loss="cross_entropy",
+                          optimizer=bp.Adam(lr=0.01), dtype="float64", seed=0,
+                          input_shape=(6, 4))
+    compare(make, dataset=sequences, epochs=3, batch_size=12)
+
+
+def scenario_bfloat16():
+    """bfloat16 products in a float32 network (a dense and a recurrent layer)."""
+    def make():
+        return bp.Network([bp.LSTM(4, 16), bp.LastStep(), bp.Dense(16, 16, activation="relu"),
+                           bp.Dense(16, 3, activation="softmax")], loss="cross_entropy",
+                          optimizer=bp.Adam(lr=0.01), seed=0, input_shape=(6, 4),
+                          precision="bfloat16")
+    compare(make, dataset=lambda: tuple(a.astype(np.float32) if a.dtype.kind == "f" else a
+                                        for a in sequences()), epochs=3, batch_size=12)
 
 
 def scenario_batchnorm():
