@@ -335,3 +335,29 @@ def test_a_smaller_batch_after_a_larger_one_gives_a_fresh_networks_results(rng):
         net.backward(y)
     np.testing.assert_array_equal(used.grads, fresh.grads)
     np.testing.assert_array_equal(used.input_grad, fresh.input_grad)
+
+
+def test_float32_gate_functions_are_within_three_ulp():
+    """The float32 cells' sigmoid and tanh (vectorised polynomials, _gates.h) against the
+    float64 functions: at most 3 units in the last place of the true value over 200,000
+    points spread from 1e-8 to 200 in magnitude, both signs (where the true value is a
+    subnormal float, sigmoid far below -87, it may be off by the smallest normal float);
+    exact at 0, the infinities and saturation; NaN stays NaN."""
+    rng = np.random.default_rng(0)
+    x = (np.exp(rng.uniform(np.log(1e-8), np.log(200.0), 200_000))
+         * rng.choice([-1.0, 1.0], 200_000)).astype(np.float32)
+    sigmoid, tanh = bp._core._float32_gates(x)
+    exact = x.astype(np.float64)
+    tiny = np.finfo(np.float32).tiny
+    for got, want in ((sigmoid, 1.0 / (1.0 + np.exp(-exact))), (tanh, np.tanh(exact))):
+        ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        error = np.abs(got - want)
+        normal = np.abs(want) >= tiny
+        assert np.max(error[normal] / ulp[normal]) <= 3.0
+        assert np.max(error[~normal], initial=0.0) <= tiny
+    ends = np.array([0.0, -0.0, np.inf, -np.inf, 50.0, -50.0], np.float32)
+    sigmoid, tanh = bp._core._float32_gates(ends)
+    np.testing.assert_array_equal(tanh, [0.0, -0.0, 1.0, -1.0, 1.0, -1.0])
+    np.testing.assert_array_equal(sigmoid[:4], [0.5, 0.5, 1.0, 0.0])
+    assert sigmoid[4] == 1.0 and 0 < sigmoid[5] < 2e-22
+    assert all(np.isnan(v) for v in bp._core._float32_gates(np.float32(np.nan)))

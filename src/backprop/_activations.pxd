@@ -13,6 +13,10 @@ from libc.string cimport memcpy
 from cython.parallel cimport prange
 from backprop._parallel cimport part_start, team_for
 
+cdef extern from "_gates.h" nogil:
+    void bp_sigmoid_row_f(float* x, Py_ssize_t n)
+    void bp_tanh_row_f(float* x, Py_ssize_t n)
+
 cdef enum Activation:
     IDENTITY = 0
     SIGMOID = 1
@@ -106,6 +110,14 @@ cdef inline void activate_tile(floating* c, Py_ssize_t ldc, Py_ssize_t rows, Py_
             for j in range(cols):
                 row[j] = 0 if row[j] < 0 else row[j]    # NaN stays NaN, as in torch
         return
+    if floating is float:   # vectorised float32 polynomials (_gates.h), not libm's doubles
+        if activation == SIGMOID or activation == TANH:
+            for i in range(rows):
+                if activation == SIGMOID:
+                    bp_sigmoid_row_f(c + i * ldc, cols)
+                else:
+                    bp_tanh_row_f(c + i * ldc, cols)
+            return
     for i in range(rows):
         row = c + i * ldc
         for j in range(cols):

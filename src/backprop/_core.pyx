@@ -137,6 +137,24 @@ def _bfloat16_peak(int n_threads, long iterations=2_000_000):
     return n_threads * iterations * BP_BF16_PEAK_FLOPS_PER_ITERATION / seconds / 1e9
 
 
+cdef extern from "_gates.h" nogil:
+    float bp_sigmoidf(float x)
+    float bp_tanhf(float x)
+
+
+def _float32_gates(x):
+    """(sigmoid(x), tanh(x)) as a float32 recurrent cell computes them (_gates.h): for
+    tests."""
+    cdef float[::1] flat = np.array(x, dtype=np.float32).reshape(-1)
+    cdef float[::1] s = np.empty_like(flat), t = np.empty_like(flat)
+    cdef Py_ssize_t i
+    for i in range(flat.shape[0]):
+        s[i] = bp_sigmoidf(flat[i])
+        t[i] = bp_tanhf(flat[i])
+    shape = np.shape(x)
+    return np.asarray(s).reshape(shape), np.asarray(t).reshape(shape)
+
+
 def _gemm_config():
     """The GEMM's run-time configuration, for tests and benchmarks: the level, the cache
     sizes its blocking was derived from (bytes, by level), the fewest multiply-adds a

@@ -63,6 +63,9 @@ cdef enum:
                              # on a busy machine few passes run on a slow team
     TRIAL_AFTER_SINGLE = 32  # passes on one thread before the team is tried again
     TRIAL_MOST = 1024        # the longest interval between trials
+    TRIAL_PASSES = 2         # passes a trial runs; only the last counts: the first of a
+                             # team after one thread also wakes the sleeping threads
+                             # (tens of µs: a small network's whole pass)
     WARM_UP = 2              # passes not measured (first touches of the workspace)
 
 
@@ -79,6 +82,7 @@ cdef struct TeamChoice:
     int countdown            # passes until the next trial
     int interval             # the interval after it (doubles while the trials lose)
     int warm_up              # passes left unmeasured
+    int tried                # passes of the running trial so far
     double started           # when the running pass began
 
 
@@ -87,6 +91,7 @@ cdef inline void _choice_init(TeamChoice* c) noexcept nogil:
     c.single = c.trying = False
     c.countdown = c.interval = TRIAL_FIRST
     c.warm_up = WARM_UP
+    c.tried = 0
     c.started = 0
 
 
@@ -119,11 +124,13 @@ cdef inline void _take_cost(TeamChoice* c, bint single, double cost) noexcept no
         c.warm_up -= 1
         c.countdown = max(c.countdown, 1)
         return
-    if c.trying or c.cost[used] == 0:
-        c.cost[used] = cost                       # a trial: the freshest word on it
-    else:
-        c.cost[used] += 0.25 * (cost - c.cost[used])
     if c.trying:
+        c.tried += 1
+        if c.tried < TRIAL_PASSES:                # not the trial's last pass: not counted
+            c.countdown = 1
+            return
+        c.tried = 0
+        c.cost[used] = cost                       # a trial: the freshest word on it
         if _beats(c, single):                     # the trial won: switch
             c.single = single
             # Try the team back soon, one thread back later: a team's pass on a busy
@@ -132,22 +139,33 @@ cdef inline void _take_cost(TeamChoice* c, bint single, double cost) noexcept no
         else:
             c.interval = min(TRIAL_MOST, 2 * c.interval)
         c.countdown = c.interval
-    elif c.cost[other] > 0 and _beats(c, not single):
+        return
+    if c.cost[used] == 0:
+        c.cost[used] = cost
+    else:
+        c.cost[used] += 0.25 * (cost - c.cost[used])
+    if c.cost[other] > 0 and _beats(c, not single):
         c.countdown = 0                           # the other's last cost would win: try it now
 
 
-def _simulate_team_choice(double team_cost, double single_cost, int passes):
+def _simulate_team_choice(double team_cost, double single_cost, int passes,
+                          double wake=0.0, bint start_single=False):
     """The team choice's decisions over `passes` passes whose costs per row are fixed
-    (on the team, on one thread): for each pass, whether it ran on one thread.  A test
+    (on the team, on one thread; a team pass right after a pass on one thread costs
+    `wake` more, its sleeping threads woken), from the team or, `start_single`, from one
+    thread as after a busy spell: for each pass, whether it ran on one thread.  A test
     of the rule without a clock."""
     cdef TeamChoice c
-    cdef bint single
+    cdef bint single, before
     cdef list ran = []
     _choice_init(&c)
+    c.single = before = start_single
     for _ in range(passes):
         single = _choose_single(&c)
-        _take_cost(&c, single, single_cost if single else team_cost)
+        _take_cost(&c, single, single_cost if single else
+                   team_cost + (wake if before else 0.0))
         ran.append(single)
+        before = single
     return ran
 
 

@@ -50,6 +50,14 @@ from backprop._activations cimport IDENTITY, sigmoid, derivative
 from backprop._dense cimport add_column_sums
 from backprop._parallel cimport part_start, team_for
 from backprop._residual cimport pass_gradient
+
+cdef extern from "_gates.h" nogil:
+    # float32 rows in vectorised gate arithmetic (see the header); float64 rows below
+    void bp_lstm_forward_row_f(float* g, const float* c_prev, float* h, Py_ssize_t H)
+    void bp_lstm_backward_row_f(const float* g, const float* c_prev, const float* dy,
+                                const float* dh, float* dc, float* d, Py_ssize_t H)
+    void bp_gru_forward_row_f(float* g, const float* gh, const float* h_prev, float* h,
+                              Py_ssize_t H)
 from backprop._ops cimport (Op, Tape, Slot, matrix_stride, input_of, output_of, result_of,
                             param_of, dx_of)
 
@@ -217,6 +225,9 @@ cdef inline void lstm_forward_row(floating* g, const floating* c_prev, floating*
     """g: the pre-activations of i, f, g, o in, the gates and c out."""
     cdef Py_ssize_t j
     cdef double i, f, cand, o, c
+    if floating is float:
+        bp_lstm_forward_row_f(g, c_prev, h, H)
+        return
     for j in range(H):
         i = sigmoid(g[j])
         f = sigmoid(g[H + j])
@@ -238,6 +249,9 @@ cdef inline void gru_forward_row(floating* g, const floating* gh, const floating
     """g: W_ih x + b_ih of r, z, n in, r, z, n and W_hn h' + b_hn out."""
     cdef Py_ssize_t j
     cdef double r, z, n, hn
+    if floating is float:
+        bp_gru_forward_row_f(g, gh, h_prev, h, H)
+        return
     for j in range(H):
         r = sigmoid(g[j] + gh[j])
         z = sigmoid(g[H + j] + gh[H + j])
@@ -262,6 +276,9 @@ cdef inline void lstm_backward_row(const floating* g, const floating* c_prev,
                                    floating* d, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
     cdef double i, f, cand, o, tc, grad_h, grad_c
+    if floating is float:
+        bp_lstm_backward_row_f(g, c_prev, dy, dh, dc, d, H)
+        return
     for j in range(H):
         i, f, cand, o = g[j], g[H + j], g[2 * H + j], g[3 * H + j]
         tc = tanh(g[4 * H + j])
