@@ -106,7 +106,10 @@ directives = {
     "embedsignature": True,
 }
 
-optimise = ["-O1", "-g"] if DEBUG else ["-O3"]
+# A release build carries no debug information (-g0 overrides Python's -g): it is most of
+# each unstripped build's size (13.9 MB for the three, 2.4 MB without).  The debug and
+# sanitizer builds keep it, for their reports.
+optimise = ["-O1", "-g"] if DEBUG else ["-O3", "-g" if SANITIZE else "-g0"]
 sanitize = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"] if SANITIZE else []
 
 # The core is compiled once per SIMD level, so that the compiler vectorises every
