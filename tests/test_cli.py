@@ -68,3 +68,17 @@ def test_bad_options_give_one_line_and_exit_2(args, tmp_path):
         assert "--model" in result.stderr or "describe --model mlp" in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("backprop: error:")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("train", "--epochs", "1", "--no-progress"),
+                                     ("demo", "vanishing-gradients", "--epochs", "1")])
+def test_plot_without_matplotlib_is_refused_before_training(command, tmp_path, monkeypatch,
+                                                            capsys):
+    from backprop import cli
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # `import matplotlib` fails
+    assert cli.main([*command, "--plot", str(tmp_path / "curves.png")]) == 2
+    out, err = capsys.readouterr()
+    # One line, and no header, score or demo table: nothing was trained.
+    assert err.count("\n") == 1 and err.startswith("backprop: error:"), err
+    assert "pip install matplotlib" in err
+    assert out == ""

@@ -252,6 +252,7 @@ def train(args):
         if rank0:                       # before training, not after it
             for option, path in (("--save", args.save), ("--plot", args.plot)):
                 check_output(option, path)
+            check_plotting(args.plot)
         X, y = load_dataset(args.dataset)
         y = class_labels(y, args.dataset)
         if len(y) < 10:
@@ -309,6 +310,18 @@ def check_output(option, path):
         raise UsageError(f"{option} {path}: it is a folder; give a file name")
 
 
+def check_plotting(path):
+    """Refuse --plot when matplotlib cannot be imported (None: no --plot), so that a
+    missing package is said before the training rather than after it."""
+    if path is None:
+        return
+    try:
+        import matplotlib               # noqa: F401 (only whether it imports)
+    except ImportError:
+        raise UsageError(f"--plot {path}: plotting needs matplotlib: "
+                         "pip install matplotlib") from None
+
+
 def report(net, history, seconds, X_test, y_test, args):
     """Rank 0's part of train: the test scores, the checkpoint, the plot."""
     scores = net.evaluate(X_test, y_test)
@@ -328,6 +341,8 @@ def demo(args):
     function, epochs = DEMOS[args.name]
     if args.epochs is not None and args.epochs < 1:
         raise UsageError("--epochs must be >= 1")
+    check_output("--plot", args.plot)
+    check_plotting(args.plot)
     getattr(demos, function)(epochs=args.epochs or epochs, plot=args.plot)
 
 
