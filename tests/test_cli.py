@@ -82,3 +82,16 @@ def test_plot_without_matplotlib_is_refused_before_training(command, tmp_path, m
     assert err.count("\n") == 1 and err.startswith("backprop: error:"), err
     assert "pip install matplotlib" in err
     assert out == ""
+
+
+def test_evaluate_says_it_scored_every_row_training_rows_included(tmp_path, capsys):
+    # evaluate cannot know which rows train held out (the model does not record the
+    # split), so it scores them all and must say so rather than pass for a test score.
+    import backprop as bp
+    from backprop import cli
+    net = bp.Network([bp.Dense(64, 10, activation="softmax")], loss="cross_entropy", seed=0)
+    net.save(str(tmp_path / "m.npz"))
+    assert cli.main(["evaluate", "--model", str(tmp_path / "m.npz"), "--dataset", "digits"]) == 0
+    out, err = capsys.readouterr()
+    assert "accuracy" in out
+    assert "all 1,797 rows" in err and "training rows included" in err, err
