@@ -95,3 +95,14 @@ def test_evaluate_says_it_scored_every_row_training_rows_included(tmp_path, caps
     out, err = capsys.readouterr()
     assert "accuracy" in out
     assert "all 1,797 rows" in err and "training rows included" in err, err
+
+
+def test_train_help_shows_the_defaults():
+    result = run("train", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())          # argparse wraps the help lines
+    for default in ("(default: digits)", "(default: relu)", "(default: Adam)",
+                    "(default: 0.001)", "(default: 30)", "(default: 32)", "(default: 0.2)",
+                    "(default: 0.0, none)"):
+        assert default in text, default
+

@@ -183,21 +183,32 @@ def build_parser():
                             "(default: %(default)s)")
     train.add_argument("--layers", help="mlp sizes from input to classes, e.g. 64,64,10 "
                                         "(default: input,128,classes)")
-    train.add_argument("--activation", default="relu", choices=sorted(bp.ACTIVATIONS))
+    train.add_argument("--activation", default="relu", choices=sorted(bp.ACTIVATIONS),
+                       help="the hidden layers' activation (default: %(default)s)")
     train.add_argument("--batch-norm", action="store_true",
                        help="BatchNorm and the activation after each hidden Dense layer")
     train.add_argument("--dropout", type=float, default=0.0, metavar="P",
-                       help="Dropout with probability P after each hidden layer")
-    train.add_argument("--optimizer", default="Adam", choices=sorted(OPTIMIZERS))
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--test-size", type=float, default=0.2)
-    train.add_argument("--threads", type=int, default=0, help="0: all available")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--save", metavar="FILE")
-    train.add_argument("--plot", metavar="FILE.png")
-    train.add_argument("--no-progress", action="store_true")
+                       help="Dropout with probability P after each hidden layer "
+                            "(default: %(default)s, none)")
+    train.add_argument("--optimizer", default="Adam", choices=sorted(OPTIMIZERS),
+                       help="(default: %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="learning rate (default: %(default)s)")
+    train.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    train.add_argument("--test-size", type=float, default=0.2,
+                       help="the fraction of rows held out to test on, not for "
+                            "fashion-mnist, which has its own (default: %(default)s)")
+    train.add_argument("--threads", type=int, default=0,
+                       help="0: all available (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seeds the weights, the split and the shuffling "
+                            "(default: %(default)s)")
+    train.add_argument("--save", metavar="FILE", help="save the trained model here (.npz)")
+    train.add_argument("--plot", metavar="FILE.png",
+                       help="draw the training curves here (needs matplotlib)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar or per-epoch lines on stderr")
     train.add_argument("--distributed", action="store_true",
                        help="data-parallel over MPI: mpiexec -n 4 python -m backprop train "
                             "--distributed (needs mpi4py)")
