@@ -106,3 +106,17 @@ def test_train_help_shows_the_defaults():
                     "(default: 0.0, none)"):
         assert default in text, default
 
+
+@pytest.mark.parametrize("options, says", [
+    (("--batch-norm", "--dropout", "0.25", "--threads", "1"),
+     ("with batch-norm", "dropout 0.25", "1 thread\n")),
+    (("--threads", "2"), ("2 threads\n",)),
+])
+def test_the_train_header_says_batch_norm_dropout_and_threads(options, says, capsys):
+    from backprop import cli
+    assert cli.main(["train", "--epochs", "1", "--no-progress", *options]) == 0
+    header = capsys.readouterr().err.splitlines()[0] + "\n"
+    for words in says:
+        assert words in header, header
+    if "--batch-norm" not in options:
+        assert "batch-norm" not in header and "dropout" not in header, header

@@ -284,9 +284,13 @@ def train(args):
                          optimizer=OPTIMIZERS[args.optimizer](lr=args.lr), seed=args.seed)
     if rank0:
         processes = f"{comm.size} processes x " if comm else ""
+        threads = bp.get_num_threads()
+        # --batch-norm and --dropout change the network beyond the sizes `shape` shows.
+        extras = ((" with batch-norm" if args.batch_norm else "")
+                  + (f", dropout {args.dropout}" if args.dropout > 0 else ""))
         print(f"backprop: {args.dataset}, {len(X_train)} training / {len(X_test)} test samples, "
-              f"network {shape}, {args.optimizer} lr={args.lr}, "
-              f"{processes}{bp.get_num_threads()} threads", file=sys.stderr)
+              f"network {shape}{extras}, {args.optimizer} lr={args.lr}, "
+              f"{processes}{threads} thread{'s' * (threads != 1)}", file=sys.stderr)
     started = time.perf_counter()
     history = net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
                       validation_split=0.1, progress=not args.no_progress, comm=comm)
