@@ -117,7 +117,7 @@ def test_calls_out_of_order():
         n.backward(GOOD_Y[:3])                 # a batch size other than the forward's
     n.backward(GOOD_Y)
     n.step()
-    with pytest.raises(RuntimeError, match="forward pass first"):
+    with pytest.raises(RuntimeError, match=r"made before step\(\)"):
         n.backward(GOOD_Y)                     # the activations belong to the old weights
     no_loss = make_net([4, 3], "identity")
     no_loss.forward(GOOD_X)

@@ -68,3 +68,55 @@ def test_bad_options_give_one_line_and_exit_2(args, tmp_path):
         assert "--model" in result.stderr or "describe --model mlp" in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("backprop: error:")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("train", "--epochs", "1", "--no-progress"),
+                                     ("demo", "vanishing-gradients", "--epochs", "1")])
+def test_plot_without_matplotlib_is_refused_before_training(command, tmp_path, monkeypatch,
+                                                            capsys):
+    from backprop import cli
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # `import matplotlib` fails
+    assert cli.main([*command, "--plot", str(tmp_path / "curves.png")]) == 2
+    out, err = capsys.readouterr()
+    # One line, and no header, score or demo table: nothing was trained.
+    assert err.count("\n") == 1 and err.startswith("backprop: error:"), err
+    assert "pip install matplotlib" in err
+    assert out == ""
+
+
+def test_evaluate_says_it_scored_every_row_training_rows_included(tmp_path, capsys):
+    # evaluate cannot know which rows train held out (the model does not record the
+    # split), so it scores them all and must say so rather than pass for a test score.
+    import backprop as bp
+    from backprop import cli
+    net = bp.Network([bp.Dense(64, 10, activation="softmax")], loss="cross_entropy", seed=0)
+    net.save(str(tmp_path / "m.npz"))
+    assert cli.main(["evaluate", "--model", str(tmp_path / "m.npz"), "--dataset", "digits"]) == 0
+    out, err = capsys.readouterr()
+    assert "accuracy" in out
+    assert "all 1,797 rows" in err and "training rows included" in err, err
+
+
+def test_train_help_shows_the_defaults():
+    result = run("train", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())          # argparse wraps the help lines
+    for default in ("(default: digits)", "(default: relu)", "(default: Adam)",
+                    "(default: 0.001)", "(default: 30)", "(default: 32)", "(default: 0.2)",
+                    "(default: 0.0, none)"):
+        assert default in text, default
+
+
+@pytest.mark.parametrize("options, says", [
+    (("--batch-norm", "--dropout", "0.25", "--threads", "1"),
+     ("with batch-norm", "dropout 0.25", "1 thread\n")),
+    (("--threads", "2"), ("2 threads\n",)),
+])
+def test_the_train_header_says_batch_norm_dropout_and_threads(options, says, capsys):
+    from backprop import cli
+    assert cli.main(["train", "--epochs", "1", "--no-progress", *options]) == 0
+    header = capsys.readouterr().err.splitlines()[0] + "\n"
+    for words in says:
+        assert words in header, header
+    if "--batch-norm" not in options:
+        assert "batch-norm" not in header and "dropout" not in header, header

@@ -199,7 +199,7 @@ def test_cli_prints_and_saves_on_rank_0_only(mpiexec, tmp_path):
                     "--epochs", "3", "--save", "model.npz", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("backprop: digits") == 1
-    assert f"{RANKS} processes x 1 threads" in result.stderr
+    assert f"{RANKS} processes x 1 thread\n" in result.stderr
     assert result.stdout.count("test accuracy") == 1
     assert result.stderr.count("saved the model") == 1
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]      # no stray temporary file

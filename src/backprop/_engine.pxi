@@ -232,6 +232,9 @@ cdef class Engine:
     cdef cnp.ndarray grads_backup      # made the first time train_step meets pending gradients
     cdef TeamChoice team[TEAM_KINDS]   # the team size by kind of pass (see above)
     cdef readonly bint has_forward, has_grads, has_input_grad
+    # The last forward's activations were dropped because an update changed the weights
+    # they were computed with: said in the error of a backward that needs them.
+    cdef bint forward_predates_update
     cdef bint _training
     cdef bint busy
     cdef dict holders              # thread -> how many `held()` blocks it is in
@@ -535,7 +538,7 @@ cdef class Engine:
         self.tape.weights = ws.weights if sample_weight is not None else NULL
         self.tape.batch = n
         self.tape.row_offset = offset
-        self.has_forward = self.has_input_grad = False
+        self.has_forward = self.has_input_grad = self.forward_predates_update = False
         return labels
 
     def validate(self, x, y=None, sample_weight=None, Py_ssize_t chunk=1024):
@@ -698,6 +701,10 @@ cdef class Engine:
         return _Held(self)
 
     cdef int _check_forward(self, str what) except -1:
+        if not self.has_forward and self.forward_predates_update:
+            raise RuntimeError(f"{what} needs a forward pass with the current weights: the "
+                               "last one was made before step() or train_step() updated "
+                               "them; call forward(x) again")
         if not self.has_forward:
             raise RuntimeError(f"{what} needs a forward pass first: call forward(x)")
         return 0
@@ -743,7 +750,7 @@ cdef class Engine:
     def passes(self, uint64_t value):
         self._enter()
         self.tape.passes = value
-        self.has_forward = self.has_input_grad = False
+        self.has_forward = self.has_input_grad = self.forward_predates_update = False
         self.busy = False
 
     # ---- the passes (nogil pieces first)
@@ -994,6 +1001,7 @@ cdef class Engine:
             # The forward stays inspectable when the loss or the gradients were refused,
             # to find the first layer that is not finite.
             self.has_forward = not ok
+            self.forward_predates_update = ok and not refused
             if not isfinite(value):
                 raise FloatingPointError(
                     f"the loss is {value} (diverged); this step's update was not applied, so "
@@ -1035,6 +1043,7 @@ cdef class Engine:
                     "was not applied")
             if update == APPLIED or update == BROKEN:
                 self.has_forward = False   # the saved activations belong to the old weights
+                self.forward_predates_update = True
             _check_update(update, optimizer)
         finally:
             self.busy = False

@@ -189,24 +189,36 @@ def build_parser():
                             "(default: %(default)s)")
     train.add_argument("--layers", help="mlp sizes from input to classes, e.g. 64,64,10 "
                                         "(default: input,128,classes)")
-    train.add_argument("--activation", default="relu", choices=sorted(bp.ACTIVATIONS))
+    train.add_argument("--activation", default="relu", choices=sorted(bp.ACTIVATIONS),
+                       help="the hidden layers' activation (default: %(default)s)")
     train.add_argument("--batch-norm", action="store_true",
                        help="BatchNorm and the activation after each hidden Dense layer")
     train.add_argument("--dropout", type=float, default=0.0, metavar="P",
-                       help="Dropout with probability P after each hidden layer")
-    train.add_argument("--optimizer", default="Adam", choices=sorted(OPTIMIZERS))
-    train.add_argument("--lr", type=float, default=1e-3)
+                       help="Dropout with probability P after each hidden layer "
+                            "(default: %(default)s, none)")
+    train.add_argument("--optimizer", default="Adam", choices=sorted(OPTIMIZERS),
+                       help="(default: %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="learning rate (default: %(default)s)")
     train.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                        help="what the layers' products multiply: bfloat16 is mixed "
-                            "precision (float32 weights and sums), as torch.autocast")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--test-size", type=float, default=0.2)
-    train.add_argument("--threads", type=int, default=0, help="0: all available")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--save", metavar="FILE")
-    train.add_argument("--plot", metavar="FILE.png")
-    train.add_argument("--no-progress", action="store_true")
+                            "precision (float32 weights and sums), as torch.autocast "
+                            "(default: %(default)s)")
+    train.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    train.add_argument("--test-size", type=float, default=0.2,
+                       help="the fraction of rows held out to test on, not for "
+                            "fashion-mnist, which has its own (default: %(default)s)")
+    train.add_argument("--threads", type=int, default=0,
+                       help="0: all available (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seeds the weights, the split and the shuffling "
+                            "(default: %(default)s)")
+    train.add_argument("--save", metavar="FILE", help="save the trained model here (.npz)")
+    train.add_argument("--plot", metavar="FILE.png",
+                       help="draw the training curves here (needs matplotlib)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar or per-epoch lines on stderr")
     train.add_argument("--distributed", action="store_true",
                        help="data-parallel over MPI: mpiexec -n 4 python -m backprop train "
                             "--distributed (needs mpi4py)")
@@ -261,6 +273,7 @@ def train(args):
         if rank0:                       # before training, not after it
             for option, path in (("--save", args.save), ("--plot", args.plot)):
                 check_output(option, path)
+            check_plotting(args.plot)
         X, y = load_dataset(args.dataset)
         y = class_labels(y, args.dataset)
         if len(y) < 10:
@@ -282,9 +295,13 @@ def train(args):
                          precision=args.precision)
     if rank0:
         processes = f"{comm.size} processes x " if comm else ""
+        threads = bp.get_num_threads()
+        # --batch-norm and --dropout change the network beyond the sizes `shape` shows.
+        extras = ((" with batch-norm" if args.batch_norm else "")
+                  + (f", dropout {args.dropout}" if args.dropout > 0 else ""))
         print(f"backprop: {args.dataset}, {len(X_train)} training / {len(X_test)} test samples, "
-              f"network {shape}, {args.optimizer} lr={args.lr}, {_precision(net)}"
-              f"{processes}{bp.get_num_threads()} threads", file=sys.stderr)
+              f"network {shape}{extras}, {args.optimizer} lr={args.lr}, {_precision(net)}"
+              f"{processes}{threads} thread{'s' * (threads != 1)}", file=sys.stderr)
     started = time.perf_counter()
     history = net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
                       validation_split=0.1, progress=not args.no_progress, comm=comm)
@@ -319,6 +336,18 @@ def check_output(option, path):
         raise UsageError(f"{option} {path}: it is a folder; give a file name")
 
 
+def check_plotting(path):
+    """Refuse --plot when matplotlib cannot be imported (None: no --plot), so that a
+    missing package is said before the training rather than after it."""
+    if path is None:
+        return
+    try:
+        import matplotlib               # noqa: F401 (only whether it imports)
+    except ImportError:
+        raise UsageError(f"--plot {path}: plotting needs matplotlib: "
+                         "pip install matplotlib") from None
+
+
 def report(net, history, seconds, X_test, y_test, args):
     """Rank 0's part of train: the test scores, the checkpoint, the plot."""
     scores = net.evaluate(X_test, y_test)
@@ -338,6 +367,8 @@ def demo(args):
     function, epochs = DEMOS[args.name]
     if args.epochs is not None and args.epochs < 1:
         raise UsageError("--epochs must be >= 1")
+    check_output("--plot", args.plot)
+    check_plotting(args.plot)
     getattr(demos, function)(epochs=args.epochs or epochs, plot=args.plot)
 
 
@@ -366,6 +397,10 @@ def evaluate(args):
     X = features(X.reshape((len(X),) + net.input_shape) if np.size(X) == len(X) * net.n_inputs
                  else X, args.dataset, net.dtype, net.input_shape)
     scores = net.evaluate(X, targets(net, y, args.dataset))
+    # The model does not record train's split, so every row is scored: said, so that a
+    # score over training rows is not taken for train's held-out test accuracy.
+    print(f"backprop: {args.dataset}, all {len(X):,} rows scored (training rows included "
+          "if the model was trained on this dataset)", file=sys.stderr)
     print("  ".join(f"{name} {value:.4f}" for name, value in scores.items()))
 
 

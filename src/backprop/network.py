@@ -298,7 +298,11 @@ class Network:
         Gradients are added to ``grads`` (and each layer's ``weight_grad``/``bias_grad``)
         until ``zero_grad()``; dL/dx is available as ``input_grad`` unless
         ``input_grad=False`` skips computing it (one matrix product less).  Returns the
-        loss, or None with grad_output."""
+        loss, or None with grad_output.
+
+        It needs the activations of a forward made with the current weights: after
+        ``step()`` or ``train_step()`` call ``forward`` again (PyTorch likewise refuses to
+        backpropagate through tensors an optimizer step has modified in place)."""
         return self._engine.backward(y, grad_output, input_grad)
 
     @property
