@@ -51,12 +51,30 @@ def _friedman1():
     return datasets.train_test_split(X, y, seed=0)
 
 
-# name: (task, data, parameters shared by both libraries)
+def _float32(load):
+    """The same split with float32 features: both libraries then train in float32
+    (scikit-learn keeps float32 input in float32, and so does backprop)."""
+    def loaded():
+        X_train, X_test, y_train, y_test = load()
+        return X_train.astype(np.float32), X_test.astype(np.float32), y_train, y_test
+    return loaded
+
+
+# name: (task, data, parameters shared by both libraries).  Float64 data (the loaders'
+# default) trains in float64 in both libraries; the -float32 rows feed float32.
 CONFIGS = {
     "digits": ("classifier", _digits, dict(max_iter=100)),
     "digits-batch32": ("classifier", _digits, dict(max_iter=30, batch_size=32)),
     "mnist-sample": ("classifier", _mnist_sample, dict(max_iter=30)),
     "friedman1": ("regressor", _friedman1, dict(max_iter=100, learning_rate_init=0.01)),
+    "digits-float32": ("classifier", _float32(_digits), dict(max_iter=100)),
+    "mnist-sample-float32": ("classifier", _float32(_mnist_sample), dict(max_iter=30)),
+    "friedman1-float32": ("regressor", _float32(_friedman1),
+                          dict(max_iter=100, learning_rate_init=0.01)),
+    # L-BFGS: each iteration is one pass over all rows (loss and gradient), at most
+    # max_iter iterations (tol=0: neither stops on a small change)
+    "digits-lbfgs": ("classifier", _digits, dict(solver="lbfgs", max_iter=200)),
+    "friedman1-lbfgs": ("regressor", _friedman1, dict(solver="lbfgs", max_iter=300)),
 }
 
 
@@ -132,7 +150,9 @@ def main():
         c, d = (statistics.median(r["cpu"] for r in runs[k]) for k in runs)
         first = runs["backprop"][0]
         shown = ", ".join(f"{k}={v}" for k, v in CONFIGS[name][2].items() if k != "max_iter")
-        print(f"| {name} {tuple(first['shape'])} | {shown or 'defaults'} | {first['epochs']} | "
+        dtype = "float32" if name.endswith("-float32") else "float64"
+        print(f"| {name} {tuple(first['shape'])} {dtype} | {shown or 'defaults'} | "
+              f"{first['epochs']} | "
               f"{a:.3f} | {b:.3f} | {a / b:.1f}x | {c:.3f} | {d:.3f} | {c / d:.1f}x | "
               f"{runs['sklearn'][0]['score']:.4f} | {first['score']:.4f} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
