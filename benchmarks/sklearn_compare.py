@@ -34,14 +34,16 @@ import backprop
 from backprop import datasets, estimators
 
 
+# backprop ships these datasets in float32; the rows without -float32 feed float64, as
+# scikit-learn's own loaders (load_digits, fetch_openml) give it.
 def _digits():
     X, y = datasets.load_digits()
-    return datasets.train_test_split(X, y, seed=0, stratify=True)
+    return datasets.train_test_split(X.astype(np.float64), y, seed=0, stratify=True)
 
 
 def _mnist_sample():
     X, y = datasets.load_mnist_sample()
-    return datasets.train_test_split(X, y, seed=0, stratify=True)
+    return datasets.train_test_split(X.astype(np.float64), y, seed=0, stratify=True)
 
 
 def _friedman1():
