@@ -220,7 +220,6 @@ cdef class Engine:
     cdef double* weight_norms      # each weight's gradient norm (train_step)
     cdef readonly object dtype
     cdef bint is64
-    cdef str _precision            # "float32" or "bfloat16": what the products multiply
     cdef object loss               # the loss's declaration (backprop.losses), or None
     cdef const LossKernel* loss_kernel
     cdef bint from_logits          # the loss gives dL/d(logits): the cross-entropies
@@ -319,7 +318,6 @@ cdef class Engine:
         self.tape.batch = 0
         self.tape.training = self._training = True
         self.tape.products = FLOAT32
-        self._precision = "float32"
         self.ws = None
         for i in range(TEAM_KINDS):
             _choice_init(&self.team[i])
@@ -725,7 +723,7 @@ cdef class Engine:
         """What the products (dense, convolution and recurrent layers, forward and
         backward) multiply: "float32", or "bfloat16" (float32 operands rounded to bfloat16,
         summed in float32; float32 networks only)."""
-        return self._precision
+        return "bfloat16" if self.tape.products == BFLOAT16 else "float32"
 
     @precision.setter
     def precision(self, value):
@@ -736,7 +734,6 @@ cdef class Engine:
         self._enter()
         if products != self.tape.products:
             self.tape.products = products
-            self._precision = value
             for i in range(TEAM_KINDS):     # the costs measured were those of the other
                 _choice_init(&self.team[i])
         self.busy = False
