@@ -13,6 +13,7 @@ Everything about compilation lives here, once:
   three times (baseline, AVX2+FMA, AVX-512) and the best build the CPU runs is
   imported at run time (``backprop/_simd.py``).
 """
+import glob
 import os
 import platform
 import sys
@@ -88,12 +89,36 @@ class BuildWithOpenMP(build_ext):
                 "libomp) and none was found.\n"
                 "Install one, or build without threads by setting BACKPROP_SERIAL=1.")
         compile_args, link_args = flags or ([], [])
+        generate_c(self.extensions, self.build_temp)
         for ext in self.extensions:
             ext.extra_compile_args += compile_args + keep_loops
             ext.extra_link_args += link_args
             ext.define_macros.append(("BACKPROP_OPENMP", "0" if SERIAL else "1"))
         self.parallel = self.parallel or os.cpu_count()    # the builds compile side by side
         super().build_extensions()
+
+
+def generate_c(extensions, build_temp):
+    """Cython's C for the extensions, generated here, when they are built (setup.py is
+    also run just to read the metadata: translating then would be wasted time), the
+    modules side by side.  Each configuration (release, debug, sanitizer, serial) writes
+    its C into a directory of its own, so Cython's own check of the sources' times is
+    enough, and the configuration's name is one more dependency of each extension: a
+    switch of configuration rebuilds, a repeated build reuses what it can."""
+    config = "-".join(["debug" if DEBUG else "release", SANITIZE or "plain",
+                       "serial" if SERIAL else "openmp"])
+    c_dir = os.path.join(build_temp, "cython-" + config)
+    os.makedirs(c_dir, exist_ok=True)
+    stamp = os.path.join(build_temp, "configuration")
+    if not os.path.exists(stamp) or open(stamp).read() != config:
+        with open(stamp, "w") as f:       # newer than every extension built before
+            f.write(config)
+    generated = cythonize(extensions, compiler_directives=directives, build_dir=c_dir,
+                          nthreads=os.cpu_count() or 1)
+    headers = glob.glob("src/backprop/*.h")     # kernels the C includes, unseen by Cython
+    for ext, c in zip(extensions, generated):
+        ext.sources = c.sources
+        ext.depends += headers + [stamp]
 
 
 directives = {
@@ -137,11 +162,10 @@ def core(name):
     )
 
 
-cores = [core(name) for name in (LEVELS if X86_64 else ["_core"])]
+# The AVX-512 build first: it takes longest to compile, and the builds share the cores.
+cores = [core(name) for name in (reversed(LEVELS) if X86_64 else ["_core"])]
 
 setup(
-    # force: the generated C depends on the directives above, which cythonize's
-    # timestamp check cannot see (a debug build must never reuse release C, or back).
-    ext_modules=cythonize(cores, compiler_directives=directives, force=True),
+    ext_modules=cores,
     cmdclass={"build_ext": BuildWithOpenMP},
 )
