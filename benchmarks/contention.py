@@ -8,10 +8,11 @@ Part 1.  Each measurement trains the shipped MNIST sample (4,000 rows, 784-256-1
 Adam, batch 64) for --epochs epochs in a fresh process on 2 threads, while 0, 1 or 3
 other processes each keep a core busy (a Python loop), and reports the training time;
 the median of --repeats runs, the frameworks interleaved within each repeat.  The
-variants of backprop: its default (threads spin ~0.5 ms at a region's end, then sleep;
-backprop/_waiting.py); libgomp's own default spin (~3 ms, GOMP_SPINCOUNT=300000, what
-backprop did before); OMP_WAIT_POLICY=passive (sleep at once).  PyTorch: the same
-network and loop, torch.set_num_threads(2).
+variants of backprop: its default (its own team, backprop/_team.h: parts claimed by
+whichever thread is awake; idle threads spin ~0.2 ms, or not at all while other
+processes take the CPUs); one thread (OMP_NUM_THREADS=1: what any two-thread run must
+beat); OMP_WAIT_POLICY=passive (idle threads never spin).  PyTorch: the same network
+and loop, torch.set_num_threads(2).
 
 Part 2.  In one process: bp.ops.matmul on 1024^3 float32, alone and in blocks
 interleaved with numpy.matmul blocks of the same size (0.15 s each), GFLOP/s of
@@ -36,7 +37,7 @@ import time  # noqa: E402
 
 VARIANTS = {
     "backprop": {},
-    "backprop, libgomp's 3 ms spin": {"GOMP_SPINCOUNT": "300000"},
+    "backprop, one thread": {"OMP_NUM_THREADS": "1"},
     "backprop, OMP_WAIT_POLICY=passive": {"OMP_WAIT_POLICY": "passive"},
     "PyTorch": {},
 }
@@ -82,7 +83,8 @@ def measure(variant, epochs, busy):
     try:
         time.sleep(0.5)                                  # let them take their cores
         env = {k: v for k, v in os.environ.items()
-               if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+               if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+                            "OMP_NUM_THREADS")}
         env.update(VARIANTS[variant])
         framework = "torch" if variant == "PyTorch" else "backprop"
         result = subprocess.run([sys.executable, __file__, "--worker", framework,

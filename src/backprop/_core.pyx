@@ -19,7 +19,6 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
 from libc.math cimport sqrt, isfinite, INFINITY, NAN
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import math
 import threading
@@ -35,7 +34,8 @@ from backprop._activations cimport Activation, IDENTITY, SOFTMAX
 from backprop._optim cimport (OptimConfig, optimizer_update, sum_of_squares, largest_magnitude,
                              most, STAT_BLOCK, N_HELD)
 from backprop._dropout cimport mix64
-from backprop._parallel cimport part_start, team_for
+from backprop._parallel cimport (part_start, team_for, BP_OWN_TEAM, bp_team_helpers,
+                                  bp_team_set_spin, bp_team_spin)
 from cython.parallel cimport prange
 from backprop._ops cimport Tape, Op, Slot
 from backprop._tape cimport forward_pass, loss_delta, backward_pass, weight_penalty
@@ -189,17 +189,33 @@ def openmp_enabled():
     return bool(BACKPROP_OPENMP)
 
 
+def _team_threads():
+    """Helper threads the parallel regions have started so far (_team.h; 0 where the
+    compiler's OpenMP runtime runs them instead)."""
+    return bp_team_helpers()
+
+
+def _team_spin(ns=None):
+    """How long (ns) an idle helper spins before it sleeps; `ns` sets it (-1: the
+    default).  -1 where the compiler's OpenMP runtime runs the regions."""
+    if ns is not None:
+        bp_team_set_spin(int(ns))
+    return bp_team_spin()
+
+
 cdef int _requested_threads = 0   # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
 cdef bint _forked_child = False   # set in a child made by fork(): one thread only
 
 
 def _after_fork_in_child():
-    """GNU libgomp's thread pool does not survive fork(): a child that enters a parallel
+    """Where the compiler's OpenMP runtime runs the regions (not GCC on Linux, whose
+    builds run them on backprop's own team, which a forked child restarts: _team.h),
+    GNU libgomp's thread pool does not survive fork(): a child that enters a parallel
     region after its parent used one waits forever on threads that do not exist (GCC bug
-    52303).  The child therefore runs every kernel on one thread, where no parallel
-    region is ever entered.  Use the "spawn" start method for multi-threaded workers."""
+    52303).  Such a child therefore runs every kernel on one thread."""
     global _forked_child
-    _forked_child = True
+    if not BP_OWN_TEAM:
+        _forked_child = True
 
 
 def set_num_threads(n):

@@ -38,137 +38,6 @@ cdef Py_ssize_t _padded(Py_ssize_t n, Py_ssize_t itemsize):
     return n
 
 
-# ---- the team size on a busy machine
-#
-# Every parallel region ends with its threads waiting for each other.  When another
-# process holds a core, the partner that was descheduled makes each region wait for the
-# scheduler, and a pass of dozens of regions runs many times slower than on one thread
-# (measured: a small MLP's training 6-8x slower beside one busy process, with any spin
-# policy that keeps the idle machine fast; benchmarks/contention.py).  Results are the
-# same for any team, so the Engine chooses the team by what it measures: each kind of
-# pass keeps the recent cost per batch row of the whole team and of one thread, runs the
-# cheaper, and now and then tries the other again (more and more rarely while it keeps
-# losing, at once when the one in use becomes dearer than the other's last measurement).
-# On an idle machine the whole team wins and one pass in up to 1024 is a trial; beside
-# busy processes one thread wins within a few passes.
-
-cdef enum TeamKind:
-    FORWARD_PASSES = 0       # forward (predict, evaluate, the first half of a manual step)
-    BACKWARD_PASSES = 1      # backward alone
-    TRAINING_PASSES = 2      # forward + loss + backward (+ update): train_step, compute_gradients
-    TEAM_KINDS = 3
-
-cdef enum:
-    TRIAL_FIRST = 4          # passes before the first trial of one thread: early, so that
-                             # on a busy machine few passes run on a slow team
-    TRIAL_AFTER_SINGLE = 32  # passes on one thread before the team is tried again
-    TRIAL_MOST = 1024        # the longest interval between trials
-    TRIAL_PASSES = 2         # passes a trial runs; only the last counts: the first of a
-                             # team after one thread also wakes the sleeping threads
-                             # (tens of µs: a small network's whole pass)
-    WARM_UP = 2              # passes not measured (first touches of the workspace)
-
-
-cdef inline double _seconds() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + 1e-9 * now.tv_nsec
-
-
-cdef struct TeamChoice:
-    double cost[2]           # recent seconds per row: [0] the whole team, [1] one thread
-    bint single              # one thread is the choice
-    bint trying              # the running pass tries the other choice
-    int countdown            # passes until the next trial
-    int interval             # the interval after it (doubles while the trials lose)
-    int warm_up              # passes left unmeasured
-    int tried                # passes of the running trial so far
-    double started           # when the running pass began
-
-
-cdef inline void _choice_init(TeamChoice* c) noexcept nogil:
-    c.cost[0] = c.cost[1] = 0
-    c.single = c.trying = False
-    c.countdown = c.interval = TRIAL_FIRST
-    c.warm_up = WARM_UP
-    c.tried = 0
-    c.started = 0
-
-
-cdef inline bint _choose_single(TeamChoice* c) noexcept nogil:
-    """The choice for the next pass (one thread or not), counting down to a trial."""
-    c.countdown -= 1
-    c.trying = c.countdown <= 0
-    c.started = _seconds()
-    return c.single != c.trying
-
-
-cdef inline void _measured(TeamChoice* c, bint single, Py_ssize_t rows) noexcept nogil:
-    """Take the cost of the pass that ran (on one thread or not) and choose again."""
-    if c.started == 0:                            # no choice was made for this pass
-        return
-    _take_cost(c, single, (_seconds() - c.started) / max(1, rows))
-    c.started = 0
-
-
-cdef inline bint _beats(TeamChoice* c, bint single) noexcept nogil:
-    """Whether `single`'s cost wins against the other's by the margin a switch needs:
-    one thread must win clearly (on a busy machine it wins by far, and a noisy
-    measurement must not move an idle machine off its team); the team by 10%."""
-    return c.cost[1 if single else 0] < (0.7 if single else 0.9) * c.cost[0 if single else 1]
-
-
-cdef inline void _take_cost(TeamChoice* c, bint single, double cost) noexcept nogil:
-    cdef int used = 1 if single else 0, other = 0 if single else 1
-    if c.warm_up > 0:
-        c.warm_up -= 1
-        c.countdown = max(c.countdown, 1)
-        return
-    if c.trying:
-        c.tried += 1
-        if c.tried < TRIAL_PASSES:                # not the trial's last pass: not counted
-            c.countdown = 1
-            return
-        c.tried = 0
-        c.cost[used] = cost                       # a trial: the freshest word on it
-        if _beats(c, single):                     # the trial won: switch
-            c.single = single
-            # Try the team back soon, one thread back later: a team's pass on a busy
-            # machine costs dozens of one thread's.
-            c.interval = TRIAL_AFTER_SINGLE if single else TRIAL_FIRST
-        else:
-            c.interval = min(TRIAL_MOST, 2 * c.interval)
-        c.countdown = c.interval
-        return
-    if c.cost[used] == 0:
-        c.cost[used] = cost
-    else:
-        c.cost[used] += 0.25 * (cost - c.cost[used])
-    if c.cost[other] > 0 and _beats(c, not single):
-        c.countdown = 0                           # the other's last cost would win: try it now
-
-
-def _simulate_team_choice(double team_cost, double single_cost, int passes,
-                          double wake=0.0, bint start_single=False):
-    """The team choice's decisions over `passes` passes whose costs per row are fixed
-    (on the team, on one thread; a team pass right after a pass on one thread costs
-    `wake` more, its sleeping threads woken), from the team or, `start_single`, from one
-    thread as after a busy spell: for each pass, whether it ran on one thread.  A test
-    of the rule without a clock."""
-    cdef TeamChoice c
-    cdef bint single, before
-    cdef list ran = []
-    _choice_init(&c)
-    c.single = before = start_single
-    for _ in range(passes):
-        single = _choose_single(&c)
-        _take_cost(&c, single, single_cost if single else
-                   team_cost + (wake if before else 0.0))
-        ran.append(single)
-        before = single
-    return ran
-
-
 cdef class Workspace:
     """Everything an Engine needs per batch row, in one 64-byte-aligned allocation sized
     for `capacity` rows: two input buffers (a batch is staged into the spare one and only
@@ -229,7 +98,6 @@ cdef class Engine:
     cdef Py_ssize_t n_buffers
     cdef cnp.ndarray params, grads, buffers
     cdef cnp.ndarray grads_backup      # made the first time train_step meets pending gradients
-    cdef TeamChoice team[TEAM_KINDS]   # the team size by kind of pass (see above)
     cdef readonly bint has_forward, has_grads, has_input_grad
     # The last forward's activations were dropped because an update changed the weights
     # they were computed with: said in the error of a backward that needs them.
@@ -319,8 +187,6 @@ cdef class Engine:
         self.tape.training = self._training = True
         self.tape.products = FLOAT32
         self.ws = None
-        for i in range(TEAM_KINDS):
-            _choice_init(&self.team[i])
 
     def __dealloc__(self):
         free(self.tape.ops)
@@ -420,9 +286,9 @@ cdef class Engine:
         return need
 
     cdef int _ready_scratch(self) except -1:
-        """Scratch for a pass over the current batch on the whole team and on one thread
-        (so switching between them never allocates); the team's size, or 1 if memory for
-        its scratch is short (the result does not depend on the count)."""
+        """Scratch for a pass over the current batch on the whole team (and on one
+        thread, where memory for the team's is short); the number of threads the pass
+        may use (the result does not depend on it)."""
         cdef int nt = _num_threads()
         cdef Py_ssize_t need
         cdef void* grown
@@ -446,34 +312,6 @@ cdef class Engine:
                 self.tape.scratch = grown
         self.scratch_rows, self.scratch_team = self.tape.batch, nt
         return nt
-
-    cdef int _ready_threads(self, int kind=TRAINING_PASSES) except -1:
-        """The thread count for a pass of `kind` over the current batch, with its
-        scratch: the whole team, or one thread when that has been measured cheaper (see
-        TeamChoice); _pass_done(kind, ...) takes the pass's cost."""
-        cdef int nt = self._ready_scratch()
-        if nt > 1 and _choose_single(&self.team[kind]):
-            return 1
-        return nt
-
-    cdef int _current_threads(self, int kind) except -1:
-        """The count `kind`'s passes use now, for work between them that is not measured
-        (the optimizer's update alone, gradient norms)."""
-        cdef int nt = self._ready_scratch()
-        return 1 if self.team[kind].single else nt
-
-    def _team_choice(self):
-        """{kind of pass: (one thread chosen, seconds per row on the team, on one
-        thread)}: what the team choice has measured (for tests and benchmarks)."""
-        cdef int k
-        names = ("forward", "backward", "training")       # in TeamKind's order
-        return {names[k]: (bool(self.team[k].single), self.team[k].cost[0],
-                           self.team[k].cost[1]) for k in range(TEAM_KINDS)}
-
-    cdef void _pass_done(self, int kind, int nt) noexcept:
-        """After a pass that _ready_threads(kind) sized: its cost, for the team choice."""
-        if _num_threads() > 1:
-            _measured(&self.team[kind], nt == 1, self.tape.batch)
 
     # ---- loading a batch (all validation happens here, before anything changes)
 
@@ -727,15 +565,12 @@ cdef class Engine:
 
     @precision.setter
     def precision(self, value):
-        cdef int products = _products(value, "precision"), i
+        cdef int products = _products(value, "precision")
         if products == BFLOAT16 and self.is64:
             raise ValueError("precision='bfloat16' is for float32 networks: a float64 "
                              "network multiplies in float64")
         self._enter()
-        if products != self.tape.products:
-            self.tape.products = products
-            for i in range(TEAM_KINDS):     # the costs measured were those of the other
-                _choice_init(&self.team[i])
+        self.tape.products = products
         self.busy = False
 
     @property
@@ -804,11 +639,10 @@ cdef class Engine:
         self._enter()
         try:
             self._load(x, None, rows, row_offset)
-            nt = self._ready_threads(FORWARD_PASSES)
+            nt = self._ready_scratch()
             with nogil:
                 self._begin_forward()
                 self._pass(FORWARD, nt, False, 1.0, False, False)
-            self._pass_done(FORWARD_PASSES, nt)
             self.has_forward = True
             return self._output_copy()
         finally:
@@ -858,11 +692,10 @@ cdef class Engine:
                 labels = self._load_target(y, self.ws, self.tape.batch)
                 self.tape.weights = NULL
                 parts = LOSS | BACKWARD
-            nt = self._ready_threads(BACKWARD_PASSES)
+            nt = self._ready_scratch()
             with nogil:
                 value = self._pass(parts, nt, labels, scale, input_grad,
                                    self.from_logits and grad_output is None)
-            self._pass_done(BACKWARD_PASSES, nt)
             if not isfinite(value):
                 raise FloatingPointError(f"the loss is {value}: no gradients were accumulated")
             self.has_grads = True
@@ -893,14 +726,13 @@ cdef class Engine:
             _check_scale(scale)
             _check_l2(l2)
             labels = self._load(x, y, rows, row_offset, sample_weight)
-            nt = self._ready_threads(TRAINING_PASSES)
+            nt = self._ready_scratch()
             with nogil:
                 self._begin_forward()
                 value = self._pass(FORWARD | LOSS | BACKWARD, nt, labels, scale, False,
                                    self.from_logits, l2)
                 if not isfinite(value):
                     self._undo_forward()
-            self._pass_done(TRAINING_PASSES, nt)
             self.has_forward = True
             if not isfinite(value):
                 raise FloatingPointError(f"the loss is {value} (diverged); no gradients were "
@@ -953,7 +785,7 @@ cdef class Engine:
             _check_l2(l2)
             _check_scale(scale)
             labels = self._load(x, y, rows, 0, sample_weight)
-            nt = self._ready_threads(TRAINING_PASSES)
+            nt = self._ready_scratch()
             pending = self.has_grads
             if pending and self.grads_backup is None:
                 self.grads_backup = np.empty_like(self.grads)
@@ -991,7 +823,6 @@ cdef class Engine:
                         self._undo_forward()
             finally:
                 optimizer._end()
-            self._pass_done(TRAINING_PASSES, nt)
             refused = not ok or update == UNDONE or update == NO_COPY
             self.has_input_grad = False
             self.has_grads = pending and refused
@@ -1022,7 +853,7 @@ cdef class Engine:
         try:
             if not self.has_grads:
                 raise RuntimeError("step() needs gradients: call backward() first")
-            nt = self._current_threads(BACKWARD_PASSES)    # (a manual loop: its backward)
+            nt = self._ready_scratch()
             optimizer._begin(self.params.shape[0], self.dtype)
             try:
                 with nogil:

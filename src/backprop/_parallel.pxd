@@ -12,6 +12,16 @@
 # Cython knows to make them private to each thread.  A variable only written through a
 # pointer inside a prange stays shared between the threads, a race.
 
+cdef extern from "_team.h" nogil:
+    # The threads the parallel regions run on (_team.h; BP_OWN_TEAM 0 where the
+    # compiler's OpenMP runtime runs them): helpers started so far, and how long an idle
+    # one spins before it sleeps (ns; set -1 for the default).
+    int BP_OWN_TEAM
+    int bp_team_helpers()
+    void bp_team_set_spin(long ns)
+    long bp_team_spin()
+
+
 cdef enum:
     # Below this many elements an elementwise pass is faster on one thread than the few
     # microseconds a parallel region costs (and far faster than waiting at its closing

@@ -21,8 +21,6 @@ import os
 import sys
 import warnings
 
-from backprop._waiting import short_spin
-
 LEVELS = ("generic", "avx2", "avx512")            # lowest first
 MODULES = {"generic": "backprop._core", "avx2": "backprop._core_avx2",
            "avx512": "backprop._core_avx512"}
@@ -67,8 +65,7 @@ def load_core():
     level = chosen_level()
     while True:
         try:
-            with short_spin():              # the OpenMP runtime is loaded with the core
-                module = importlib.import_module(MODULES[level])
+            module = importlib.import_module(MODULES[level])
             break
         except ImportError as error:
             if level == "generic":

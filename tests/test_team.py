@@ -1,0 +1,141 @@
+"""The threads the kernels' parallel regions run on (backprop/_team.h).
+
+GCC builds on Linux run every region on backprop's own team: parts claimed by whichever
+thread is awake, idle threads that spin briefly and sleep at once while other processes
+keep the CPUs busy.  These tests check what that must not change (the results, for any
+team, any spin, threads running concurrently, a forked child) and what it promises (no
+other call into the OpenMP runtime, no spinning while the CPUs are taken).
+"""
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from backprop import _core
+from conftest import threads
+
+OWN_TEAM = _core._team_spin() != -1
+pytestmark = pytest.mark.skipif(not OWN_TEAM, reason="this build runs its regions on the "
+                                "compiler's OpenMP runtime (not GCC on Linux)")
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def product_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((300, 200), dtype=np.float32),
+            rng.standard_normal((200, 260), dtype=np.float32))
+
+
+def trained_weights(n_threads, epochs=2, seed=0):
+    X, y = bp.datasets.load_digits()
+    net = bp.Network([bp.Dense(64, 300, "relu"), bp.Dense(300, 10, "softmax")],
+                     loss="cross_entropy", optimizer=bp.Adam(lr=1e-3), seed=seed)
+    with threads(n_threads):
+        net.fit(X, y, epochs=epochs, batch_size=256, progress=False)
+    return net.params.copy()
+
+
+def test_the_core_asks_the_openmp_runtime_only_for_its_thread_count():
+    # Every region must enter through this build's own GOMP_parallel: a call into
+    # libgomp's team (a dynamic schedule, a critical section, a real barrier) would
+    # run on threads the team knows nothing about.
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    undefined = subprocess.run([nm, "-D", "--undefined-only", _core.__file__],
+                               capture_output=True, text=True, check=True).stdout
+    asked = sorted({line.split()[-1].split("@")[0] for line in undefined.splitlines()
+                    if "omp_" in line.lower()})
+    assert asked == ["omp_get_max_threads"]
+
+
+def test_regions_run_on_helpers_and_give_the_product():
+    a, b = product_inputs()
+    with threads(2):
+        out = bp.ops.matmul(a, b)
+    assert _core._team_threads() >= 1
+    np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-4)
+
+
+def test_results_do_not_depend_on_how_idle_threads_wait():
+    a, b = product_inputs(1)
+    try:
+        _core._team_spin(0)                    # helpers sleep between regions
+        assert _core._team_spin() == 0
+        asleep_product, asleep_weights = bp.ops.matmul(a, b), trained_weights(2)
+        _core._team_spin(10**9)                # helpers spin for a second
+        awake_product, awake_weights = bp.ops.matmul(a, b), trained_weights(2)
+    finally:
+        _core._team_spin(-1)
+    assert np.array_equal(asleep_product, awake_product)
+    assert np.array_equal(asleep_weights, awake_weights)
+    assert np.array_equal(asleep_weights, trained_weights(1))
+
+
+def test_two_python_threads_train_at_once_with_the_results_of_one_after_the_other():
+    # One of them has the helpers; the other runs its regions' parts in order itself.
+    expected = [trained_weights(2, seed=s) for s in (0, 1)]
+    got = [None, None]
+
+    def train(i):
+        got[i] = trained_weights(2, seed=i)
+
+    workers = [threading.Thread(target=train, args=(i,)) for i in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected))
+
+
+def _child_product(queue):
+    a, b = product_inputs()
+    with threads(2):
+        queue.put((bp.get_num_threads(), bp.ops.matmul(a, b), _core._team_threads()))
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="no fork here")
+def test_a_forked_child_runs_its_own_team():
+    a, b = product_inputs()
+    with threads(2):
+        expected = bp.ops.matmul(a, b)         # the parent's helpers exist before the fork
+    context = mp.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_product, args=(queue,))
+    child.start()
+    count, product, helpers = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert count == 2 and helpers >= 1         # threads again, started in the child
+    assert np.array_equal(product, expected)
+
+
+def test_more_threads_than_cpus_never_spin():
+    a, b = product_inputs()
+    with threads(CPUS + 2):
+        bp.ops.matmul(a, b)
+        assert _core._team_spin() == 0         # a helper would spin on its caller's CPU
+
+
+@pytest.mark.skipif(CPUS > 8, reason="keeping every CPU of a large machine busy")
+def test_idle_threads_stop_spinning_while_other_processes_take_the_cpus():
+    a, b = product_inputs()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(CPUS)]
+    try:
+        deadline = time.monotonic() + 5
+        with threads(2):
+            while _core._team_spin() != 0 and time.monotonic() < deadline:
+                bp.ops.matmul(a, b)            # the caller looks every 10 ms
+        assert _core._team_spin() == 0
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
