@@ -139,3 +139,60 @@ def test_idle_threads_stop_spinning_while_other_processes_take_the_cpus():
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+FAILING_THREAD_STARTS = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+typedef int (*start_fn)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
+static int allowed = -1, calls = 0;        /* -1: every start succeeds */
+void fail_thread_starts_after(int n) { allowed = n; calls = 0; }
+int thread_starts(void) { return calls; }
+int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*f)(void*), void* arg) {
+    static start_fn real = 0;
+    if (!real) real = (start_fn)dlsym(RTLD_NEXT, "pthread_create");
+    if (allowed >= 0 && ++calls > allowed) return EAGAIN;
+    return real(t, a, f, arg);
+}
+"""
+
+CHILD_WITH_FAILING_STARTS = r"""
+import ctypes, numpy as np, backprop as bp
+from backprop import _core
+shim = ctypes.CDLL(None)
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((300, 200), dtype=np.float32), rng.standard_normal((200, 260), dtype=np.float32)
+bp.set_num_threads(1)
+alone = bp.ops.matmul(a, b)
+bp.set_num_threads(8)
+shim.fail_thread_starts_after(2)           # two helpers start, the third fails
+first = bp.ops.matmul(a, b)
+starts = shim.thread_starts()
+again = bp.ops.matmul(a, b)
+print(_core._team_threads(), starts, shim.thread_starts(),
+      np.array_equal(first, alone), np.array_equal(again, alone))
+"""
+
+
+def test_a_thread_that_cannot_start_leaves_a_smaller_team_and_is_not_retried(tmp_path):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the failing pthread_create")
+    source = tmp_path / "shim.c"
+    source.write_text(FAILING_THREAD_STARTS)
+    shim = tmp_path / "shim.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
+                   check=True)
+    # After any library already preloaded (AddressSanitizer's runtime must come first).
+    env = dict(os.environ, LD_PRELOAD=f"{os.environ.get('LD_PRELOAD', '')} {shim}".strip(),
+               OMP_NUM_THREADS="8")
+    result = subprocess.run([sys.executable, "-c", CHILD_WITH_FAILING_STARTS], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    helpers, starts, starts_later, first_same, again_same = result.stdout.split()
+    assert helpers == "2"                      # the two that started
+    assert starts == "3"                       # the third was tried once ...
+    assert starts_later == "3"                 # ... and not at the next region
+    assert first_same == again_same == "True"  # the same product as one thread's

@@ -85,6 +85,7 @@ static struct {
     long long busy_until;       /* ns: until then another process wants our CPUs */
     int cpus;                   /* CPUs the process may use, when helpers started */
 } bp_team = {PTHREAD_MUTEX_INITIALIZER, 0, NULL, NULL, 0, 0, 0, 0, 0, 0, -1, 0, 1};
+static int bp_team_most = BP_TEAM_MAX_HELPERS;      /* lowered when a start fails */
 
 /* The part this thread is running and the region's number of parts (1 outside one). */
 static __thread int bp_part = 0;
@@ -238,18 +239,20 @@ static void bp_team_after_fork(void) {
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     bp_team.lock = fresh;
     bp_team.helpers = 0;
+    bp_team_most = BP_TEAM_MAX_HELPERS;
     bp_team.sleepers = 0;
     bp_team.unfinished = 0;
     bp_team.caller_asleep = 0;
 }
 
 /* Start helpers until there are `wanted` (as many as the OS gives: a failed start only
- * leaves the team smaller).  Called with the lock held. */
+ * leaves the team smaller, and is not retried at every region).  Called with the lock
+ * held. */
 static void bp_team_grow(int wanted) {
     static int registered = 0;
     pthread_attr_t attr;
-    if (wanted > BP_TEAM_MAX_HELPERS)
-        wanted = BP_TEAM_MAX_HELPERS;
+    if (wanted > bp_team_most)
+        wanted = bp_team_most;
     if (bp_team.helpers >= wanted)
         return;
     if (!registered) {
@@ -267,8 +270,10 @@ static void bp_team_grow(int wanted) {
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     while (bp_team.helpers < wanted) {
         pthread_t thread;
-        if (pthread_create(&thread, &attr, bp_helper_main, NULL) != 0)
+        if (pthread_create(&thread, &attr, bp_helper_main, NULL) != 0) {
+            bp_team_most = bp_team.helpers;
             break;
+        }
         __atomic_add_fetch(&bp_team.helpers, 1, __ATOMIC_RELAXED);
     }
     pthread_attr_destroy(&attr);
