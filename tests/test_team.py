@@ -196,3 +196,39 @@ def test_a_thread_that_cannot_start_leaves_a_smaller_team_and_is_not_retried(tmp
     assert starts == "3"                       # the third was tried once ...
     assert starts_later == "3"                 # ... and not at the next region
     assert first_same == again_same == "True"  # the same product as one thread's
+
+
+def test_many_regions_of_changing_teams_while_helpers_sleep_and_wake():
+    # Races between a region's end, the next one's start and helpers going to sleep or
+    # waking late: thousands of short regions, teams of 2 to 9, helpers alternately
+    # spinning and sleeping at once, two Python threads at a time; every product must be
+    # the one-thread product.
+    rng = np.random.default_rng(7)
+    shapes = [(int(m), int(k), int(n)) for m, k, n in rng.integers(130, 260, size=(12, 3))]
+    operands = [(rng.standard_normal((m, k), dtype=np.float32),
+                 rng.standard_normal((k, n), dtype=np.float32)) for m, k, n in shapes]
+    with threads(1):
+        expected = [bp.ops.matmul(a, b) for a, b in operands]
+    wrong = []
+
+    def hammer(seed):
+        order = np.random.default_rng(seed)
+        for _ in range(300):
+            i = int(order.integers(len(operands)))
+            got = bp.ops.matmul(*operands[i])
+            if not np.array_equal(got, expected[i]):
+                wrong.append(i)
+
+    try:
+        for round_ in range(6):
+            _core._team_spin(0 if round_ % 2 else -1)
+            with threads(int(rng.integers(2, 10))):
+                workers = [threading.Thread(target=hammer, args=(round_ * 2 + j,))
+                           for j in range(2)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join(timeout=120)
+    finally:
+        _core._team_spin(-1)
+    assert wrong == []
