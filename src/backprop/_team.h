@@ -2,7 +2,7 @@
  *
  * The loops are written with Cython's prange; GCC outlines each parallel region into a
  * function and calls the OpenMP runtime's entry point GOMP_parallel(body, data, n).
- * This file defines that entry point (and the four calls a region's body makes:
+ * This file defines that entry point (and the three calls a region's body makes:
  * omp_get_thread_num, omp_get_num_threads, GOMP_barrier), hidden inside the compiled
  * core, so that backprop's regions run on the team below while every other library's
  * OpenMP keeps its own runtime.  tests/test_team.py checks that the core asks libgomp
@@ -175,7 +175,8 @@ static inline long bp_spin_budget(void) {
         spin = (policy != NULL && strcasecmp(policy, "passive") == 0) ? 0 : 200000;
         __atomic_store_n(&bp_team.spin_ns, spin, __ATOMIC_RELAXED);
     }
-    if (__atomic_load_n(&bp_team.parts, __ATOMIC_RELAXED) > bp_team.cpus)
+    if (__atomic_load_n(&bp_team.parts, __ATOMIC_RELAXED) >
+            __atomic_load_n(&bp_team.cpus, __ATOMIC_RELAXED))
         return 0;
     if (spin > 0 && bp_now_ns() < __atomic_load_n(&bp_team.busy_until, __ATOMIC_RELAXED))
         return 0;
@@ -263,7 +264,7 @@ static void bp_team_grow(int wanted) {
         cpu_set_t allowed;      /* the CPUs this process may run on (taskset, cgroups) */
         long cpus = sched_getaffinity(0, sizeof allowed, &allowed) == 0
                     ? CPU_COUNT(&allowed) : sysconf(_SC_NPROCESSORS_ONLN);
-        bp_team.cpus = cpus > 0 ? (int)cpus : 1;
+        __atomic_store_n(&bp_team.cpus, cpus > 0 ? (int)cpus : 1, __ATOMIC_RELAXED);
     }
     if (pthread_attr_init(&attr) != 0)
         return;
@@ -293,7 +294,8 @@ BP_HIDDEN void GOMP_parallel(bp_region_body body, void* data, unsigned requested
     }
     bp_team_grow(parts - 1);
     bp_look_for_competition(parts);
-    region = (uint32_t)(__atomic_load_n(&bp_team.region, __ATOMIC_RELAXED) + 1);
+    /* (Counted in unsigned arithmetic: it wraps after 2^32 regions.) */
+    region = (uint32_t)__atomic_load_n(&bp_team.region, __ATOMIC_RELAXED) + 1u;
     __atomic_store_n(&bp_team.body, body, __ATOMIC_RELAXED);
     __atomic_store_n(&bp_team.data, data, __ATOMIC_RELAXED);
     __atomic_store_n(&bp_team.parts, parts, __ATOMIC_RELAXED);
