@@ -44,7 +44,7 @@ def trained_weights(n_threads, epochs=2, seed=0):
 
 def test_the_core_asks_the_openmp_runtime_only_for_its_thread_count():
     # Every region must enter through this build's own GOMP_parallel: a call into
-    # libgomp's team (a dynamic schedule, a critical section, an atomic block) would
+    # libgomp's team (a dynamic schedule, a critical section, a real barrier) would
     # run on threads the team knows nothing about.
     nm = shutil.which("nm")
     if nm is None:
