@@ -1,4 +1,5 @@
-"""Build the compiled core, ``backprop._core``, from ``src/backprop/_core.pyx``.
+"""Build the compiled core: the engine, ``backprop._core`` (``src/backprop/_core.pyx``),
+once, and its kernels (``src/backprop/_kernels.pyx``) once per SIMD level.
 
 Everything about compilation lives here, once:
 
@@ -9,9 +10,9 @@ Everything about compilation lives here, once:
   turns bounds, wraparound and initialisation checks back on: the test suite
   is run against such a build in CI.
 * ``BACKPROP_SANITIZE=address`` instruments the extension with AddressSanitizer.
-* No ``-march=native``: the wheel must run on any x86-64.  The core is built
-  three times (baseline, AVX2+FMA, AVX-512) and the best build the CPU runs is
-  imported at run time (``backprop/_simd.py``).
+* No ``-march=native``: the wheel must run on any x86-64.  The kernels are built
+  three times (baseline, AVX2+FMA, AVX-512) and the engine calls the best level the
+  CPU runs, chosen at import (``backprop/_simd.py``, ``_level.pxd``).
 """
 import glob
 import os
@@ -137,35 +138,41 @@ directives = {
 optimise = ["-O1", "-g"] if DEBUG else ["-O3", "-g" if SANITIZE else "-g0"]
 sanitize = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"] if SANITIZE else []
 
-# The core is compiled once per SIMD level, so that the compiler vectorises every
-# element-wise loop as wide as the CPU allows; backprop/_simd.py imports the build the
-# CPU runs best.  BACKPROP_BUILD_LEVEL tells the GEMM which kernels belong to the build.
-# Only GCC and Clang on x86-64 get the variants; elsewhere `_core` is the only build.
-LEVELS = {"_core": (0, []),
-          "_core_avx2": (1, ["-mavx2", "-mfma"]),
-          "_core_avx512": (2, ["-mavx2", "-mfma", "-mavx512f", "-mavx512cd", "-mavx512bw",
-                               "-mavx512dq", "-mavx512vl"])}
+# The kernels are compiled once per SIMD level, so that the compiler vectorises every
+# element-wise loop as wide as the CPU allows; backprop/_simd.py picks the level the CPU
+# runs best.  BACKPROP_BUILD_LEVEL tells the GEMM which micro-kernels belong to the level.
+# Only GCC and Clang on x86-64 get the levels; elsewhere `_kernels` is the only one.  The
+# engine (checking, buffers, the classes users hold) is compiled once, for any CPU: it has
+# no loop that wider vectors would speed up.
+LEVELS = {"_kernels": (0, []),
+          "_kernels_avx2": (1, ["-mavx2", "-mfma"]),
+          "_kernels_avx512": (2, ["-mavx2", "-mfma", "-mavx512f", "-mavx512cd", "-mavx512bw",
+                                  "-mavx512dq", "-mavx512vl"])}
 X86_64 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
 
 
-def core(name):
-    level, flags = LEVELS[name]
+def extension(name, macros=(), flags=()):
     return Extension(
         f"backprop.{name}",
         [f"src/backprop/{name}.pyx"],
         include_dirs=[np.get_include(), "src/backprop"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
-                       ("BACKPROP_BUILD_LEVEL", str(level))],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), *macros],
         extra_compile_args=([] if sys.platform == "win32"
-                            else optimise + ["-fno-math-errno"] + flags + sanitize),
+                            else optimise + ["-fno-math-errno", *flags] + sanitize),
         extra_link_args=sanitize,
     )
 
 
-# The AVX-512 build first: it takes longest to compile, and the builds share the cores.
-cores = [core(name) for name in (reversed(LEVELS) if X86_64 else ["_core"])]
+def kernels(name):
+    level, flags = LEVELS[name]
+    return extension(name, [("BACKPROP_BUILD_LEVEL", str(level))], flags)
+
+
+# The AVX-512 kernels first: they take longest to compile, and the builds share the cores.
+modules = [kernels(name) for name in (reversed(LEVELS) if X86_64 else ["_kernels"])]
+modules.insert(1, extension("_core"))
 
 setup(
-    ext_modules=cores,
+    ext_modules=modules,
     cmdclass={"build_ext": BuildWithOpenMP},
 )

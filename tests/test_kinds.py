@@ -1,6 +1,6 @@
 """Every kind is declared once and fully: layer kinds, losses, optimizer rules.
 
-The compiled tables (_kernels.pxi) and the Python declarations must agree, a kind that is
+The compiled tables (_kernels.pyx) and the Python declarations must agree, a kind that is
 declared halfway must be refused before it runs, and nothing may fall back to another
 kind's code (a standalone identity activation once output zeros that way)."""
 import numpy as np

@@ -1,4 +1,4 @@
-"""The per-level builds of the compiled core (backprop/_simd.py): which one is imported,
+"""The per-level kernels of the compiled core (backprop/_simd.py): which level the engine calls,
 and that each trains a network as the others do.
 
 The CPU's own levels come from /proc/cpuinfo (test_matmul.cpu_levels), independently of
@@ -37,9 +37,9 @@ def test_backprop_simd_only_lowers_the_level(requested, expected):
     assert _simd.chosen_level(AVX2, "avx512") == "avx2"             # never raised
 
 
-def test_the_imported_build_is_the_chosen_one():
+def test_the_engine_calls_the_chosen_level():
     level = _simd.chosen_level()
-    assert bp._core.__name__ == _simd.MODULES[level]
+    assert bp._core._kernels.__name__ == _simd.MODULES[level]
     assert bp.simd_kernel() == KERNEL_NAMES[level]
 
 
@@ -51,7 +51,7 @@ net = bp.Network([bp.Dense(20, 32, "relu"), bp.BatchNorm(32), bp.Dropout(0.2),
                   bp.Dense(32, 32, "gelu"), bp.LayerNorm(32), bp.Dense(32, 4, "softmax")],
                  loss="cross_entropy", optimizer=bp.Adam(lr=0.01), dtype="float64", seed=1)
 losses = [net.train_step(x, y, l2=1e-3) for _ in range(5)]
-print(json.dumps([bp._core.__name__, losses, net.params.tolist()]))
+print(json.dumps([bp._core._kernels.__name__, losses, net.params.tolist()]))
 """
 
 
@@ -68,9 +68,9 @@ def test_every_build_trains_alike():
 
 def test_functions_pickle_under_the_name_every_build_answers_to():
     """A function sent to another machine (joblib, Dask, Ray) must not name this
-    machine's build, which the other CPU may not run."""
+    machine's level, which the other CPU may not run."""
     for name in ("get_num_threads", "set_num_threads", "simd_kernel", "matmul"):
         function = getattr(bp._core, name)
         data = pickle.dumps(function)
-        assert b"_core_avx" not in data
+        assert b"_kernels" not in data
         assert pickle.loads(data) is function

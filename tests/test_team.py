@@ -42,18 +42,25 @@ def trained_weights(n_threads, epochs=2, seed=0):
     return net.params.copy()
 
 
-def test_the_core_asks_the_openmp_runtime_only_for_its_thread_count():
-    # Every region must enter through this build's own GOMP_parallel: a call into
+@pytest.mark.parametrize("module", ["engine", "kernels"])
+def test_the_core_asks_the_openmp_runtime_only_for_its_thread_count(module):
+    # Every region must enter through the kernels' own GOMP_parallel: a call into
     # libgomp's team (a dynamic schedule, a critical section, a real barrier) would
-    # run on threads the team knows nothing about.
+    # run on threads the team knows nothing about.  The engine runs no region at all
+    # (a region there would start a second team).
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("nm (binutils) is not installed")
-    undefined = subprocess.run([nm, "-D", "--undefined-only", _core.__file__],
+    path = _core.__file__ if module == "engine" else _core._kernels.__file__
+    undefined = subprocess.run([nm, "-D", "--undefined-only", path],
                                capture_output=True, text=True, check=True).stdout
     asked = sorted({line.split()[-1].split("@")[0] for line in undefined.splitlines()
                     if "omp_" in line.lower()})
     assert asked == ["omp_get_max_threads"]
+    if module == "engine":
+        defined = subprocess.run([nm, "--defined-only", path],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "GOMP_parallel" not in defined and "_omp_fn" not in defined
 
 
 def test_regions_run_on_helpers_and_give_the_product():

@@ -7,10 +7,6 @@ A typed Cython + OpenMP core (``backprop._core``) behind a small NumPy API::
                      loss="cross_entropy", optimizer=bp.Adam(lr=1e-3), seed=0)
     loss = net.train_step(x, y)
 """
-from backprop._simd import load_core as _load_core
-
-_load_core()        # the build of the compiled core this CPU runs best, as backprop._core
-
 from backprop._core import (ACTIVATIONS, MAX_THREADS, bfloat16_kernel, get_num_threads,
                             openmp_enabled, set_num_threads, simd_kernel)
 from backprop import datasets, distributed, ops

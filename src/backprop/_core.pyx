@@ -1,20 +1,23 @@
-# The compiled core: validating wrappers around the nogil kernels.
+# The engine of the compiled core: validating wrappers around the nogil kernels.
 #
 # Three tiers, as in scikit-learn's _loss.pyx.tp:
 #   1. kernels  - `cdef inline ... noexcept nogil` loops on raw typed memory, one family
 #                 per .pxd file (one per layer kind: _dense, _batchnorm, ...; and _gemm,
-#                 _activations, _losses, _optim), reached through the tables of
-#                 _kernels.pxi and run by the tape's passes (_tape.pxd);
+#                 _activations, _losses, _optim), compiled once per SIMD level
+#                 (_kernels.pyx) and reached through that level's table (_level.pxd);
 #   2. here     - every input is checked (type, dtype, shape, finiteness, ranges) and copied
 #                 into buffers this module owns, and only then is the GIL released;
 #   3. Python   - network.py, layers/, losses.py, optim.py compose these into the API.
 #
-# This file is read in parts: _kernels.pxi (the kind tables), _copying.pxi (checking and
-# copying what users pass), _optimizer.pxi (the optimizers' compiled half) and
-# _engine.pxi (the Engine: one network's tape, workspace and passes).
+# This module is compiled once, for any CPU: it cimports declarations only (_ops.pxd,
+# _level.pxd), never a kernel, and runs no parallel loop of its own (the threads belong
+# to the kernels' level).  It is read in parts: _copying.pxi (checking and copying what
+# users pass), _optimizer.pxi (the optimizers' compiled half) and _engine.pxi (the
+# Engine: one network's tape, workspace and passes).
 cimport cython
 cimport numpy as cnp
 from cython cimport floating
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
@@ -26,24 +29,21 @@ import time
 
 import numpy as np
 
-from backprop._gemm cimport (gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name,
-                             bp_bf16_kernel_name, bp_bf16_rounded, bp_bf16_peak_loop,
-                             BP_BF16_PEAK_FLOPS_PER_ITERATION, bp_ctx, bp_ctx_caches,
-                             PARALLEL_MIN_WORK, FLOAT32, BFLOAT16)
-from backprop._activations cimport Activation, IDENTITY, SOFTMAX
-from backprop._optim cimport (OptimConfig, optimizer_update, sum_of_squares, largest_magnitude,
-                             most, STAT_BLOCK, N_HELD)
-from backprop._dropout cimport mix64
-from backprop._parallel cimport (part_start, team_for, BP_OWN_TEAM, bp_team_helpers,
-                                  bp_team_set_spin, bp_team_spin)
-from cython.parallel cimport prange
-from backprop._ops cimport Tape, Op, Slot
-from backprop._tape cimport forward_pass, loss_delta, backward_pass, weight_penalty
+from backprop._ops cimport (Tape, Op, Slot, Kernel, LossKernel, Rule, OptimConfig, STAT_BLOCK,
+                            N_HELD, FLOAT32, BFLOAT16, most)
+from backprop._level cimport (Level, LEVEL_CAPSULE, gather_t, forward_pass, loss_delta,
+                              backward_pass, weight_penalty, optimizer_update, sum_of_squares,
+                              largest_magnitude, product)
+from backprop._simd import load_kernels
 
 cnp.import_array()
-if bp_gemm_init() != 0:
-    raise ImportError(f"{__name__} was compiled for SIMD instructions this CPU lacks; "
-                      "import backprop, which picks the build the CPU runs (backprop/_simd.py)")
+
+# The kernels of the level this CPU runs best (backprop/_simd.py), and their table.
+_kernels = load_kernels()
+cdef const Level* LEVEL = <const Level*>PyCapsule_GetPointer(_kernels.LEVEL, LEVEL_CAPSULE)
+if LEVEL.size != sizeof(Level):
+    raise ImportError(f"{_kernels.__name__} was built from another version of backprop "
+                      "than backprop._core: reinstall backprop")
 
 cdef extern from *:
     """
@@ -71,19 +71,28 @@ cdef extern from *:
     int BACKPROP_OPENMP
     void* bp_aligned_alloc(size_t nbytes) nogil
 
-ACTIVATIONS = {
-    "identity": IDENTITY, "sigmoid": Activation.SIGMOID, "tanh": Activation.TANH,
-    "relu": Activation.RELU, "leaky_relu": Activation.LEAKY_RELU, "elu": Activation.ELU,
-    "gelu": Activation.GELU, "softplus": Activation.SOFTPLUS, "softmax": SOFTMAX,
-}
+# What the kernels' level defines, re-exported: the kind tables by name (the planner, the
+# layers and the optimizers find rows here), activation codes, Dropout's keys, and the
+# functions tests and benchmarks use to look at the level's own arithmetic.
+KERNELS = _kernels.KERNELS
+LOSS_KERNELS = _kernels.LOSS_KERNELS
+RULES = _kernels.RULES
+RECURRENT_CELLS = _kernels.RECURRENT_CELLS
+ACTIVATIONS = _kernels.ACTIVATIONS
+dropout_key = _kernels.dropout_key
+_bfloat16_rounded = _kernels._bfloat16_rounded
+_float32_gates = _kernels._float32_gates
+_gemm_config = _kernels._gemm_config
+_team_threads = _kernels._team_threads
+_team_spin = _kernels._team_spin
 
-include "_kernels.pxi"
 
-
-def dropout_key(uint64_t seed, uint64_t layer):
-    """The hash key of Dropout layer number `layer` in a network seeded with `seed`."""
-    return mix64(mix64(seed) ^ mix64(layer + 1))
-
+def _op_fields():
+    """The fields of a tape record (Op in _ops.pxd), nested ones as dicts: the planner
+    must fill exactly these (a dict with other keys would be read without them)."""
+    cdef Op op
+    memset(&op, 0, sizeof(Op))
+    return dict(op)
 
 # --------------------------------------------------------------------------- threads
 
@@ -98,7 +107,7 @@ def simd_kernel():
     loops alike: "avx512" (AVX-512 F/CD/BW/DQ/VL), "avx2+fma", or "generic" (baseline
     x86-64, or portable C elsewhere).  The best level the CPU has is chosen at import;
     BACKPROP_SIMD=avx512|avx2|generic set before import caps it (see backprop/_simd.py)."""
-    return bp_gemm_kernel_name().decode()
+    return LEVEL.simd.decode()
 
 
 def bfloat16_kernel():
@@ -107,65 +116,18 @@ def bfloat16_kernel():
     bfloat16 and multiplied by the float kernels: the same numbers within summation order,
     no faster than float32).  BACKPROP_BF16=emulated set before import turns the native
     kernels off."""
-    return bp_bf16_kernel_name().decode()
+    return LEVEL.bfloat16.decode()
 
 
 PRECISIONS = {"float32": FLOAT32, "bfloat16": BFLOAT16}
 
 
-def _bfloat16_rounded(x):
-    """float32 array x rounded to the nearest bfloat16 values (ties to even, subnormals to
-    zero), as the products' packing rounds their operands: for tests."""
-    cdef cnp.ndarray[float, ndim=1] flat = np.array(x, dtype=np.float32).reshape(-1)
-    cdef Py_ssize_t i
-    for i in range(flat.shape[0]):
-        flat[i] = bp_bf16_rounded(flat[i])
-    return flat.reshape(np.shape(x))
-
-
 def _bfloat16_peak(int n_threads, long iterations=2_000_000):
     """GFLOP/s of independent VDPBF16PS on `n_threads` threads at once (no memory traffic):
     the CPU's bfloat16 limit, for benchmarks.  0 without native bfloat16 products."""
-    if bfloat16_kernel() != "avx512_bf16" or not 1 <= n_threads <= MAX_THREADS:
+    if not 1 <= n_threads <= MAX_THREADS:
         return 0.0
-    cdef float[::1] sinks = np.zeros(n_threads, np.float32)
-    cdef int t
-    start = time.perf_counter()
-    for t in prange(n_threads, nogil=True, num_threads=n_threads, schedule="static"):
-        sinks[t] = bp_bf16_peak_loop(iterations)
-    seconds = time.perf_counter() - start
-    return n_threads * iterations * BP_BF16_PEAK_FLOPS_PER_ITERATION / seconds / 1e9
-
-
-cdef extern from "_gates.h" nogil:
-    float bp_sigmoidf(float x)
-    float bp_tanhf(float x)
-
-
-def _float32_gates(x):
-    """(sigmoid(x), tanh(x)) as a float32 recurrent cell computes them (_gates.h): for
-    tests."""
-    cdef float[::1] flat = np.array(x, dtype=np.float32).reshape(-1)
-    cdef float[::1] s = np.empty_like(flat), t = np.empty_like(flat)
-    cdef Py_ssize_t i
-    for i in range(flat.shape[0]):
-        s[i] = bp_sigmoidf(flat[i])
-        t[i] = bp_tanhf(flat[i])
-    shape = np.shape(x)
-    return np.asarray(s).reshape(shape), np.asarray(t).reshape(shape)
-
-
-def _gemm_config():
-    """The GEMM's run-time configuration, for tests and benchmarks: the level, the cache
-    sizes its blocking was derived from (bytes, by level), the fewest multiply-adds a
-    product splits between threads, and per dtype the micro-tile (mr x nr) and the
-    blocking (kc, mc, nc)."""
-    return {"kernel": simd_kernel(),
-            "parallel_min_work": PARALLEL_MIN_WORK,
-            "caches": {"L1": bp_ctx_caches.size[1], "L2": bp_ctx_caches.size[2],
-                       "L3": bp_ctx_caches.size[3]},
-            "float32": bp_ctx.s.blk, "bfloat16": bp_ctx.b.blk,
-            "float64": bp_ctx.d.blk}   # structs become dicts
+    return _kernels._bfloat16_peak(n_threads, iterations)
 
 
 def _gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads, dtype):
@@ -176,7 +138,7 @@ def _gemm_scratch_bytes(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int n_threads,
     if not (0 <= m <= MAX_OPERAND_SIDE and 0 <= n <= MAX_OPERAND_SIDE
             and 0 <= k <= MAX_OPERAND_SIDE):
         raise ValueError(f"m, n, k must lie in [0, {MAX_OPERAND_SIDE}], got {(m, n, k)}")
-    return gemm_scratch_bytes(m, n, k, n_threads, np.dtype(dtype).itemsize)
+    return LEVEL.product_scratch(m, n, k, n_threads, np.dtype(dtype).itemsize)
 
 
 # The longest side a product may have: an operand of more float32 values than this would
@@ -187,20 +149,6 @@ MAX_OPERAND_SIDE = 1 << 61
 def openmp_enabled():
     """True if the extension was built with OpenMP (False only for BACKPROP_SERIAL=1 builds)."""
     return bool(BACKPROP_OPENMP)
-
-
-def _team_threads():
-    """Helper threads the parallel regions have started so far (_team.h; 0 where the
-    compiler's OpenMP runtime runs them instead)."""
-    return bp_team_helpers()
-
-
-def _team_spin(ns=None):
-    """How long (ns) an idle helper spins before it sleeps; `ns` sets it (-1: the
-    default).  -1 where the compiler's OpenMP runtime runs the regions."""
-    if ns is not None:
-        bp_team_set_spin(int(ns))
-    return bp_team_spin()
 
 
 cdef int _requested_threads = 0   # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
@@ -214,7 +162,7 @@ def _after_fork_in_child():
     region after its parent used one waits forever on threads that do not exist (GCC bug
     52303).  Such a child therefore runs every kernel on one thread."""
     global _forked_child
-    if not BP_OWN_TEAM:
+    if not LEVEL.own_team:
         _forked_child = True
 
 
@@ -322,12 +270,12 @@ cdef void _matmul(floating* kind, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
     cdef const floating* pb = <const floating*>cnp.PyArray_DATA(b)
     cdef floating* pc = <floating*>cnp.PyArray_DATA(out)
     cdef int nt = _num_threads()
-    cdef void* scratch = bp_aligned_alloc(gemm_scratch_bytes(m, n, k, nt, sizeof(floating)))
+    cdef void* scratch = bp_aligned_alloc(LEVEL.product_scratch(m, n, k, nt, sizeof(floating)))
     if scratch == NULL:
         raise MemoryError("cannot allocate the GEMM packing buffers")
     with nogil:
-        gemm(m, n, k, pa, lda, trans_a, pb, ldb, trans_b, pc, n, accumulate,
-             NULL, IDENTITY, products, nt, scratch)
+        product(LEVEL, m, n, k, pa, lda, trans_a, pb, ldb, trans_b, pc, n, accumulate,
+                products, nt, scratch)
     free(scratch)
 
 

@@ -18,15 +18,15 @@ cdef double run_pass(floating* kind, Tape* t, int parts, int n_threads,
     weights' L2 penalty to the loss and its gradient to theirs."""
     cdef double value = 0.0
     if parts & FORWARD:
-        forward_pass(kind, t, n_threads)
+        forward_pass(LEVEL, kind, t, n_threads)
     if parts & LOSS:
-        value = loss_delta(kind, t, loss, labels, scale)
+        value = loss_delta(LEVEL, kind, t, loss, labels, scale)
         if not isfinite(value):
             return value
     if parts & BACKWARD:
-        backward_pass(kind, t, n_threads, input_grad, from_logits)
+        backward_pass(LEVEL, kind, t, n_threads, input_grad, from_logits)
         if l2 > 0 and parts & LOSS:
-            value += weight_penalty(kind, t, l2, scale, block_sums, n_threads)
+            value += weight_penalty(LEVEL, kind, t, l2, scale, block_sums, n_threads)
     return value
 
 
@@ -136,7 +136,7 @@ cdef class Engine:
         self.params, self.grads, self.buffers, self.dtype = params, grads, buffers, params.dtype
         self.is64 = params.dtype == np.float64
         self.loss = loss
-        self.loss_kernel = &LOSS_TABLE[LOSS_KERNELS[loss.kernel]] if loss is not None else NULL
+        self.loss_kernel = &LEVEL.losses[LOSS_KERNELS[loss.kernel]] if loss is not None else NULL
         self.from_logits = loss is not None and loss.from_logits
         self.input_shape, self.output_shape = plan.input_shape, plan.output_shape
         self.id_limit = plan.id_limit
@@ -144,7 +144,7 @@ cdef class Engine:
         self.n_buffers = buffers.shape[0]
         self.n_slots = len(slots)
         self.tape.n_ops = len(records)
-        self.tape.kernels = KERNEL_TABLE
+        self.tape.kernels = LEVEL.kernels
         self.tape.ops = <Op*>bp_aligned_alloc(len(records) * sizeof(Op))
         self.tape.slots = <Slot*>bp_aligned_alloc(len(slots) * sizeof(Slot))
         self.grad_owner = <int*>bp_aligned_alloc(len(slots) * sizeof(int))
@@ -282,7 +282,7 @@ cdef class Engine:
         cdef const Op* op
         for i in range(self.tape.n_ops):
             op = &self.tape.ops[i]
-            need = max(need, KERNEL_TABLE[op.kernel].scratch(op, &self.tape, rows, nt, item))
+            need = max(need, LEVEL.kernels[op.kernel].scratch(op, &self.tape, rows, nt, item))
         return need
 
     cdef int _ready_scratch(self) except -1:
@@ -622,9 +622,10 @@ cdef class Engine:
     @cython.nonecheck(False)
     cdef double _sum_of_squares(self, int nt) noexcept nogil:
         if self.is64:
-            return sum_of_squares(<double*>self.tape.grads, self.params.shape[0],
+            return sum_of_squares(LEVEL, <double*>self.tape.grads, self.params.shape[0],
                                   self.block_sums, nt)
-        return sum_of_squares(<float*>self.tape.grads, self.params.shape[0], self.block_sums, nt)
+        return sum_of_squares(LEVEL, <float*>self.tape.grads, self.params.shape[0],
+                              self.block_sums, nt)
 
     @cython.nonecheck(False)
     cdef void _zero_grads(self) noexcept nogil:
@@ -748,11 +749,11 @@ cdef class Engine:
         for i in range(self.tape.n_weights):
             if self.is64:
                 self.weight_norms[i] = sqrt(sum_of_squares(
-                    <double*>self.tape.grads + self.weight_offsets[i], self.weight_sizes[i],
+                    LEVEL, <double*>self.tape.grads + self.weight_offsets[i], self.weight_sizes[i],
                     self.block_sums, nt))
             else:
                 self.weight_norms[i] = sqrt(sum_of_squares(
-                    <float*>self.tape.grads + self.weight_offsets[i], self.weight_sizes[i],
+                    LEVEL, <float*>self.tape.grads + self.weight_offsets[i], self.weight_sizes[i],
                     self.block_sums, nt))
 
     def weight_grad_norms(self):

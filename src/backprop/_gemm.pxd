@@ -33,6 +33,7 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.string cimport memset
 from backprop._activations cimport activate_tile
 from backprop._parallel cimport part_start
+from backprop._ops cimport FLOAT32, BFLOAT16
 
 cdef extern from "_gemm_kernels.h" nogil:
     ctypedef void (*bp_skernel_t)(Py_ssize_t k, const void* a, const void* b, float* c,
@@ -96,14 +97,6 @@ cdef enum:
     # step 101 us on one thread and 107 us on two.  Far less than it loses when another
     # process holds the other core, either (every region ends in a barrier).
     PARALLEL_MIN_WORK = 1 << 21
-
-
-cdef enum Products:
-    # What a float product multiplies: float operands (FLOAT32), or float operands rounded
-    # to bfloat16 as they are packed, accumulated in float (BFLOAT16, _gemm_bf16.h).
-    # Double products are always FLOAT32 (full precision).
-    FLOAT32 = 0
-    BFLOAT16 = 1
 
 
 cdef struct GemmPlan:

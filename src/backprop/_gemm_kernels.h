@@ -18,8 +18,8 @@
  * _gemm_avx2.h) and "avx512" (8x32 float / 8x16 double, _gemm_avx512.h).  Each level
  * has three tables: float products, bfloat16 products of float operands (_gemm_bf16.h:
  * VDPBF16PS where the CPU has it, else emulated with the level's float kernel) and
- * double products.  The core is compiled once per level (setup.py; backprop/_simd.py
- * imports the build the CPU runs best), and BACKPROP_BUILD_LEVEL says which build this
+ * double products.  The kernels are compiled once per level (setup.py; backprop/_simd.py
+ * chooses the level the CPU runs best), and BACKPROP_BUILD_LEVEL says which level this
  * is: bp_gemm_init() fills one context (bp_ctx, as BLIS's context does) with that
  * level's kernels and blocking, once, at import.  MR, NR and the cache blocking differ per level and per element type, so
  * the loop nest reads them from bp_ctx, never from compile-time constants.  The SIMD

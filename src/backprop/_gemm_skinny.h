@@ -5,7 +5,7 @@
  * weight gradient, dz^T x) or whose k is a handful (the input gradient, dz W).  A tile
  * kernel would compute 32 columns to keep 1, and packing would cost more than the
  * arithmetic; these loops read the operands where they are.  They are compiled at the
- * build's SIMD level like every element-wise loop (setup.py builds the core per level).
+ * kernels' SIMD level like every element-wise loop (setup.py builds the kernels per level).
  *
  *   bp_dot_rows_*   C[i, j] (+)= sum_p A[i, p] B[j, p], rows i0..i1: both operands
  *                   contiguous along k.  Four columns at a time share each load of A's

@@ -19,22 +19,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 from backprop._activations cimport sigmoid
 from backprop._optim cimport STAT_BLOCK, PARALLEL_MIN_PARAMS, _block_sum_of_squares
-from backprop._ops cimport Op, Tape, Slot, result_of
-
-# A loss's kernel: the loss of the last record's output (or, for the cross-entropies, its
-# kept logits) against t.target or t.labels, with grad_scale * dL/d(output) (dL/d(logits))
-# written to the output slot's gradient.  One row each in the loss table (_kernels.pxi);
-# what the Python side needs to know about a loss is declared in backprop/losses.py.
-ctypedef double (*loss32_t)(float* kind, const Op* last, Tape* t, bint labels,
-                            double grad_scale) noexcept nogil
-ctypedef double (*loss64_t)(double* kind, const Op* last, Tape* t, bint labels,
-                            double grad_scale) noexcept nogil
-
-cdef struct LossKernel:
-    const char* name
-    loss32_t value32
-    loss64_t value64
-
+from backprop._ops cimport Op, Tape, Slot, LossKernel, result_of
 
 cdef inline double row_weight(const double* w, Py_ssize_t i) noexcept nogil:
     return 1.0 if w == NULL else w[i]

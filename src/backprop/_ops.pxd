@@ -1,12 +1,14 @@
-# What a compiled network is made of: slots, operation records, and the signature every
-# layer kind's kernels share.
+# What a compiled network is made of: slots, operation records, and the signatures every
+# layer kind's, loss's and optimizer rule's kernels share.  Declarations only (and a few
+# accessors): the engine (_core.pyx), compiled once, reads them as the kernels of every
+# SIMD level (_kernels.pyx) do.
 #
 # The planner (plan.py) turns the layers into records; the Engine (_core.pyx) copies them
 # into these structs; the passes (_tape.pxd) call each record's kernels through the kernel
-# table (_kernels.pxi), one row per layer kind.  A kind is one .pxd file of kernels with the
+# table (_kernels.pyx), one row per layer kind.  A kind is one .pxd file of kernels with the
 # signatures below and one Python class declaring everything else (backprop/layers/).
 from cython cimport floating
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
 cdef struct Slot:
@@ -127,7 +129,7 @@ cdef struct Tape:
     uint64_t passes          # train-mode forward passes so far (Dropout's counter)
     uint64_t row_offset      # the batch's first row in a global batch (Dropout's row numbers)
     void* scratch            # 64-byte aligned, as large as the largest kind's need
-    int products             # what the products multiply (_gemm.pxd's Products)
+    int products             # what the products multiply (Products, below)
     # the loss
     char* target             # float targets, batch x output size (row stride ldt)
     Py_ssize_t ldt
@@ -138,6 +140,95 @@ cdef struct Tape:
     int n_weights
     const Py_ssize_t* weight_offsets
     const Py_ssize_t* weight_sizes
+
+
+cdef enum Products:
+    # What a float product multiplies (Tape.products; the GEMM, _gemm.pxd): float operands (FLOAT32), or float operands rounded
+    # to bfloat16 as they are packed, accumulated in float (BFLOAT16, _gemm_bf16.h).
+    # Double products are always FLOAT32 (full precision).
+    FLOAT32 = 0
+    BFLOAT16 = 1
+
+
+# A loss's kernel: the loss of the last record's output (or, for the cross-entropies, its
+# kept logits) against t.target or t.labels, with grad_scale * dL/d(output) (dL/d(logits))
+# written to the output slot's gradient.  One row each in the loss table (_kernels.pyx);
+# what the Python side needs to know about a loss is declared in backprop/losses.py.
+ctypedef double (*loss32_t)(float* kind, const Op* last, Tape* t, bint labels,
+                            double grad_scale) noexcept nogil
+ctypedef double (*loss64_t)(double* kind, const Op* last, Tape* t, bint labels,
+                            double grad_scale) noexcept nogil
+
+cdef struct LossKernel:
+    const char* name
+    loss32_t value32
+    loss64_t value64
+
+
+# An optimizer rule's settings and its row (_optim.pxd has the rules).
+cdef enum:
+    # Below this many parameters one thread is faster than waking a second one.
+    PARALLEL_MIN_PARAMS = 32768
+    # Gradient statistics are summed in blocks of this many values, block sums then in
+    # block order: the same sum for any thread count.
+    STAT_BLOCK = 4096
+    # The parameters, then up to three state buffers: what a pass reports on.
+    N_HELD = 4
+
+cdef struct OptimConfig:
+    int rule               # the row of the rule table
+    long step              # updates done so far; incremented before each update
+    double lr
+    double weight_decay
+    bint decoupled         # AdamW: decay the weights, not the gradient
+    double momentum        # SGD, RMSprop
+    double dampening       # SGD
+    bint nesterov          # SGD
+    double beta1, beta2    # Adam
+    bint amsgrad           # Adam
+    double eps             # Adam, RMSprop, Adagrad
+    double alpha           # RMSprop smoothing constant
+    bint centered          # RMSprop
+    double lr_decay        # Adagrad
+
+
+# A rule is two functions, one row in the rule table (_kernels.pyx) and one class in
+# optim.py (settings, state names, the rule in words):
+#
+# * its kernel: one update of parameters lo..hi, from the settings (by value), the
+#   parameters, their gradients (times `clip`) and up to three state buffers (the rule's
+#   own, in the order its Python class names them; unused ones may be NULL).  `keep` is 0
+#   when the gradients are cleared as they are used (train_step), else 1.  It writes to
+#   `written` the largest magnitude it wrote to the parameters and to each state buffer,
+#   as `widest` patterns (0 for a buffer it did not write).
+# * its bound: the largest magnitude any value of its next update can take (the
+#   parameters and state it writes, every intermediate, and each setting as the kernel
+#   converts it to the dtype: lr = 1e39 is infinite in float32), from `held`, the largest
+#   magnitudes the parameters and its state buffers hold, and `grad`, the largest gradient
+#   (after clipping); c.step is the count before the update.  +inf when it cannot bound
+#   them (eps = 0 lets a quotient grow without limit).  It never counts on cancellation,
+#   so it is loose, but a normal step's bound is tens of orders of magnitude below the
+#   dtype's largest value.
+ctypedef void (*rule32_t)(OptimConfig c, float* p, float* g, float* s0, float* s1, float* s2,
+                          float clip, Py_ssize_t lo, Py_ssize_t hi, float keep,
+                          uint32_t* written) noexcept nogil
+ctypedef void (*rule64_t)(OptimConfig c, double* p, double* g, double* s0, double* s1,
+                          double* s2, double clip, Py_ssize_t lo, Py_ssize_t hi,
+                          double keep, uint64_t* written) noexcept nogil
+ctypedef double (*bound_t)(const OptimConfig* c, const double* held,
+                           double grad) noexcept nogil
+
+cdef struct Rule:
+    const char* name
+    int n_state
+    rule32_t update32
+    rule64_t update64
+    bound_t bound
+
+
+cdef inline double most(double a, double b) noexcept nogil:
+    # max(a, b), NaN if either is NaN: a bound that is NaN must not pass for small.
+    return a if (a >= b or a != a) else b
 
 
 cdef inline Py_ssize_t no_scratch(const Op* op, const Tape* t, Py_ssize_t batch,

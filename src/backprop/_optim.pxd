@@ -25,32 +25,8 @@ from libc.math cimport sqrt, sqrtf, pow, fabs, INFINITY
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 from backprop._parallel cimport part_start
-
-cdef enum:
-    # Below this many parameters one thread is faster than waking a second one.
-    PARALLEL_MIN_PARAMS = 32768
-    # Gradient statistics are summed in blocks of this many values, block sums then in
-    # block order: the same sum for any thread count.
-    STAT_BLOCK = 4096
-    # The parameters, then up to three state buffers: what a pass reports on.
-    N_HELD = 4
-
-cdef struct OptimConfig:
-    int rule               # the row of the rule table
-    long step              # updates done so far; incremented before each update
-    double lr
-    double weight_decay
-    bint decoupled         # AdamW: decay the weights, not the gradient
-    double momentum        # SGD, RMSprop
-    double dampening       # SGD
-    bint nesterov          # SGD
-    double beta1, beta2    # Adam
-    bint amsgrad           # Adam
-    double eps             # Adam, RMSprop, Adagrad
-    double alpha           # RMSprop smoothing constant
-    bint centered          # RMSprop
-    double lr_decay        # Adagrad
-
+from backprop._ops cimport (OptimConfig, Rule, PARALLEL_MIN_PARAMS, STAT_BLOCK, N_HELD,
+                            most)
 
 cdef inline floating root(floating x) noexcept nogil:
     # sqrtf for float32: a float32 update needs no double precision (torch computes it in
@@ -91,51 +67,12 @@ cdef inline double magnitude(pattern bits) noexcept nogil:
     return d if d - d == 0 else INFINITY
 
 
-cdef inline double most(double a, double b) noexcept nogil:
-    # max(a, b), NaN if either is NaN: a bound that is NaN must not pass for small.
-    return a if (a >= b or a != a) else b
-
-
 cdef inline double largest(const double* values, int n) noexcept nogil:
     cdef double result = 0.0
     cdef int i
     for i in range(n):
         result = most(result, values[i])
     return result
-
-
-# A rule is two functions, one row in the rule table (_kernels.pxi) and one class in
-# optim.py (settings, state names, the rule in words):
-#
-# * its kernel: one update of parameters lo..hi, from the settings (by value), the
-#   parameters, their gradients (times `clip`) and up to three state buffers (the rule's
-#   own, in the order its Python class names them; unused ones may be NULL).  `keep` is 0
-#   when the gradients are cleared as they are used (train_step), else 1.  It writes to
-#   `written` the largest magnitude it wrote to the parameters and to each state buffer,
-#   as `widest` patterns (0 for a buffer it did not write).
-# * its bound: the largest magnitude any value of its next update can take (the
-#   parameters and state it writes, every intermediate, and each setting as the kernel
-#   converts it to the dtype: lr = 1e39 is infinite in float32), from `held`, the largest
-#   magnitudes the parameters and its state buffers hold, and `grad`, the largest gradient
-#   (after clipping); c.step is the count before the update.  +inf when it cannot bound
-#   them (eps = 0 lets a quotient grow without limit).  It never counts on cancellation,
-#   so it is loose, but a normal step's bound is tens of orders of magnitude below the
-#   dtype's largest value.
-ctypedef void (*rule32_t)(OptimConfig c, float* p, float* g, float* s0, float* s1, float* s2,
-                          float clip, Py_ssize_t lo, Py_ssize_t hi, float keep,
-                          uint32_t* written) noexcept nogil
-ctypedef void (*rule64_t)(OptimConfig c, double* p, double* g, double* s0, double* s1,
-                          double* s2, double clip, Py_ssize_t lo, Py_ssize_t hi,
-                          double keep, uint64_t* written) noexcept nogil
-ctypedef double (*bound_t)(const OptimConfig* c, const double* held,
-                           double grad) noexcept nogil
-
-cdef struct Rule:
-    const char* name
-    int n_state
-    rule32_t update32
-    rule64_t update64
-    bound_t bound
 
 
 cdef inline void update_range(const Rule* rule, const OptimConfig* c, floating* p, floating* g,

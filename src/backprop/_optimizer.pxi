@@ -20,7 +20,7 @@ cdef class OptimizerBase:
     """The compiled half of every optimizer: its rule and settings as a C struct (read by
     the nogil update) and its state buffers, each shaped like the flat parameter buffer.
 
-    Only the rules of the rule table exist (RULES, _kernels.pxi).  Each public class in
+    Only the rules of the rule table exist (RULES, _kernels.pyx).  Each public class in
     `backprop.optim` declares its rule (RULE, a key of RULES) and the names of the
     rule's state buffers (STATE_NAMES, as many as its kernel takes: checked here), and
     validates its settings before `_set_rule`, so no subclass can make the kernel read a
@@ -70,8 +70,8 @@ cdef class OptimizerBase:
         self._check_idle("change the optimizer's settings")
         if rule not in RULES:
             raise ValueError(f"unknown optimizer rule {rule!r}; choose one of {sorted(RULES)}")
-        if len(state_names) != RULE_TABLE[RULES[rule]].n_state:
-            raise TypeError(f"the {rule!r} rule keeps {RULE_TABLE[RULES[rule]].n_state} state "
+        if len(state_names) != LEVEL.rules[RULES[rule]].n_state:
+            raise TypeError(f"the {rule!r} rule keeps {LEVEL.rules[RULES[rule]].n_state} state "
                             f"buffers, but {len(state_names)} are named: {state_names}")
         if set(self._nonnegative()) - set(state_names):
             raise TypeError(f"NONNEGATIVE names buffers the rule does not keep: "
@@ -207,7 +207,7 @@ cdef class OptimizerBase:
         """One update (between _begin and _end) of the n parameters at p from their
         gradients at g times `clip`, the largest of which is at most `grad` before clipping:
         an UpdateResult."""
-        cdef const Rule* rule = &RULE_TABLE[self.config.rule]
+        cdef const Rule* rule = &LEVEL.rules[self.config.rule]
         cdef Py_ssize_t nbytes = n * (8 if self._is64 else 4)
         cdef double written[N_HELD]
         cdef int k
@@ -224,11 +224,11 @@ cdef class OptimizerBase:
             for k in range(rule.n_state):
                 memcpy(self.backup + (k + 1) * nbytes, self.slots[k], nbytes)
         if self._is64:
-            optimizer_update(rule, &self.config, <double*>p, <double*>g, <double*>self.slots[0],
+            optimizer_update(LEVEL, rule, &self.config, <double*>p, <double*>g, <double*>self.slots[0],
                              <double*>self.slots[1], <double*>self.slots[2], clip, n,
                              n_threads, clear, written, self.parts)
         else:
-            optimizer_update(rule, &self.config, <float*>p, <float*>g, <float*>self.slots[0],
+            optimizer_update(LEVEL, rule, &self.config, <float*>p, <float*>g, <float*>self.slots[0],
                              <float*>self.slots[1], <float*>self.slots[2], clip, n,
                              n_threads, clear, written, self.parts)
         for k in range(N_HELD):
@@ -251,14 +251,14 @@ cdef class OptimizerBase:
     cdef void _measure(self, char* p, Py_ssize_t n) noexcept nogil:
         """held: the largest magnitude in the parameters and in each state buffer (a pass
         over them, once after each bind or load)."""
-        cdef int k, n_state = RULE_TABLE[self.config.rule].n_state
+        cdef int k, n_state = LEVEL.rules[self.config.rule].n_state
         for k in range(N_HELD):
             self.held[k] = 0.0
         if self._is64:
-            self.held[0] = largest_magnitude(<double*>p, n, <uint64_t*>NULL)
+            self.held[0] = largest_magnitude(LEVEL, <double*>p, n)
             for k in range(n_state):
-                self.held[k + 1] = largest_magnitude(<double*>self.slots[k], n, <uint64_t*>NULL)
+                self.held[k + 1] = largest_magnitude(LEVEL, <double*>self.slots[k], n)
         else:
-            self.held[0] = largest_magnitude(<float*>p, n, <uint32_t*>NULL)
+            self.held[0] = largest_magnitude(LEVEL, <float*>p, n)
             for k in range(n_state):
-                self.held[k + 1] = largest_magnitude(<float*>self.slots[k], n, <uint32_t*>NULL)
+                self.held[k + 1] = largest_magnitude(LEVEL, <float*>self.slots[k], n)

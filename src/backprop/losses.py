@@ -1,7 +1,7 @@
 """The built-in losses: one declaration each.
 
 A loss is one compiled kernel (``_losses.pxd``: the loss and its gradient in one pass, a
-row of the loss table in ``_kernels.pxi``) and one ``Loss`` here, which the Network, the
+row of the loss table in ``_kernels.pyx``) and one ``Loss`` here, which the Network, the
 planner, the Engine, training and checkpoints read.  Each is PyTorch's, with its mean
 reduction.
 """

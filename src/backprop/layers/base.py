@@ -1,7 +1,7 @@
 """What a layer kind declares, and the registry of the kinds.
 
 A layer kind is one compiled kernel file (``_<kind>.pxd``: forward and backward, a row
-of the kernel table in ``_kernels.pxi``) and one class here that declares everything
+of the kernel table in ``_kernels.pyx``) and one class here that declares everything
 else, which the planner, the Engine, checkpoints, ``gradcheck``, ``GradientMonitor`` and
 the PyTorch and ONNX converters read:
 
