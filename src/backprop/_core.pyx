@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from backprop._ops cimport (Tape, Op, Slot, Kernel, LossKernel, Rule, OptimConfig, STAT_BLOCK,
-                            N_HELD, FLOAT32, BFLOAT16, most)
+                            N_HELD, FLOAT32, BFLOAT16, most, mix64)
 from backprop._level cimport (Level, LEVEL_CAPSULE, gather_t, forward_pass, loss_delta,
                               backward_pass, weight_penalty, optimizer_update, sum_of_squares,
                               largest_magnitude, product)
@@ -72,19 +72,23 @@ cdef extern from *:
     void* bp_aligned_alloc(size_t nbytes) nogil
 
 # What the kernels' level defines, re-exported: the kind tables by name (the planner, the
-# layers and the optimizers find rows here), activation codes, Dropout's keys, and the
-# functions tests and benchmarks use to look at the level's own arithmetic.
+# layers and the optimizers find rows here), activation codes, and the functions tests
+# and benchmarks use to look at the level's own arithmetic.
 KERNELS = _kernels.KERNELS
 LOSS_KERNELS = _kernels.LOSS_KERNELS
 RULES = _kernels.RULES
 RECURRENT_CELLS = _kernels.RECURRENT_CELLS
 ACTIVATIONS = _kernels.ACTIVATIONS
-dropout_key = _kernels.dropout_key
 _bfloat16_rounded = _kernels._bfloat16_rounded
 _float32_gates = _kernels._float32_gates
 _gemm_config = _kernels._gemm_config
 _team_threads = _kernels._team_threads
 _team_spin = _kernels._team_spin
+
+
+def dropout_key(uint64_t seed, uint64_t layer):
+    """The hash key of Dropout layer number `layer` in a network seeded with `seed`."""
+    return mix64(mix64(seed) ^ mix64(layer + 1))
 
 
 def _op_fields():
@@ -93,6 +97,7 @@ def _op_fields():
     cdef Op op
     memset(&op, 0, sizeof(Op))
     return dict(op)
+
 
 # --------------------------------------------------------------------------- threads
 

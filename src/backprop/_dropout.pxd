@@ -15,7 +15,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint32_t, uint64_t
 from backprop._parallel cimport part_start, team_for
 from backprop._residual cimport pass_gradient
-from backprop._ops cimport Op, Tape, Slot, input_of, output_of, result_of, dx_of
+from backprop._ops cimport Op, Tape, Slot, input_of, output_of, result_of, dx_of, mix64
 
 cdef extern from *:
     """
@@ -24,13 +24,6 @@ cdef extern from *:
     """
     const uint64_t GOLDEN64 "BP_GOLDEN64"
     const uint32_t GOLDEN32 "BP_GOLDEN32"
-
-
-cdef inline uint64_t mix64(uint64_t z) noexcept nogil:
-    # SplitMix64's finaliser: every input bit affects every output bit.
-    z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EBULL
-    return z ^ (z >> 31)
 
 
 cdef inline uint32_t mix32(uint32_t x) noexcept nogil:

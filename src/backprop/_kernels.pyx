@@ -31,7 +31,6 @@ from backprop._activations cimport Activation, IDENTITY, SOFTMAX
 from backprop._parallel cimport BP_OWN_TEAM, bp_team_helpers, bp_team_set_spin, bp_team_spin
 from backprop._tape cimport forward_pass, loss_delta, backward_pass, weight_penalty
 from backprop._gather cimport gather_rows
-from backprop._dropout cimport mix64
 from cython.parallel cimport prange
 
 cnp.import_array()
@@ -197,11 +196,6 @@ ACTIVATIONS = {
     "relu": Activation.RELU, "leaky_relu": Activation.LEAKY_RELU, "elu": Activation.ELU,
     "gelu": Activation.GELU, "softplus": Activation.SOFTPLUS, "softmax": SOFTMAX,
 }
-
-
-def dropout_key(uint64_t seed, uint64_t layer):
-    """The hash key of Dropout layer number `layer` in a network seeded with `seed`."""
-    return mix64(mix64(seed) ^ mix64(layer + 1))
 
 
 # --------------------------------------------------------------------------- for tests

@@ -231,6 +231,14 @@ cdef inline double most(double a, double b) noexcept nogil:
     return a if (a >= b or a != a) else b
 
 
+# Dropout's hash (Op.key is the seed and the layer, mixed: the engine's dropout_key).
+cdef inline uint64_t mix64(uint64_t z) noexcept nogil:
+    # SplitMix64's finaliser: every input bit affects every output bit.
+    z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
 cdef inline Py_ssize_t no_scratch(const Op* op, const Tape* t, Py_ssize_t batch,
                                   int n_threads, Py_ssize_t itemsize) noexcept nogil:
     return 0
