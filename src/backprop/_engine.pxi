@@ -286,25 +286,21 @@ cdef class Engine:
         return need
 
     cdef int _ready_scratch(self) except -1:
-        """Scratch for a pass over the current batch on the whole team (and on one
-        thread, where memory for the team's is short); the number of threads the pass
-        may use (the result does not depend on it)."""
+        """Scratch for a pass over the current batch on the whole team (on one thread, which
+        needs the least, where memory for the team's is short); the number of threads the
+        pass may use (the result does not depend on it)."""
         cdef int nt = _num_threads()
         cdef Py_ssize_t need
-        cdef void* grown
+        cdef void* grown = NULL
         if self.tape.batch == self.scratch_rows and nt == self.scratch_team:
             return nt
-        need = self._scratch_need(self.tape.batch, 1)
-        if nt > 1:
-            need = max(need, self._scratch_need(self.tape.batch, nt))
+        need = self._scratch_need(self.tape.batch, nt)
         if need > self.scratch_bytes:
             grown = bp_aligned_alloc(need)
             if grown == NULL and nt > 1:
                 nt, need = 1, self._scratch_need(self.tape.batch, 1)
                 grown = bp_aligned_alloc(need) if need > self.scratch_bytes else NULL
-                if grown == NULL and need > self.scratch_bytes:
-                    raise MemoryError("cannot allocate the kernels' scratch")
-            elif grown == NULL:
+            if grown == NULL and need > self.scratch_bytes:
                 raise MemoryError("cannot allocate the kernels' scratch")
             if grown != NULL:
                 free(self.scratch)

@@ -8,21 +8,15 @@
 # products, the copying of users' rows.  The module also holds the few Python functions
 # that must run this level's code (tests compare its rounding; benchmarks read its GEMM
 # configuration), which the engine re-exports.
-#
-# The tables of compiled kinds: one row per layer kind, loss and optimizer rule, each
-# naming the kernels that run it.  This is the only place the compiled core lists kinds;
-# the passes call through these tables, the Python side finds a kind's row by its name
-# (KERNELS, LOSS_KERNELS, RULES) when a network is planned, and a name not here is
-# refused then, never run by some default branch.  Adding a kind: its kernel file, one
-# row here, and its Python declaration (backprop/layers/, losses.py, optim.py).
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_New
+from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.string cimport memset
 
 import numpy as np
 
 from backprop._level cimport Level, LEVEL_CAPSULE
+from backprop._ops cimport Kernel, LossKernel, Rule, no_scratch
 from backprop._gemm cimport (gemm, gemm_scratch_bytes, bp_gemm_init, bp_gemm_kernel_name,
                              bp_bf16_kernel_name, bp_bf16_rounded, bp_bf16_peak_loop,
                              BP_BF16_PEAK_FLOPS_PER_ITERATION, bp_ctx, bp_ctx_caches,
@@ -31,13 +25,6 @@ from backprop._activations cimport Activation, IDENTITY, SOFTMAX
 from backprop._parallel cimport BP_OWN_TEAM, bp_team_helpers, bp_team_set_spin, bp_team_spin
 from backprop._tape cimport forward_pass, loss_delta, backward_pass, weight_penalty
 from backprop._gather cimport gather_rows
-from cython.parallel cimport prange
-
-cnp.import_array()
-if bp_gemm_init() != 0:
-    raise ImportError(f"{__name__} was compiled for SIMD instructions this CPU lacks; "
-                      "import backprop, which picks the level the CPU runs (backprop/_simd.py)")
-from backprop._ops cimport Kernel, LossKernel, Rule, OptimConfig, Op, no_scratch
 from backprop._dense cimport dense_run, dense_back, dense_scratch
 from backprop._batchnorm cimport batchnorm_run, batchnorm_back
 from backprop._layernorm cimport layernorm_run, layernorm_back
@@ -51,12 +38,25 @@ from backprop._recurrent cimport (recurrent_run, recurrent_back, recurrent_scrat
                                   last_step_run, last_step_back, CELL_RNN, CELL_LSTM, CELL_GRU,
                                   RNN_GATES, RNN_KEPT, LSTM_GATES, LSTM_KEPT, GRU_GATES,
                                   GRU_KEPT)
-from backprop._losses cimport (mse_loss, binary_cross_entropy_loss,
-                               cross_entropy_loss)
+from backprop._losses cimport mse_loss, binary_cross_entropy_loss, cross_entropy_loss
 from backprop._optim cimport (optimizer_update, sum_of_squares, largest_magnitude, sgd_range,
                              sgd_bound, adam_range, adam_bound, rmsprop_range, rmsprop_bound,
                              adagrad_range, adagrad_bound)
 
+cnp.import_array()
+if bp_gemm_init() != 0:
+    raise ImportError(f"{__name__} was compiled for SIMD instructions this CPU lacks; "
+                      "import backprop, which picks the level the CPU runs (backprop/_simd.py)")
+
+
+# --------------------------------------------------------------------------- the kinds
+
+# The tables of compiled kinds: one row per layer kind, loss and optimizer rule, each
+# naming the kernels that run it.  This is the only place the compiled core lists kinds;
+# the passes call through these tables, the Python side finds a kind's row by its name
+# (KERNELS, LOSS_KERNELS, RULES) when a network is planned, and a name not here is
+# refused then, never run by some default branch.  Adding a kind: its kernel file, one
+# row here, and its Python declaration (backprop/layers/, losses.py, optim.py).
 cdef enum:
     N_KERNELS = 13
     N_LOSS_KERNELS = 3
@@ -138,7 +138,7 @@ RECURRENT_CELLS = {"rnn": (CELL_RNN, RNN_GATES, RNN_KEPT),
                    "gru": (CELL_GRU, GRU_GATES, GRU_KEPT)}
 
 
-# --------------------------------------------------------------------------- the table
+# --------------------------------------------------------------------------- the level's table
 
 cdef double _largest32(const float* x, Py_ssize_t n) noexcept nogil:
     return largest_magnitude(x, n, <uint32_t*>NULL)
