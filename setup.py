@@ -159,7 +159,7 @@ def extension(name, macros=(), flags=()):
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), *macros],
         extra_compile_args=([] if sys.platform == "win32"
                             else optimise + ["-fno-math-errno", *flags] + sanitize),
-        extra_link_args=sanitize,
+        extra_link_args=list(sanitize),
     )
 
 

@@ -205,6 +205,72 @@ def test_a_thread_that_cannot_start_leaves_a_smaller_team_and_is_not_retried(tmp
     assert first_same == again_same == "True"  # the same product as one thread's
 
 
+# The team alone (_team.h compiled into a program of its own), with its test seam set to
+# pause where a region's steps can interleave badly: a helper that has read the ticket of
+# a region whose parts are all claimed waits 50 us before reading the region's
+# description, and the caller waits 200 us between describing the next region and opening
+# its ticket.  Regions alternate between 2 and 8 parts, so the helper reads a part count
+# larger than the part number its stale ticket names: before the caller closed the ticket
+# first, its claim succeeded and ran that part of the next region a second time (and the
+# caller then waited forever for a count of unfinished parts gone below zero).
+TEAM_PROGRAM = r"""
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static __thread int is_caller = 0;
+static void pause_at(const char* where) {
+    if (strcmp(where, "before_open") == 0)
+        usleep(200);
+    else if (!is_caller)
+        usleep(50);
+}
+#define BP_TEAM_PAUSE(where) pause_at(#where)
+#include "_team.h"
+
+#define REGIONS 300
+static int runs[REGIONS][8];
+static int index_of[REGIONS];
+
+static void body(void* data) {
+    __atomic_add_fetch(&runs[*(int*)data][omp_get_thread_num()], 1, __ATOMIC_RELAXED);
+}
+
+int main(void) {
+    int i, p;
+    is_caller = 1;
+    alarm(60);                  /* a part run twice leaves the caller waiting forever */
+    for (i = 0; i < REGIONS; i++) {
+        int parts = i % 2 ? 8 : 2;
+        index_of[i] = i;
+        GOMP_parallel(body, &index_of[i], parts, 0);
+        for (p = 0; p < parts; p++)
+            if (runs[i][p] != 1) {
+                printf("region %d: part %d ran %d times\n", i, p, runs[i][p]);
+                return 1;
+            }
+    }
+    printf("every part of %d regions ran once\n", REGIONS);
+    return 0;
+}
+"""
+
+
+def test_a_helper_holding_a_stale_ticket_never_runs_a_part_of_the_next_region(tmp_path):
+    compiler = shutil.which("gcc")
+    if compiler is None or not OWN_TEAM:
+        pytest.skip("the team is built only by GCC on Linux")
+    source = tmp_path / "team.c"
+    source.write_text(TEAM_PROGRAM)
+    program = tmp_path / "team"
+    subprocess.run([compiler, "-O2", "-D_OPENMP=201511", "-pthread",
+                    "-I", os.path.dirname(bp.__file__), "-o", str(program), str(source)],
+                   check=True)
+    result = subprocess.run([str(program)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ran once" in result.stdout, \
+        (result.returncode, result.stdout)
+
+
 def test_many_regions_of_changing_teams_while_helpers_sleep_and_wake():
     # Races between a region's end, the next one's start and helpers going to sleep or
     # waking late: thousands of short regions, teams of 2 to 9, helpers alternately

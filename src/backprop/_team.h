@@ -61,6 +61,12 @@
 
 #define BP_HIDDEN __attribute__((visibility("hidden")))
 
+/* A seam for tests/test_team.py, which compiles this file into a program that pauses
+ * here to widen the windows between a region's steps; nothing in the core. */
+#ifndef BP_TEAM_PAUSE
+#define BP_TEAM_PAUSE(where)
+#endif
+
 /* At most this many helpers: the core's MAX_THREADS (1024) less the caller. */
 #define BP_TEAM_MAX_HELPERS 1023
 
@@ -71,7 +77,8 @@ static struct {
     int helpers;                /* helper threads started (they never exit) */
     /* The region: its body, data and number of parts, valid while its parts are
      * unclaimed.  Helpers read them between loading `ticket` and claiming a part; a
-     * claim succeeds only if `ticket` has not moved, so a stale read is never run. */
+     * claim succeeds only if `ticket` has not moved, and the caller moves it (closes
+     * it) before it rewrites them, so a stale read is never run. */
     bp_region_body body;
     void* data;
     int parts;
@@ -204,11 +211,15 @@ static inline void bp_claim_parts(uint32_t region) {
         uint32_t part = (uint32_t)ticket;
         if ((uint32_t)(ticket >> 32) != region)
             return;
+        BP_TEAM_PAUSE(after_ticket);
         body = __atomic_load_n(&bp_team.body, __ATOMIC_RELAXED);
         data = __atomic_load_n(&bp_team.data, __ATOMIC_RELAXED);
         parts = __atomic_load_n(&bp_team.parts, __ATOMIC_RELAXED);
         if (part >= (uint32_t)parts)
             return;
+        /* Pairs with the caller's fence after closing the ticket: if any value just read
+         * belongs to a later region, the ticket has moved and the claim below fails. */
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (!__atomic_compare_exchange_n(&bp_team.ticket, &ticket, ticket + 1, 0,
                                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             continue;
@@ -296,10 +307,19 @@ BP_HIDDEN void GOMP_parallel(bp_region_body body, void* data, unsigned requested
     bp_look_for_competition(parts);
     /* (Counted in unsigned arithmetic: it wraps after 2^32 regions.) */
     region = (uint32_t)__atomic_load_n(&bp_team.region, __ATOMIC_RELAXED) + 1u;
+    /* Close the previous region's ticket before its description is rewritten: a helper
+     * that read that ticket, was descheduled, and then reads this region's body, data
+     * or (larger) part count must fail its claim, not run part `parts` of the previous
+     * region with this region's description (a part run twice, the count of unfinished
+     * parts driven below zero). */
+    __atomic_store_n(&bp_team.ticket, ((uint64_t)(region - 1u) << 32) | UINT32_MAX,
+                     __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
     __atomic_store_n(&bp_team.body, body, __ATOMIC_RELAXED);
     __atomic_store_n(&bp_team.data, data, __ATOMIC_RELAXED);
     __atomic_store_n(&bp_team.parts, parts, __ATOMIC_RELAXED);
     __atomic_store_n(&bp_team.unfinished, parts, __ATOMIC_RELAXED);
+    BP_TEAM_PAUSE(before_open);
     __atomic_store_n(&bp_team.ticket, (uint64_t)region << 32, __ATOMIC_RELEASE);
     __atomic_store_n(&bp_team.region, (int)region, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&bp_team.sleepers, __ATOMIC_SEQ_CST) > 0)
