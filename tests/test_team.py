@@ -45,7 +45,7 @@ def trained_weights(n_threads, epochs=2, seed=0):
 @pytest.mark.parametrize("module", ["engine", "kernels"])
 def test_the_core_asks_the_openmp_runtime_only_for_its_thread_count(module):
     # Every region must enter through the kernels' own GOMP_parallel: a call into
-    # libgomp's team (a dynamic schedule, a critical section, a real barrier) would
+    # libgomp's team (a dynamic schedule, a critical section, an atomic block) would
     # run on threads the team knows nothing about.  The engine runs no region at all
     # (a region there would start a second team).
     nm = shutil.which("nm")
@@ -212,7 +212,9 @@ def test_a_thread_that_cannot_start_leaves_a_smaller_team_and_is_not_retried(tmp
 # its ticket.  Regions alternate between 2 and 8 parts, so the helper reads a part count
 # larger than the part number its stale ticket names: before the caller closed the ticket
 # first, its claim succeeded and ran that part of the next region a second time (and the
-# caller then waited forever for a count of unfinished parts gone below zero).
+# caller then waited forever for a count of unfinished parts gone below zero).  Half the
+# regions' parts wait at a barrier, and every part must find every other's mark after it
+# (the old no-op barrier let a part through first).
 TEAM_PROGRAM = r"""
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -232,8 +234,21 @@ static void pause_at(const char* where) {
 static int runs[REGIONS][8];
 static int index_of[REGIONS];
 
+static int arrived_before[REGIONS][8], saw_every_part[REGIONS][8];
+
 static void body(void* data) {
     __atomic_add_fetch(&runs[*(int*)data][omp_get_thread_num()], 1, __ATOMIC_RELAXED);
+}
+
+/* Each part marks its arrival, waits at the barrier, then looks for every part's mark. */
+static void body_with_barrier(void* data) {
+    int r = *(int*)data, me = omp_get_thread_num(), n = omp_get_num_threads(), p, all = 1;
+    __atomic_store_n(&arrived_before[r][me], 1, __ATOMIC_RELAXED);
+    GOMP_barrier();
+    for (p = 0; p < n; p++)
+        all &= __atomic_load_n(&arrived_before[r][p], __ATOMIC_RELAXED);
+    saw_every_part[r][me] = all;
+    __atomic_add_fetch(&runs[r][me], 1, __ATOMIC_RELAXED);
 }
 
 int main(void) {
@@ -241,16 +256,22 @@ int main(void) {
     is_caller = 1;
     alarm(60);                  /* a part run twice leaves the caller waiting forever */
     for (i = 0; i < REGIONS; i++) {
-        int parts = i % 2 ? 8 : 2;
+        int parts = i % 2 ? 8 : 2, barrier = i % 4 >= 2;
         index_of[i] = i;
-        GOMP_parallel(body, &index_of[i], parts, 0);
-        for (p = 0; p < parts; p++)
+        GOMP_parallel(barrier ? body_with_barrier : body, &index_of[i], parts, 0);
+        for (p = 0; p < parts; p++) {
             if (runs[i][p] != 1) {
                 printf("region %d: part %d ran %d times\n", i, p, runs[i][p]);
                 return 1;
             }
+            if (barrier && !saw_every_part[i][p]) {
+                printf("region %d: part %d passed the barrier before every part came\n",
+                       i, p);
+                return 1;
+            }
+        }
     }
-    printf("every part of %d regions ran once\n", REGIONS);
+    printf("every part of %d regions ran once, none passed a barrier early\n", REGIONS);
     return 0;
 }
 """

@@ -21,12 +21,11 @@
  *    parts are done; a helper that never claimed one is not waited for.
  *  - Idle helpers spin for a short while (back-to-back regions of one step find them
  *    awake), then sleep on a futex.  The spin is set at run time, not at load.
- *  - GOMP_barrier does nothing.  Cython's prange needs a barrier only where a loop
- *    variable is both firstprivate and lastprivate (the barrier keeps a thread's copy-in
- *    before another's copy-out); every prange body assigns its variables before reading
- *    them, so the copied-in values are never used.  A parallel block that needed a real
- *    barrier would be wrong here: the kernels' rule (_parallel.pxd) is that parts never
- *    wait for each other.
+ *  - GOMP_barrier is a real barrier that never waits for a part nobody runs: a part
+ *    that reaches it first claims and runs the parts not yet started (each up to its
+ *    own barrier and on), then waits only for parts other threads are running.  Cython's
+ *    prange has one barrier per part at most (where a loop variable is both firstprivate
+ *    and lastprivate, every part's copy-in must come before any part's copy-out).
  *  - One region at a time uses the helpers: a region started while another runs (a
  *    second Python thread, or a region inside a part) runs its parts one after another
  *    on its caller, which gives the same result.
@@ -72,32 +71,40 @@
 
 typedef void (*bp_region_body)(void*);
 
-static struct {
-    pthread_mutex_t lock;       /* held by the region that uses the helpers */
-    int helpers;                /* helper threads started (they never exit) */
-    /* The region: its body, data and number of parts, valid while its parts are
-     * unclaimed.  Helpers read them between loading `ticket` and claiming a part; a
-     * claim succeeds only if `ticket` has not moved, and the caller moves it (closes
-     * it) before it rewrites them, so a stale read is never run. */
+/* A region: its body, data and number of parts, and the counts its threads share.  The
+ * team's regions use one shared instance, reused; a region run alone uses its own. */
+typedef struct {
+    /* Valid while parts are unclaimed.  Helpers read them between loading `ticket` and
+     * claiming a part; a claim succeeds only if `ticket` has not moved, and the caller
+     * moves it (closes it) before it rewrites them, so a stale read is never run. */
     bp_region_body body;
     void* data;
     int parts;
     /* (region number << 32) | next unclaimed part: a claim is one compare-and-swap. */
     uint64_t ticket;
-    int region;                 /* futex word idle helpers sleep on: the region number */
-    int sleepers;               /* helpers asleep on `region` (woken only if any) */
     int unfinished;             /* futex word: parts not yet done; the caller waits for 0 */
     int caller_asleep;
+    int arrived;                /* parts that have reached their barrier */
+} bp_region;
+
+static struct {
+    pthread_mutex_t lock;       /* held by the region that uses the helpers */
+    int helpers;                /* helper threads started (they never exit) */
+    bp_region shared;           /* the region the helpers work on */
+    int region;                 /* futex word idle helpers sleep on: the region number */
+    int sleepers;               /* helpers asleep on `region` (woken only if any) */
     long spin_ns;               /* how long an idle thread spins before it sleeps */
     long long busy_until;       /* ns: until then another process wants our CPUs */
     int cpus;                   /* CPUs the process may use, when helpers started */
-} bp_team = {PTHREAD_MUTEX_INITIALIZER, 0, NULL, NULL, 0, 0, 0, 0, 0, 0, -1, 0, 1};
+} bp_team = {PTHREAD_MUTEX_INITIALIZER, 0, {NULL, NULL, 0, 0, 0, 0, 0}, 0, 0, -1, 0, 1};
 static int bp_team_most = BP_TEAM_MAX_HELPERS;      /* lowered when a start fails */
 
-/* The part this thread is running and the region's number of parts (1 outside one). */
+/* The part this thread is running, its region's number of parts (1 outside one), and
+ * the region with its number (for the barrier's claims). */
 static __thread int bp_part = 0;
 static __thread int bp_parts = 1;
-static __thread int bp_in_region = 0;
+static __thread bp_region* bp_current = NULL;
+static __thread uint32_t bp_current_number = 0;
 
 static inline long bp_futex(int* word, int op, int value) {
     return syscall(SYS_futex, word, op | FUTEX_PRIVATE_FLAG, value, NULL, NULL, 0);
@@ -182,7 +189,7 @@ static inline long bp_spin_budget(void) {
         spin = (policy != NULL && strcasecmp(policy, "passive") == 0) ? 0 : 200000;
         __atomic_store_n(&bp_team.spin_ns, spin, __ATOMIC_RELAXED);
     }
-    if (__atomic_load_n(&bp_team.parts, __ATOMIC_RELAXED) >
+    if (__atomic_load_n(&bp_team.shared.parts, __ATOMIC_RELAXED) >
             __atomic_load_n(&bp_team.cpus, __ATOMIC_RELAXED))
         return 0;
     if (spin > 0 && bp_now_ns() < __atomic_load_n(&bp_team.busy_until, __ATOMIC_RELAXED))
@@ -190,43 +197,50 @@ static inline long bp_spin_budget(void) {
     return spin;
 }
 
-static inline void bp_run_part(bp_region_body body, void* data, int part, int parts) {
-    int saved_part = bp_part, saved_parts = bp_parts, saved_in = bp_in_region;
+/* Run `part` of region r (number `number`) on this thread, then count it done. */
+static inline void bp_run_part(bp_region* r, uint32_t number, bp_region_body body,
+                               void* data, int part, int parts) {
+    int saved_part = bp_part, saved_parts = bp_parts;
+    bp_region* saved_region = bp_current;
+    uint32_t saved_number = bp_current_number;
     bp_part = part;
     bp_parts = parts;
-    bp_in_region = 1;
+    bp_current = r;
+    bp_current_number = number;
     body(data);
     bp_part = saved_part;
     bp_parts = saved_parts;
-    bp_in_region = saved_in;
+    bp_current = saved_region;
+    bp_current_number = saved_number;
+    if (__atomic_sub_fetch(&r->unfinished, 1, __ATOMIC_SEQ_CST) == 0 &&
+            __atomic_load_n(&r->caller_asleep, __ATOMIC_SEQ_CST))
+        bp_futex(&r->unfinished, FUTEX_WAKE, 1);
 }
 
-/* Claim and run parts of the current region `region` until none is left. */
-static inline void bp_claim_parts(uint32_t region) {
+/* Claim one part of region r, number `number`, and run it: 0 if none is left. */
+static inline int bp_claim_one(bp_region* r, uint32_t number) {
     for (;;) {
-        uint64_t ticket = __atomic_load_n(&bp_team.ticket, __ATOMIC_ACQUIRE);
+        uint64_t ticket = __atomic_load_n(&r->ticket, __ATOMIC_ACQUIRE);
         bp_region_body body;
         void* data;
         int parts;
         uint32_t part = (uint32_t)ticket;
-        if ((uint32_t)(ticket >> 32) != region)
-            return;
+        if ((uint32_t)(ticket >> 32) != number)
+            return 0;
         BP_TEAM_PAUSE(after_ticket);
-        body = __atomic_load_n(&bp_team.body, __ATOMIC_RELAXED);
-        data = __atomic_load_n(&bp_team.data, __ATOMIC_RELAXED);
-        parts = __atomic_load_n(&bp_team.parts, __ATOMIC_RELAXED);
+        body = __atomic_load_n(&r->body, __ATOMIC_RELAXED);
+        data = __atomic_load_n(&r->data, __ATOMIC_RELAXED);
+        parts = __atomic_load_n(&r->parts, __ATOMIC_RELAXED);
         if (part >= (uint32_t)parts)
-            return;
+            return 0;
         /* Pairs with the caller's fence after closing the ticket: if any value just read
          * belongs to a later region, the ticket has moved and the claim below fails. */
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (!__atomic_compare_exchange_n(&bp_team.ticket, &ticket, ticket + 1, 0,
-                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            continue;
-        bp_run_part(body, data, (int)part, parts);
-        if (__atomic_sub_fetch(&bp_team.unfinished, 1, __ATOMIC_SEQ_CST) == 0 &&
-                __atomic_load_n(&bp_team.caller_asleep, __ATOMIC_SEQ_CST))
-            bp_futex(&bp_team.unfinished, FUTEX_WAKE, 1);
+        if (__atomic_compare_exchange_n(&r->ticket, &ticket, ticket + 1, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            bp_run_part(r, number, body, data, (int)part, parts);
+            return 1;
+        }
     }
 }
 
@@ -241,7 +255,7 @@ static void* bp_helper_main(void* unused) {
             __atomic_sub_fetch(&bp_team.sleepers, 1, __ATOMIC_ACQ_REL);
         }
         seen = __atomic_load_n(&bp_team.region, __ATOMIC_ACQUIRE);
-        bp_claim_parts((uint32_t)seen);
+        while (bp_claim_one(&bp_team.shared, (uint32_t)seen)) {}
     }
     return NULL;
 }
@@ -253,8 +267,8 @@ static void bp_team_after_fork(void) {
     bp_team.helpers = 0;
     bp_team_most = BP_TEAM_MAX_HELPERS;
     bp_team.sleepers = 0;
-    bp_team.unfinished = 0;
-    bp_team.caller_asleep = 0;
+    bp_team.shared.unfinished = 0;
+    bp_team.shared.caller_asleep = 0;
 }
 
 /* Start helpers until there are `wanted` (as many as the OS gives: a failed start only
@@ -293,54 +307,85 @@ static void bp_team_grow(int wanted) {
 
 BP_HIDDEN void GOMP_parallel(bp_region_body body, void* data, unsigned requested,
                              unsigned flags) {
-    int parts = requested > 0 ? (int)requested : 1, part;
-    uint32_t region;
+    int parts = requested > 0 ? (int)requested : 1;
+    uint32_t number;
+    bp_region* r = &bp_team.shared;
     (void)flags;
     if (parts > BP_TEAM_MAX_HELPERS + 1)
         parts = BP_TEAM_MAX_HELPERS + 1;
-    if (parts == 1 || bp_in_region || pthread_mutex_trylock(&bp_team.lock) != 0) {
-        for (part = 0; part < parts; part++)      /* alone: the same parts, in order */
-            bp_run_part(body, data, part, parts);
+    if (parts == 1 || bp_current != NULL || pthread_mutex_trylock(&bp_team.lock) != 0) {
+        /* Alone: the same parts, claimed in order by this thread (region number 0). */
+        bp_region alone = {body, data, parts, 0, parts, 0, 0};
+        while (bp_claim_one(&alone, 0)) {}
         return;
     }
     bp_team_grow(parts - 1);
     bp_look_for_competition(parts);
     /* (Counted in unsigned arithmetic: it wraps after 2^32 regions.) */
-    region = (uint32_t)__atomic_load_n(&bp_team.region, __ATOMIC_RELAXED) + 1u;
+    number = (uint32_t)__atomic_load_n(&bp_team.region, __ATOMIC_RELAXED) + 1u;
     /* Close the previous region's ticket before its description is rewritten: a helper
      * that read that ticket, was descheduled, and then reads this region's body, data
      * or (larger) part count must fail its claim, not run part `parts` of the previous
      * region with this region's description (a part run twice, the count of unfinished
      * parts driven below zero). */
-    __atomic_store_n(&bp_team.ticket, ((uint64_t)(region - 1u) << 32) | UINT32_MAX,
+    __atomic_store_n(&r->ticket, ((uint64_t)(number - 1u) << 32) | UINT32_MAX,
                      __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    __atomic_store_n(&bp_team.body, body, __ATOMIC_RELAXED);
-    __atomic_store_n(&bp_team.data, data, __ATOMIC_RELAXED);
-    __atomic_store_n(&bp_team.parts, parts, __ATOMIC_RELAXED);
-    __atomic_store_n(&bp_team.unfinished, parts, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->body, body, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->data, data, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->parts, parts, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->unfinished, parts, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->arrived, 0, __ATOMIC_RELAXED);
     BP_TEAM_PAUSE(before_open);
-    __atomic_store_n(&bp_team.ticket, (uint64_t)region << 32, __ATOMIC_RELEASE);
-    __atomic_store_n(&bp_team.region, (int)region, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&r->ticket, (uint64_t)number << 32, __ATOMIC_RELEASE);
+    __atomic_store_n(&bp_team.region, (int)number, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&bp_team.sleepers, __ATOMIC_SEQ_CST) > 0)
         bp_futex(&bp_team.region, FUTEX_WAKE, parts - 1);
-    bp_claim_parts(region);
+    while (bp_claim_one(r, number)) {}
     /* Every part is claimed; wait for the helpers still running one. */
     for (;;) {
-        int left = __atomic_load_n(&bp_team.unfinished, __ATOMIC_ACQUIRE);
+        int left = __atomic_load_n(&r->unfinished, __ATOMIC_ACQUIRE);
         if (left == 0)
             break;
-        if (bp_spin_while(&bp_team.unfinished, left, bp_spin_budget()))
+        if (bp_spin_while(&r->unfinished, left, bp_spin_budget()))
             continue;
-        __atomic_store_n(&bp_team.caller_asleep, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&bp_team.unfinished, __ATOMIC_SEQ_CST) == left)
-            bp_futex(&bp_team.unfinished, FUTEX_WAIT, left);
-        __atomic_store_n(&bp_team.caller_asleep, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&r->caller_asleep, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&r->unfinished, __ATOMIC_SEQ_CST) == left)
+            bp_futex(&r->unfinished, FUTEX_WAIT, left);
+        __atomic_store_n(&r->caller_asleep, 0, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&bp_team.lock);
 }
 
-BP_HIDDEN void GOMP_barrier(void) {}
+/* Every part of the region reaches its barrier before any goes past it.  A part waiting
+ * here gives idle helpers a moment (20 us; none while the machine is busy and they
+ * sleep) to claim the parts nobody has started, then claims and runs those itself (each
+ * up to its own barrier, then on to its end, on this thread's stack); so a barrier never
+ * waits long for a part that is not running.  (Cython's prange has one barrier per part
+ * at most: where a variable is both firstprivate and lastprivate, every part's copy-in
+ * comes before any copy-out.) */
+#define BP_BARRIER_PATIENCE_NS 20000LL
+
+BP_HIDDEN void GOMP_barrier(void) {
+    bp_region* r = bp_current;
+    uint32_t number = bp_current_number;
+    int parts = bp_parts, waits = 0;
+    long long claim_after;
+    if (r == NULL || parts <= 1)
+        return;
+    __atomic_add_fetch(&r->arrived, 1, __ATOMIC_SEQ_CST);
+    claim_after = r == &bp_team.shared && bp_spin_budget() > 0
+                  ? bp_now_ns() + BP_BARRIER_PATIENCE_NS : 0;
+    while (__atomic_load_n(&r->arrived, __ATOMIC_ACQUIRE) < parts) {
+        if ((claim_after == 0 || ((waits & 63) == 0 && bp_now_ns() >= claim_after)) &&
+                bp_claim_one(r, number))
+            continue;
+        if (++waits < 100000)
+            bp_relax();
+        else
+            sched_yield();      /* the part it waits for was started by a thread not running */
+    }
+}
 
 BP_HIDDEN int omp_get_thread_num(void) { return bp_part; }
 
