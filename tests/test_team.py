@@ -8,6 +8,7 @@ other call into the OpenMP runtime, no spinning while the CPUs are taken).
 """
 import multiprocessing as mp
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,29 @@ def test_the_core_asks_the_openmp_runtime_only_for_its_thread_count(module):
         defined = subprocess.run([nm, "--defined-only", path],
                                  capture_output=True, text=True, check=True).stdout
         assert "GOMP_parallel" not in defined and "_omp_fn" not in defined
+
+
+def test_no_parallel_loop_waits_at_more_than_one_barrier():
+    # GOMP_barrier (_team.h) lets a part waiting at it run the parts nobody has started,
+    # nested on its stack, up to their own barrier and on to their end: that is sound
+    # only if a part passes one barrier at most (a nested part waiting at a second one
+    # would wait for the part beneath it).  Cython's prange places one where a loop
+    # variable is both firstprivate and lastprivate; a parallel block holding two loops
+    # would place more.  Counted in the machine code of every outlined region.
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", _core._kernels.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    barriers, function = {}, None
+    for line in listing.splitlines():
+        start = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if start:
+            function = start.group(1)
+        elif re.search(r"\b(call|jmp)\s+[0-9a-f]+ <GOMP_barrier>", line):
+            barriers[function] = barriers.get(function, 0) + 1
+    assert barriers, "no region calls GOMP_barrier (inlined, or the listing changed)"
+    assert {f: n for f, n in barriers.items() if n > 1} == {}
 
 
 def test_regions_run_on_helpers_and_give_the_product():
