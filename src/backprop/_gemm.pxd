@@ -19,7 +19,7 @@
 # run the unpacked loops of _gemm_skinny.h.
 #
 # The micro-kernels, the packing routines and MR, NR, KC, MC, NC come from the SIMD
-# level of this build of the core (bp_ctx in _gemm_kernels.h: generic, avx2+fma or
+# level these kernels were built for (bp_ctx in _gemm_kernels.h: generic, avx2+fma or
 # avx512, the blocking from the CPU's cache sizes); nothing here assumes a tile shape.
 #
 # Threads split C into disjoint strips of whole tiles (never the k sum): each share
