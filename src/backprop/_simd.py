@@ -14,8 +14,8 @@ support for the wider registers):
                                         the CPU has; other values are ignored)
 
 This choice is the gate: importing ``_kernels_avx512`` directly on a CPU without AVX-512
-may stop the process with an illegal instruction before the module's own check (at the
-end of its initialisation, ImportError) is reached.  Elsewhere (ARM, Windows, or a
+may stop the process with an illegal instruction before the module's own check (early in
+its initialisation, ImportError) is reached.  Elsewhere (ARM, Windows, or a
 build without the levels) ``_kernels`` is the only one.
 """
 import importlib
