@@ -18,7 +18,7 @@ cimport cython
 cimport numpy as cnp
 from cython cimport floating
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
 from libc.math cimport sqrt, isfinite, INFINITY, NAN
